@@ -1,0 +1,33 @@
+# Two commands for users: `make run` and `make test`; each sets up .venv first when needed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+RUN_DIR ?= runs/pointmass
+
+.PHONY: run test test-slow lock clean
+
+# Reinstall only when what the install depends on changed.  torch goes first and pinned,
+# so nothing later can pull an unpinned (CUDA) build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt torch
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/sacfleet train --inline --config pointmass --run-dir $(RUN_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+# Regenerate the pinned set from the current .venv (after changing dependencies).
+lock: $(STAMP)
+	$(PY) -m pip freeze --exclude-editable | grep -v '^-e ' \
+		| sed -E 's/^torch==([0-9.]+)\+[a-z0-9]+$$/torch==\1/' > constraints.txt
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,322 @@
+"""Typed run configuration: nested dataclasses, YAML presets, `--set a.b=value` overrides.
+
+Every key is declared here with its type and allowed values, so a typo or a bad value fails at
+load time with a message that names the key, never hours into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value is not allowed; the message names the key."""
+
+
+def _key(default: Any = dataclasses.MISSING, *, factory: Any = None, choices: tuple | None = None,
+         ge: float | None = None, gt: float | None = None, le: float | None = None,
+         doc: str = "") -> Any:
+    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "doc": doc}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class EnvConfig:
+    id: str = _key("sacfleet/PointMass-v0", doc="gymnasium id, e.g. HalfCheetah-v5")
+    kwargs: dict = _key(factory=dict, doc="keyword arguments for gymnasium.make")
+
+
+@dataclass
+class ActorsConfig:
+    num: int = _key(2, ge=1, doc="number of env actors")
+    envs_per_actor: int = _key(1, ge=1, doc="vector envs stepped together by one actor")
+    chunk_length: int = _key(16, ge=1, doc="steps per chunk pushed to replay")
+    weight_sync_interval: int = _key(10, ge=1, doc="actor steps between pulls of new weights")
+    num_cpus: float = _key(0.25, gt=0, doc="Ray CPUs reserved per env actor")
+
+
+@dataclass
+class ReplayConfig:
+    capacity: int = _key(1_000_000, ge=1, doc="transitions held in all shards together")
+    num_shards: int = _key(1, ge=1)
+    sampler: str = _key("uniform", choices=("uniform", "prioritized"))
+    samples_per_insert: float = _key(256.0, gt=0,
+                                     doc="sampled transitions per inserted one (updates per env step x batch_size)")
+    error_buffer: float | None = _key(None, gt=0,
+                                      doc="allowed drift of the replay ratio, in samples; null sizes it from the request sizes")
+    rate_limit_timeout_s: float = _key(120.0, gt=0, doc="how long a blocked insert or sample waits before failing")
+    priority_alpha: float = _key(0.6, ge=0, le=1)
+    priority_beta: float = _key(0.4, ge=0, le=1)
+    priority_eps: float = _key(1e-6, gt=0)
+    max_memory_fraction: float = _key(0.8, gt=0, le=1,
+                                      doc="refuse a capacity whose arrays need more than this share of available memory")
+
+
+@dataclass
+class LearnerConfig:
+    device: str = _key("auto", choices=("auto", "cpu", "cuda"))
+    batch_size: int = _key(256, ge=1)
+    hidden_sizes: list[int] = _key(factory=lambda: [256, 256])
+    actor_lr: float = _key(3e-4, gt=0)
+    critic_lr: float = _key(3e-4, gt=0)
+    alpha_lr: float = _key(3e-4, gt=0)
+    gamma: float = _key(0.99, ge=0, le=1)
+    tau: float = _key(0.005, gt=0, le=1)
+    init_alpha: float = _key(1.0, gt=0, doc="initial entropy temperature")
+    learn_alpha: bool = _key(True)
+    target_entropy: float | None = _key(None, doc="null means -|A|")
+    reward_scale: float = _key(1.0, gt=0, doc="rewards are multiplied by this in the critic target")
+    publish_interval: int = _key(1, ge=1, doc="updates between weight publishes")
+    num_threads: int = _key(0, ge=0, doc="torch CPU threads for the learner; 0 keeps torch's default")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = _key(0, ge=0)
+    total_env_steps: int = _key(100_000, ge=1)
+    learning_starts: int = _key(1_000, ge=0, doc="uniform random actions, and no updates, before this many env steps")
+    max_wall_seconds: float | None = _key(None, gt=0)
+    log_interval: int = _key(2_000, ge=1, doc="env steps between progress lines and metric records")
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = _key(10, ge=1, doc="deterministic episodes per periodic evaluation")
+    interval: int = _key(10_000, ge=0, doc="env steps between evaluations; 0 disables periodic ones")
+    final_episodes: int = _key(20, ge=1, doc="episodes of the final evaluation reported in summary.json")
+    seed: int = _key(1_000_000, ge=0, doc="base seed of evaluation episodes, apart from training seeds")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = _key(0, ge=0, doc="env steps between checkpoints; 0 saves only at the end")
+    replay: bool = _key(False, doc="also snapshot the replay contents with each checkpoint")
+
+
+@dataclass
+class Config:
+    env: EnvConfig = field(default_factory=EnvConfig)
+    actors: ActorsConfig = field(default_factory=ActorsConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# --------------------------------------------------------------------------------------- keys
+
+def _sections() -> dict[str, type]:
+    return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, e.g. 'learner.batch_size'."""
+    return [f"{name}.{f.name}" for name, cls in _sections().items() for f in dataclasses.fields(cls)]
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    if not close:  # a bare field name typed without its section still deserves a hint
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in all_keys() if k.endswith("." + leaf)][:1]
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid sections: {', '.join(_sections())}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+# ----------------------------------------------------------------------------------- coercion
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert `value` (from YAML or a --set string) to type `tp`, or raise naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
+            return None
+        return _coerce(key, value, args[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            number = float(str(value).replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not number.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(number)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            number = float(str(value).replace("_", "")) if isinstance(value, str) else float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            value = parsed
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"{key}: expected a non-empty list, e.g. [256, 256], got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise TypeError(f"no coercion for {key}: {tp}")  # a bug in this module, not user input
+
+
+def _check(key: str, value: Any, meta: typing.Mapping) -> None:
+    if value is None:
+        return
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of: {', '.join(meta['choices'])}")
+    numbers = value if isinstance(value, list) else [value]
+    for v in numbers:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if meta.get("ge") is not None and v < meta["ge"]:
+            raise ConfigError(f"{key}: {v!r} is too small; it must be >= {meta['ge']}")
+        if meta.get("gt") is not None and v <= meta["gt"]:
+            raise ConfigError(f"{key}: {v!r} is too small; it must be > {meta['gt']}")
+        if meta.get("le") is not None and v > meta["le"]:
+            raise ConfigError(f"{key}: {v!r} is too large; it must be <= {meta['le']}")
+
+
+# ------------------------------------------------------------------------------ build / dump
+
+def from_dict(data: dict | None) -> Config:
+    """Build a validated Config from nested mappings; missing keys take their defaults."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    sections = _sections()
+    built = {}
+    for name, body in data.items():
+        if name not in sections:
+            raise _unknown(str(name))
+        if body is not None and not isinstance(body, dict):
+            raise ConfigError(f"{name}: expected a mapping of keys, got {body!r}")
+    for name, cls in sections.items():
+        body = data.get(name) or {}
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for k, v in body.items():
+            key = f"{name}.{k}"
+            if k not in fields:
+                raise _unknown(key)
+            values[k] = _coerce(key, v, hints[k])
+            _check(key, values[k], fields[k].metadata)
+        built[name] = cls(**values)
+    config = Config(**built)
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(config: Config) -> None:
+    if config.replay.capacity < config.learner.batch_size:
+        raise ConfigError(
+            f"replay.capacity: {config.replay.capacity} is smaller than learner.batch_size "
+            f"({config.learner.batch_size}); the buffer could never fill one batch")
+    if config.replay.capacity < config.replay.num_shards:
+        raise ConfigError(f"replay.capacity: {config.replay.capacity} is less than one slot per shard "
+                          f"(replay.num_shards={config.replay.num_shards})")
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def set_key(data: dict, assignment: str) -> None:
+    """Apply one `a.b=value` override to nested mappings in place (validated later by from_dict)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like section.key=value")
+    key, _, text = assignment.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    sections = _sections()
+    if len(parts) < 2 or parts[0] not in sections:
+        raise _unknown(key)
+    section_fields = {f.name for f in dataclasses.fields(sections[parts[0]])}
+    if parts[1] not in section_fields:
+        raise _unknown(key)
+    if len(parts) > 2 and typing.get_type_hints(sections[parts[0]])[parts[1]] is not dict:
+        raise _unknown(key)
+    value = yaml.safe_load(text) if text.strip() else ""
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def resolve_source(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    raise ConfigError(f"config {name_or_path!r} is neither a preset ({', '.join(preset_names())}) "
+                      f"nor a YAML file")
+
+
+def load_config(name_or_path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a preset name or YAML path (or the defaults), apply overrides, validate."""
+    data: dict = {}
+    if name_or_path:
+        source = resolve_source(name_or_path)
+        try:
+            data = yaml.safe_load(source.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: a config must be a mapping of sections")
+    for assignment in overrides:
+        set_key(data, assignment)
+    return from_dict(data)
+
+
+def save_config(config: Config, path: Path) -> None:
+    from sacfleet.common.io import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False).encode())
