@@ -1,0 +1,1 @@
+"""Env actors: rollout logic (vector env stepping, batched policy inference) and evaluation."""

@@ -1,0 +1,80 @@
+"""Rollout logic of one env actor: M envs stepped together, one batched policy forward per step,
+transitions with the true next observation, and finished episodes' returns and lengths."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from sacfleet.common.config import EnvConfig
+from sacfleet.common.envs import STREAM_TRAIN, EnvInfo, env_seeds, make_vector_env
+from sacfleet.learner.networks import Actor
+
+RANDOM_POLICY_VERSION = -1  # tags transitions from uniform random warm-up actions
+
+
+class Rollout:
+    def __init__(self, env_cfg: EnvConfig, env_info: EnvInfo, num_envs: int, hidden_sizes, *,
+                 seed: int, actor_index: int = 0):
+        self.num_envs = num_envs
+        self.envs = make_vector_env(env_cfg, num_envs)
+        seeds = env_seeds(seed, STREAM_TRAIN, actor_index, num_envs + 2)
+        self.obs, _ = self.envs.reset(seed=seeds[:num_envs])
+        self.envs.action_space.seed(seeds[num_envs])
+        self.rng = np.random.default_rng(seeds[num_envs])
+        self.generator = torch.Generator().manual_seed(seeds[num_envs + 1] % 2**63)
+        self.low, self.high = env_info.action_low, env_info.action_high
+        self.policy = Actor(env_info.obs_dim, env_info.act_dim, hidden_sizes, self.low, self.high)
+        self.policy.requires_grad_(False)
+        self.policy_version = RANDOM_POLICY_VERSION
+        self.episode_return = np.zeros(num_envs)
+        self.episode_length = np.zeros(num_envs, dtype=np.int64)
+        self.finished: list[tuple[float, int]] = []
+        self.steps = 0  # vector steps taken
+
+    def load_weights(self, weights: Mapping[str, np.ndarray], version: int) -> None:
+        self.policy.load_state_dict({name: torch.as_tensor(np.array(a)) for name, a in weights.items()})
+        self.policy_version = int(version)
+
+    def step(self, random_actions: bool) -> dict[str, np.ndarray]:
+        """Step every env once; return the M transitions made."""
+        if random_actions or self.policy_version == RANDOM_POLICY_VERSION:
+            action = self.rng.uniform(self.low, self.high, size=(self.num_envs, len(self.low))).astype(np.float32)
+            version = RANDOM_POLICY_VERSION
+        else:
+            action = self.policy.act(self.obs, generator=self.generator)
+            version = self.policy_version
+        next_obs, reward, terminated, truncated, info = self.envs.step(action)
+        done = terminated | truncated
+        # Same-step autoreset: next_obs of a finished env already starts a new episode; the
+        # transition must end at the episode's own last observation.
+        true_next = next_obs.copy()
+        for i in np.flatnonzero(done):
+            true_next[i] = info["final_obs"][i]
+        transitions = {
+            "obs": self.obs.astype(np.float32, copy=False),
+            "action": action,
+            "reward": reward.astype(np.float32),
+            "next_obs": true_next.astype(np.float32, copy=False),
+            "terminated": terminated.astype(np.bool_),
+            "truncated": truncated.astype(np.bool_),
+            "policy_version": np.full(self.num_envs, version, dtype=np.int64),
+        }
+        self.episode_return += reward
+        self.episode_length += 1
+        for i in np.flatnonzero(done):
+            self.finished.append((float(self.episode_return[i]), int(self.episode_length[i])))
+            self.episode_return[i], self.episode_length[i] = 0.0, 0
+        self.obs = next_obs
+        self.steps += 1
+        return transitions
+
+    def pop_finished(self) -> list[tuple[float, int]]:
+        """(return, length) of the episodes finished since the last call."""
+        finished, self.finished = self.finished, []
+        return finished
+
+    def close(self) -> None:
+        self.envs.close()

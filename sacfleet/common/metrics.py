@@ -1,0 +1,60 @@
+"""Run metrics: one JSON line per record in metrics.jsonl, the same scalars as TensorBoard events,
+and a rolling window of episode statistics (Stable-Baselines3 names: rollout/ep_rew_mean, ...)."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections import deque
+from pathlib import Path
+from typing import Iterable, Mapping
+
+
+class EpisodeStats:
+    """Mean return and length over the last `window` finished episodes."""
+
+    def __init__(self, window: int = 100):
+        self.returns: deque[float] = deque(maxlen=window)
+        self.lengths: deque[int] = deque(maxlen=window)
+        self.count = 0
+
+    def extend(self, episodes: Iterable[tuple[float, int]]) -> None:
+        for ret, length in episodes:
+            self.returns.append(ret)
+            self.lengths.append(length)
+            self.count += 1
+
+    def summary(self) -> dict[str, float]:
+        if not self.returns:
+            return {}
+        return {"rollout/ep_rew_mean": sum(self.returns) / len(self.returns),
+                "rollout/ep_len_mean": sum(self.lengths) / len(self.lengths)}
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:  # tensorboard is a core dependency, but the learner must run without it
+                warnings.warn(f"TensorBoard events disabled: {exc}", stacklevel=2)
+            else:
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, env_steps: int, wall_seconds: float, values: Mapping[str, float]) -> None:
+        clean = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+        record = {"env_steps": int(env_steps), "wall_seconds": round(wall_seconds, 3), **clean}
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in clean.items():
+                self._tb.add_scalar(key, value, env_steps, walltime=None)
+
+    def close(self) -> None:
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,39 @@
+"""Atomic learner checkpoints: torch tensors and plain values only, loaded with weights_only=True
+so that opening a checkpoint cannot run code."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sacfleet.common.io import atomic_write_bytes
+
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or from an incompatible version."""
+
+
+def save_checkpoint(path: Path, learner_state: dict, extra: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save({"version": CHECKPOINT_VERSION, "learner": learner_state, **extra}, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} is not a sacfleet checkpoint of version {CHECKPOINT_VERSION}")
+    return state

@@ -1,0 +1,102 @@
+"""SAC networks: the squashed Gaussian actor and the twin critic evaluated as one batched ensemble."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+_LOG_2 = math.log(2.0)
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def mlp(sizes: Sequence[int]) -> nn.Sequential:
+    """Linear layers with ReLU between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def squashed_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor,
+                      action_scale: torch.Tensor) -> torch.Tensor:
+    """log pi(a|s) for a = scale * tanh(u) + bias, u ~ N(mean, std), summed over action dims.
+
+    The tanh Jacobian uses log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), exact and finite
+    even where tanh saturates; the affine scaling adds log(scale)."""
+    gaussian = -0.5 * ((u - mean) / log_std.exp()).pow(2) - log_std - _HALF_LOG_2PI
+    log_det = 2.0 * (_LOG_2 - u - F.softplus(-2.0 * u)) + torch.log(action_scale)
+    return (gaussian - log_det).sum(-1)
+
+
+class Actor(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: Sequence[int],
+                 action_low: np.ndarray, action_high: np.ndarray):
+        super().__init__()
+        self.act_dim = act_dim
+        self.trunk = mlp([obs_dim, *hidden_sizes, 2 * act_dim])
+        low = torch.as_tensor(np.asarray(action_low, dtype=np.float32))
+        high = torch.as_tensor(np.asarray(action_high, dtype=np.float32))
+        self.register_buffer("action_scale", (high - low) / 2.0)
+        self.register_buffer("action_bias", (high + low) / 2.0)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.trunk(obs).split(self.act_dim, dim=-1)
+        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def sample(self, obs: torch.Tensor, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised action and its log-probability."""
+        mean, log_std = self(obs)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        u = mean + log_std.exp() * noise
+        action = torch.tanh(u) * self.action_scale + self.action_bias
+        return action, squashed_log_prob(u, mean, log_std, self.action_scale)
+
+    def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+        mean, _ = self(obs)
+        return torch.tanh(mean) * self.action_scale + self.action_bias
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, deterministic: bool = False,
+            generator: torch.Generator | None = None) -> np.ndarray:
+        """Actions for a batch of observations, as float32 numpy (for env stepping)."""
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.action_scale.device)
+        action = self.deterministic(obs_t) if deterministic else self.sample(obs_t, generator)[0]
+        return action.cpu().numpy()
+
+
+class EnsembleLinear(nn.Module):
+    """`n` independent linear layers applied as one batched matmul: x [n, B, in] -> [n, B, out]."""
+
+    def __init__(self, n: int, fan_in: int, fan_out: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default initialisation, per member
+        self.weight = nn.Parameter(torch.empty(n, fan_in, fan_out).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, fan_out).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class TwinCritic(nn.Module):
+    """Q_1 and Q_2 with separate weights, computed together: returns [2, B]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: Sequence[int], num_q: int = 2):
+        super().__init__()
+        self.num_q = num_q
+        sizes = [obs_dim + act_dim, *hidden_sizes, 1]
+        self.layers = nn.ModuleList(EnsembleLinear(num_q, i, o) for i, o in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, action], dim=-1).expand(self.num_q, *obs.shape[:-1], -1)
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        return self.layers[-1](x).squeeze(-1)

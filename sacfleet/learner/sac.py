@@ -1,0 +1,197 @@
+"""The SAC update: one short function per loss, as in DESIGN.md, and the learner state that owns
+networks, targets, optimizers and the temperature.
+
+  q_target    = r + gamma * (1 - terminated) * (min_i Q_target_i(s', a') - alpha * log pi(a'|s'))
+  critic_loss = sum_i mean(w * (Q_i(s, a) - q_target)^2)
+  actor_loss  = mean(alpha * log pi(a|s) - min_i Q_i(s, a))
+  alpha_loss  = -mean(log_alpha * (log pi(a|s) + target_entropy))
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from sacfleet.learner.networks import Actor, TwinCritic
+
+METRIC_NAMES = ("train/critic_loss", "train/actor_loss", "train/ent_coef", "train/ent_coef_loss",
+                "train/entropy", "train/q_mean")
+
+
+@dataclass
+class Batch:
+    obs: torch.Tensor
+    action: torch.Tensor
+    reward: torch.Tensor
+    next_obs: torch.Tensor
+    terminated: torch.Tensor  # float 0/1; truncation is deliberately absent: it is not a terminal state
+    weights: torch.Tensor | None = None  # importance weights from prioritized replay
+
+    @classmethod
+    def from_numpy(cls, data: Mapping[str, np.ndarray], weights: np.ndarray | None,
+                   device: torch.device) -> "Batch":
+        def to(array: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(array, device=device, dtype=torch.float32)
+
+        return cls(obs=to(data["obs"]), action=to(data["action"]), reward=to(data["reward"]),
+                   next_obs=to(data["next_obs"]), terminated=to(data["terminated"]),
+                   weights=None if weights is None else to(weights))
+
+
+def critic_target(actor: Actor, target_critic: TwinCritic, batch: Batch, alpha: torch.Tensor,
+                  gamma: float, reward_scale: float = 1.0) -> torch.Tensor:
+    with torch.no_grad():
+        next_action, next_log_prob = actor.sample(batch.next_obs)
+        q_next = target_critic(batch.next_obs, next_action).min(0).values
+        return reward_scale * batch.reward + gamma * (1.0 - batch.terminated) * (q_next - alpha * next_log_prob)
+
+
+def critic_loss(critic: TwinCritic, batch: Batch, q_target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss summed over the twin critics, and the per-sample |TD error| (for priorities)."""
+    td = critic(batch.obs, batch.action) - q_target
+    squared = td.pow(2) if batch.weights is None else batch.weights * td.pow(2)
+    return squared.mean(-1).sum(), td.detach().abs().mean(0)
+
+
+def actor_loss(actor: Actor, critic: TwinCritic, obs: torch.Tensor,
+               alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    action, log_prob = actor.sample(obs)
+    q = critic(obs, action).min(0).values
+    return (alpha * log_prob - q).mean(), log_prob
+
+
+def alpha_loss(log_alpha: torch.Tensor, log_prob: torch.Tensor, target_entropy: float) -> torch.Tensor:
+    return -(log_alpha * (log_prob.detach() + target_entropy)).mean()
+
+
+def polyak_update(params: Iterable[torch.Tensor], target_params: Iterable[torch.Tensor], tau: float) -> None:
+    """target <- target + tau * (source - target), in place, one fused call for all tensors."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(target_params), list(params), tau)
+
+
+def _adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
+    # The fused kernel updates every tensor in one pass (CPU and CUDA in current torch).
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+class MetricAccumulator:
+    """Sums update metrics on the device; `read()` makes the single host sync per logging period."""
+
+    def __init__(self, names: tuple[str, ...], device: torch.device):
+        self.names = names
+        self.sums = torch.zeros(len(names), device=device)
+        self.count = 0
+
+    def add(self, values: torch.Tensor) -> None:
+        self.sums += values
+        self.count += 1
+
+    def read(self) -> dict[str, float]:
+        if self.count == 0:
+            return {}
+        means = (self.sums / self.count).tolist()
+        self.sums.zero_()
+        self.count = 0
+        return dict(zip(self.names, means))
+
+
+class SACLearner:
+    """Owns the SAC state and performs updates; has no knowledge of replay, actors or Ray."""
+
+    def __init__(self, obs_dim: int, act_dim: int, action_low: np.ndarray, action_high: np.ndarray, *,
+                 hidden_sizes=(256, 256), actor_lr: float = 3e-4, critic_lr: float = 3e-4,
+                 alpha_lr: float = 3e-4, gamma: float = 0.99, tau: float = 0.005, init_alpha: float = 1.0,
+                 learn_alpha: bool = True, target_entropy: float | None = None, reward_scale: float = 1.0,
+                 device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.gamma, self.tau, self.reward_scale, self.learn_alpha = gamma, tau, reward_scale, learn_alpha
+        self.target_entropy = -float(act_dim) if target_entropy is None else float(target_entropy)
+        self.actor = Actor(obs_dim, act_dim, hidden_sizes, action_low, action_high).to(self.device)
+        self.critic = TwinCritic(obs_dim, act_dim, hidden_sizes).to(self.device)
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.log_alpha = torch.tensor(math.log(init_alpha), device=self.device, requires_grad=True)
+        self.actor_optim = _adam(self.actor.parameters(), actor_lr, self.device)
+        self.critic_optim = _adam(self.critic.parameters(), critic_lr, self.device)
+        self.alpha_optim = _adam([self.log_alpha], alpha_lr, self.device)
+        self.updates = 0
+        self.metrics = MetricAccumulator(METRIC_NAMES, self.device)
+
+    @classmethod
+    def from_config(cls, cfg, env_info, device: str | torch.device) -> "SACLearner":
+        return cls(env_info.obs_dim, env_info.act_dim, env_info.action_low, env_info.action_high,
+                   hidden_sizes=tuple(cfg.hidden_sizes), actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr,
+                   alpha_lr=cfg.alpha_lr, gamma=cfg.gamma, tau=cfg.tau, init_alpha=cfg.init_alpha,
+                   learn_alpha=cfg.learn_alpha, target_entropy=cfg.target_entropy,
+                   reward_scale=cfg.reward_scale, device=device)
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return self.log_alpha.detach().exp()
+
+    def update(self, batch: Batch) -> torch.Tensor:
+        """One SAC update; returns the per-sample |TD error| (on the device, for priorities)."""
+        alpha = self.alpha
+        q_target = critic_target(self.actor, self.target_critic, batch, alpha, self.gamma, self.reward_scale)
+        loss_q, td_error = critic_loss(self.critic, batch, q_target)
+        self.critic_optim.zero_grad(set_to_none=True)
+        loss_q.backward()
+        self.critic_optim.step()
+
+        # The critic is only evaluated for the actor loss; freezing it skips its weight gradients.
+        self.critic.requires_grad_(False)
+        loss_pi, log_prob = actor_loss(self.actor, self.critic, batch.obs, alpha)
+        self.actor_optim.zero_grad(set_to_none=True)
+        loss_pi.backward()
+        self.actor_optim.step()
+        self.critic.requires_grad_(True)
+
+        loss_alpha = alpha_loss(self.log_alpha, log_prob, self.target_entropy)
+        if self.learn_alpha:
+            self.alpha_optim.zero_grad(set_to_none=True)
+            loss_alpha.backward()
+            self.alpha_optim.step()
+
+        polyak_update(self.critic.parameters(), self.target_critic.parameters(), self.tau)
+        self.updates += 1
+        self.metrics.add(torch.stack([loss_q.detach(), loss_pi.detach(), alpha, loss_alpha.detach(),
+                                      -log_prob.detach().mean(), q_target.mean()]))
+        return td_error
+
+    def policy_weights(self) -> dict[str, np.ndarray]:
+        """The actor's weights as numpy arrays: what actors need to act."""
+        return {name: tensor.detach().cpu().numpy() for name, tensor in self.actor.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        """Everything a resume needs."""
+        return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
+                "target_critic": self.target_critic.state_dict(), "log_alpha": self.log_alpha.detach().clone(),
+                "actor_optim": self.actor_optim.state_dict(), "critic_optim": self.critic_optim.state_dict(),
+                "alpha_optim": self.alpha_optim.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        self.target_critic.load_state_dict(state["target_critic"])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        self.actor_optim.load_state_dict(state["actor_optim"])
+        self.critic_optim.load_state_dict(state["critic_optim"])
+        self.alpha_optim.load_state_dict(state["alpha_optim"])
+        self.updates = int(state["updates"])
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("learner.device=cuda, but torch sees no CUDA device; use learner.device=auto or cpu")
+    return torch.device(requested)

@@ -1,0 +1,114 @@
+"""Preallocated ring storage of transitions, with a memory estimate checked before allocating."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from sacfleet.common.transitions import TransitionSpec
+
+
+class ReplayMemoryError(MemoryError):
+    """The requested replay capacity does not fit in this machine's available memory."""
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (counts reclaimable cache), else free physical pages."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def estimate_bytes(spec: TransitionSpec, capacity: int, prioritized: bool = False) -> int:
+    """Bytes the storage (and a sum-tree, when prioritized) will hold for `capacity` transitions."""
+    per_item = spec.bytes_per_transition() + np.dtype(np.int64).itemsize  # + the slot's insertion key
+    tree = 2 * (1 << max(0, int(capacity - 1).bit_length())) * np.dtype(np.float64).itemsize if prioritized else 0
+    return per_item * int(capacity) + tree
+
+
+def check_fits(spec: TransitionSpec, capacity: int, prioritized: bool, max_fraction: float,
+               available: int | None = None) -> int:
+    needed = estimate_bytes(spec, capacity, prioritized)
+    available = available_memory_bytes() if available is None else available
+    if needed > max_fraction * available:
+        fit = int(max_fraction * available // max(1, needed // max(1, capacity)))
+        raise ReplayMemoryError(
+            f"replay.capacity={capacity:,} needs {needed / 2**30:.2f} GiB "
+            f"({needed // capacity} bytes per transition for obs_dim={spec.obs_dim}, act_dim={spec.act_dim}), "
+            f"but only {available / 2**30:.2f} GiB is available and replay.max_memory_fraction="
+            f"{max_fraction} allows {max_fraction * available / 2**30:.2f} GiB; "
+            f"lower replay.capacity to at most about {fit:,} or add replay shards on other nodes")
+    return needed
+
+
+class RingStorage:
+    """Fixed-capacity arrays per field; inserts overwrite the oldest slots first.
+
+    Each slot also records the global insertion number (`key`) of the transition it holds, so
+    late priority updates for a slot that has since been overwritten can be recognised."""
+
+    def __init__(self, spec: TransitionSpec, capacity: int, *, prioritized: bool = False,
+                 max_memory_fraction: float = 0.8):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        check_fits(spec, capacity, prioritized, max_memory_fraction)
+        self.spec = spec
+        self.capacity = int(capacity)
+        # np.empty + fill touches every page now, so an oversized buffer fails at start-up
+        # rather than hours later when the pages are first written.
+        self.data = {}
+        for name, (dtype, shape) in spec.fields().items():
+            array = np.empty((self.capacity, *shape), dtype)
+            array.fill(0)
+            self.data[name] = array
+        self.keys = np.full(self.capacity, -1, dtype=np.int64)
+        self.inserted = 0  # transitions ever inserted; the next one goes to slot inserted % capacity
+
+    @property
+    def size(self) -> int:
+        return min(self.inserted, self.capacity)
+
+    def insert(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Validate, then write `batch`; returns the slots written. A rejected batch writes nothing."""
+        n = self.spec.validate(batch)
+        if n > self.capacity:  # only the newest `capacity` rows would survive anyway
+            batch = {name: array[-self.capacity:] for name, array in batch.items()}
+            self.inserted += n - self.capacity
+            n = self.capacity
+        slots = (self.inserted + np.arange(n)) % self.capacity
+        for name, array in batch.items():
+            self.data[name][slots] = array
+        self.keys[slots] = self.inserted + np.arange(n)
+        self.inserted += n
+        return slots
+
+    def gather(self, slots: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: array[slots] for name, array in self.data.items()}
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Arrays of the filled slots (in slot order) and the counters needed to restore them."""
+        n = self.size
+        arrays = {f"data/{name}": array[:n] for name, array in self.data.items()}
+        arrays["keys"] = self.keys[:n]
+        return arrays, {"inserted": self.inserted, "capacity": self.capacity}
+
+    def load_state_dict(self, arrays: Mapping[str, np.ndarray], meta: Mapping) -> None:
+        if meta.get("capacity") != self.capacity:
+            raise ValueError(f"snapshot capacity {meta.get('capacity')} differs from this storage's {self.capacity}")
+        n = min(int(meta["inserted"]), self.capacity)
+        batch = {name: arrays[f"data/{name}"] for name in self.spec.fields()}
+        if n and self.spec.validate(batch) != n or arrays["keys"].shape != (n,):
+            raise ValueError(f"snapshot holds a different number of rows than its counters ({n})")
+        for name, array in batch.items():
+            self.data[name][:n] = array
+        self.keys[:n] = arrays["keys"]
+        self.keys[n:] = -1
+        self.inserted = int(meta["inserted"])
