@@ -69,7 +69,7 @@ class ReplayConfig:
 class LearnerConfig:
     device: str = _key("auto", choices=("auto", "cpu", "cuda"))
     batch_size: int = _key(256, ge=1)
-    hidden_sizes: list[int] = _key(factory=lambda: [256, 256])
+    hidden_sizes: list[int] = _key(factory=lambda: [256, 256], ge=1, doc="widths of the hidden layers")
     actor_lr: float = _key(3e-4, gt=0)
     critic_lr: float = _key(3e-4, gt=0)
     alpha_lr: float = _key(3e-4, gt=0)

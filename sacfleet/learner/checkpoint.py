@@ -26,8 +26,8 @@ def save_checkpoint(path: Path, learner_state: dict, extra: dict[str, Any]) -> N
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
+    if path.is_dir():  # a checkpoints directory or a whole run directory
+        path = path / "checkpoint.pt" if (path / "checkpoint.pt").is_file() else path / "checkpoints" / "checkpoint.pt"
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:

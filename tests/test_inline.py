@@ -1,0 +1,112 @@
+"""The in-process trainer: outputs, determinism, the CLI, and learning on the point-mass env."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from sacfleet.cli import main
+from sacfleet.common.config import load_config
+from sacfleet.inline import train_inline
+from sacfleet.learner.checkpoint import load_checkpoint
+
+SHORT = ["train.total_env_steps=1200", "train.learning_starts=400", "train.log_interval=400",
+         "learner.hidden_sizes=[32, 32]", "learner.batch_size=64", "replay.samples_per_insert=64",
+         "eval.interval=600", "eval.episodes=2", "eval.final_episodes=3", "learner.num_threads=1"]
+
+
+def short_run(run_dir, *extra):
+    return train_inline(load_config("pointmass", [*SHORT, *extra]), run_dir, echo=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    return run_dir, short_run(run_dir, "checkpoint.replay=true")
+
+
+def test_summary_has_the_documented_keys(run):
+    run_dir, summary = run
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert summary["env_steps"] == 1200
+    # One update per env step once 400 are stored, plus the burst the limiter's error buffer allows.
+    assert 800 <= summary["updates"] <= 802
+    assert summary["wall_seconds"] > 0
+    assert summary["eval"]["episodes"] == 3 and np.isfinite(summary["eval"]["return_mean"])
+    assert summary["eval"]["return_std"] >= 0
+    assert summary["throughput"]["env_steps_per_s"] > 0 and summary["throughput"]["updates_per_s"] > 0
+    assert summary["config"]["learner"]["batch_size"] == 64
+    assert summary["replay"]["samples_per_insert"] == pytest.approx(64, rel=0.01)
+
+
+def test_metrics_tensorboard_config_and_checkpoint_are_written(run):
+    run_dir, summary = run
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*records)
+    assert {"train/actor_loss", "train/critic_loss", "train/ent_coef", "train/ent_coef_loss", "train/n_updates",
+            "rollout/ep_rew_mean", "rollout/ep_len_mean", "eval/mean_reward", "time/fps", "replay/size",
+            "learner/updates_per_s"} <= keys
+    assert [r["env_steps"] for r in records if "time/fps" in r] == [400, 800, 1200]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert load_config(str(run_dir / "config.yaml")).learner.batch_size == 64
+    state = load_checkpoint(run_dir / "checkpoints" / "checkpoint.pt")
+    assert state["env_steps"] == 1200 and state["learner"]["updates"] == summary["updates"]
+    assert set(state["learner"]) >= {"actor", "critic", "target_critic", "log_alpha", "actor_optim",
+                                     "critic_optim", "alpha_optim"}
+    assert (run_dir / "checkpoints" / "replay_shard0.msgpack").stat().st_size > 1200 * 30
+
+
+def test_same_seed_same_run_other_seed_other_run(run, tmp_path):
+    _, first = run
+    again = short_run(tmp_path / "a", "checkpoint.replay=true")
+    assert again["eval"]["return_mean"] == first["eval"]["return_mean"]
+    assert [(s, r) for s, _, r in again["eval"]["curve"]] == [(s, r) for s, _, r in first["eval"]["curve"]]
+    other = short_run(tmp_path / "b", "train.seed=1")
+    assert other["eval"]["return_mean"] != first["eval"]["return_mean"]
+
+
+def test_sharded_prioritized_multi_env_run(tmp_path):
+    summary = short_run(tmp_path, "replay.num_shards=2", "replay.sampler=prioritized", "actors.num=3",
+                        "actors.envs_per_actor=2")
+    assert summary["env_steps"] == 1200
+    assert summary["replay"]["size"] == 1200
+    assert summary["replay"]["samples_per_insert"] == pytest.approx(64, rel=0.05)
+
+
+def test_cli_eval_reads_a_checkpoint(run, capsys):
+    run_dir, summary = run
+    assert main(["eval", "--checkpoint", str(run_dir), "--episodes", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "sacfleet/PointMass-v0: eval return" in out and "over 3 episodes" in out
+    assert f"{summary['eval']['return_mean']:.2f}" in out  # same policy, same seeds as the final eval
+
+
+def test_cli_errors_are_clear_and_exit_2(tmp_path, capsys):
+    assert main(["train", "--inline", "--set", "learner.devise=cpu", "--run-dir", str(tmp_path)]) == 2
+    assert "did you mean 'learner.device'" in capsys.readouterr().err
+    assert main(["train", "--config", "pointmass"]) == 2
+    assert "--inline" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "sacfleet", "train", "--inline", "--run-dir", str(tmp_path),
+                          *[a for kv in SHORT for a in ("--set", kv)], "--set", "train.total_env_steps=500"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "done: 500 env steps" in out.stdout
+    assert (tmp_path / "summary.json").exists()
+
+
+def test_learns_point_mass_in_12k_steps(tmp_path):
+    """Seed 000's budget: 12,000 env steps. Deterministic eval must beat the zero action five-fold."""
+    torch.set_num_threads(2)
+    cfg = load_config("pointmass", ["train.total_env_steps=12000", "train.seed=0", "eval.interval=0"])
+    summary = train_inline(cfg, tmp_path, echo=lambda line: None)
+    assert summary["eval"]["episodes"] == 100
+    assert summary["eval"]["return_mean"] >= -450, summary["eval"]

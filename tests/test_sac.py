@@ -1,0 +1,201 @@
+"""SAC core: log-probabilities, losses, temperature, Polyak averaging, checkpoint state."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch.distributions import AffineTransform, Normal, TanhTransform, TransformedDistribution
+
+from sacfleet.learner import (Actor, Batch, SACLearner, TwinCritic, alpha_loss, critic_target, polyak_update,
+                              squashed_log_prob)
+
+
+def reference_log_prob(u, mean, log_std, low, high):
+    scale, bias = (high - low) / 2, (high + low) / 2
+    dist = TransformedDistribution(Normal(mean, log_std.exp()),
+                                   [TanhTransform(cache_size=1), AffineTransform(bias, scale)])
+    action = dist.transforms[1](dist.transforms[0](u))  # keeps u cached, as rsample would
+    return dist.log_prob(action).sum(-1), action
+
+
+@pytest.mark.parametrize("low,high", [(-1.0, 1.0), (-2.0, 2.0), (-0.4, 0.4), (0.0, 3.0)])
+def test_log_prob_matches_torch_transformed_distribution(low, high):
+    torch.manual_seed(0)
+    mean = torch.randn(512, 3, dtype=torch.float64)
+    log_std = torch.rand(512, 3, dtype=torch.float64) - 1.0
+    u = mean + log_std.exp() * torch.randn_like(mean)
+    u = u[(u.abs() < 3).all(-1)]  # non-saturated samples, where the reference is accurate
+    mean, log_std = mean[: len(u)], log_std[: len(u)]
+    lo, hi = torch.full((3,), low, dtype=torch.float64), torch.full((3,), high, dtype=torch.float64)
+    ours = squashed_log_prob(u, mean, log_std, (hi - lo) / 2)
+    ref, _ = reference_log_prob(u, mean, log_std, lo, hi)
+    assert len(u) > 400
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_log_prob_is_finite_when_tanh_saturates():
+    u = torch.tensor([[30.0], [-30.0], [80.0], [-200.0]])
+    mean, log_std = torch.zeros_like(u), torch.zeros_like(u)
+    out = squashed_log_prob(u, mean, log_std, torch.tensor([2.0]))
+    assert torch.isfinite(out).all()
+    # A naive log(1 - tanh(u)^2 + eps) would flatten here; the exact form keeps decreasing.
+    assert out[2] < out[0]
+
+
+def test_actor_samples_respect_asymmetric_bounds_and_log_prob():
+    torch.manual_seed(1)
+    low, high = np.array([0.0, -3.0], np.float32), np.array([1.0, 5.0], np.float32)
+    actor = Actor(4, 2, [32, 32], low, high)
+    obs = torch.randn(256, 4)
+    action, log_prob = actor.sample(obs)
+    assert (action >= torch.as_tensor(low)).all() and (action <= torch.as_tensor(high)).all()
+    det = actor.deterministic(obs)
+    assert (det >= torch.as_tensor(low)).all() and (det <= torch.as_tensor(high)).all()
+    # log_prob agrees with the reference evaluated at the same pre-squash sample.
+    gen = torch.Generator().manual_seed(5)
+    _, log_prob = actor.sample(obs, generator=gen)
+    mean, log_std = actor(obs)
+    u = mean + log_std.exp() * torch.randn(mean.shape, generator=torch.Generator().manual_seed(5))
+    keep = (u.abs() < 3).all(-1)
+    ref, _ = reference_log_prob(u[keep].double(), mean[keep].double(), log_std[keep].double(),
+                                torch.as_tensor(low).double(), torch.as_tensor(high).double())
+    torch.testing.assert_close(log_prob[keep].double(), ref, atol=1e-4, rtol=0)
+
+
+def test_twin_critic_members_are_independent_linear_stacks():
+    torch.manual_seed(2)
+    critic = TwinCritic(3, 2, [16, 16])
+    obs, act = torch.randn(8, 3), torch.randn(8, 2)
+    q = critic(obs, act)
+    assert q.shape == (2, 8)
+    for i in range(2):
+        x = torch.cat([obs, act], -1)
+        for j, layer in enumerate(critic.layers):
+            x = x @ layer.weight[i] + layer.bias[i]
+            if j < len(critic.layers) - 1:
+                x = torch.relu(x)
+        torch.testing.assert_close(q[i], x.squeeze(-1))
+    assert not torch.allclose(q[0], q[1])
+
+
+class ConstantCritic(torch.nn.Module):
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, obs, action):
+        return torch.full((2, obs.shape[0]), self.value)
+
+
+def _batch(terminated, truncated_reward=1.0):
+    n = len(terminated)
+    return Batch(obs=torch.zeros(n, 2), action=torch.zeros(n, 1), reward=torch.full((n,), truncated_reward),
+                 next_obs=torch.zeros(n, 2), terminated=torch.tensor(terminated, dtype=torch.float32))
+
+
+def test_critic_target_bootstraps_through_truncation_but_not_termination():
+    actor = Actor(2, 1, [8], np.array([-1.0], np.float32), np.array([1.0], np.float32))
+    # Row 0: truncated by a time limit (terminated=0): must bootstrap. Row 1: terminated.
+    batch = _batch([0.0, 1.0])
+    alpha = torch.tensor(0.0)
+    target = critic_target(actor, ConstantCritic(10.0), batch, alpha, gamma=0.9)
+    torch.testing.assert_close(target, torch.tensor([1.0 + 0.9 * 10.0, 1.0]))
+    # The Batch deliberately has no truncation field, so truncation cannot stop bootstrapping.
+    assert "truncated" not in Batch.__dataclass_fields__
+
+
+def test_critic_target_includes_entropy_term_and_reward_scale():
+    torch.manual_seed(3)
+    actor = Actor(2, 1, [8], np.array([-1.0], np.float32), np.array([1.0], np.float32))
+    batch = _batch([0.0])
+    torch.manual_seed(4)
+    _, log_prob = actor.sample(batch.next_obs)
+    torch.manual_seed(4)
+    target = critic_target(actor, ConstantCritic(0.0), batch, torch.tensor(0.5), gamma=1.0, reward_scale=3.0)
+    torch.testing.assert_close(target, 3.0 - 0.5 * log_prob)
+
+
+@pytest.mark.parametrize("entropy_gap,direction", [(+1.0, "up"), (-1.0, "down")])
+def test_alpha_rises_below_target_entropy_and_falls_above(entropy_gap, direction):
+    target_entropy = -1.0
+    # entropy = -log_prob; entropy below target means log_prob above -target_entropy.
+    log_prob = torch.full((64,), -target_entropy + entropy_gap)
+    log_alpha = torch.tensor(0.0, requires_grad=True)
+    opt = torch.optim.Adam([log_alpha], lr=0.1)
+    for _ in range(5):
+        opt.zero_grad()
+        alpha_loss(log_alpha, log_prob, target_entropy).backward()
+        opt.step()
+    assert (log_alpha.item() > 0) == (direction == "up")
+
+
+def test_polyak_moves_targets_by_tau():
+    source = [torch.full((3,), 1.0), torch.full((2, 2), -4.0)]
+    target = [torch.zeros(3), torch.zeros(2, 2)]
+    ids = [t.data_ptr() for t in target]
+    polyak_update(source, target, 0.25)
+    torch.testing.assert_close(target[0], torch.full((3,), 0.25))
+    torch.testing.assert_close(target[1], torch.full((2, 2), -1.0))
+    assert ids == [t.data_ptr() for t in target]  # in place
+
+
+def _learner(**kw):
+    torch.manual_seed(0)
+    return SACLearner(3, 2, np.array([-1, -1], np.float32), np.array([1, 1], np.float32), hidden_sizes=(32, 32), **kw)
+
+
+def _random_batch(seed, n=64):
+    g = torch.Generator().manual_seed(seed)
+    return Batch(obs=torch.randn(n, 3, generator=g), action=torch.rand(n, 2, generator=g) * 2 - 1,
+                 reward=torch.randn(n, generator=g), next_obs=torch.randn(n, 3, generator=g),
+                 terminated=(torch.rand(n, generator=g) < 0.1).float())
+
+
+def test_update_changes_weights_moves_targets_and_reports_metrics():
+    learner = _learner(tau=0.5)
+    before = copy.deepcopy(learner.state_dict())
+    td = learner.update(_random_batch(0))
+    assert td.shape == (64,) and (td >= 0).all()
+    assert learner.updates == 1
+    after = learner.state_dict()
+    for key in ("actor", "critic", "target_critic"):
+        changed = [not torch.equal(before[key][k], after[key][k]) for k in before[key]]
+        assert any(changed), key
+    assert not torch.equal(before["log_alpha"], after["log_alpha"])
+    metrics = learner.metrics.read()
+    assert set(metrics) >= {"train/critic_loss", "train/actor_loss", "train/ent_coef", "train/ent_coef_loss"}
+    assert all(np.isfinite(v) for v in metrics.values())
+    assert learner.metrics.read() == {}  # read resets
+
+
+def test_fixed_alpha_stays_fixed():
+    learner = _learner(learn_alpha=False, init_alpha=0.3)
+    learner.update(_random_batch(0))
+    assert learner.alpha.item() == pytest.approx(0.3)
+
+
+def test_importance_weights_scale_the_critic_loss():
+    batch = _random_batch(1)
+    zero = Batch(**{**batch.__dict__, "weights": torch.zeros(64)})
+    learner = _learner()
+    critic_before = copy.deepcopy(learner.critic.state_dict())
+    learner.update(zero)  # zero weights: the critic gets no gradient, so Adam leaves it unchanged
+    for k, v in learner.critic.state_dict().items():
+        torch.testing.assert_close(v, critic_before[k])
+
+
+def test_state_dict_round_trip_resumes_identically():
+    a = _learner()
+    for i in range(3):
+        a.update(_random_batch(i))
+    b = _learner(init_alpha=0.01)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    assert b.updates == 3
+    torch.manual_seed(42)
+    td_a = a.update(_random_batch(9))
+    torch.manual_seed(42)
+    td_b = b.update(_random_batch(9))
+    torch.testing.assert_close(td_a, td_b)
+    for k, v in a.actor.state_dict().items():
+        torch.testing.assert_close(v, b.actor.state_dict()[k])
