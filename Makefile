@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-RUN_DIR ?= runs/pointmass
+RUN_DIR ?= runs/pointmass-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: run test test-slow lock clean
 

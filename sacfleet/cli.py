@@ -74,12 +74,13 @@ def _eval(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from sacfleet.common.config import ConfigError
+    from sacfleet.inline import RunDirInUse
     from sacfleet.learner.checkpoint import CheckpointError
     from sacfleet.replay_server.storage import ReplayMemoryError
 
     args = _parser().parse_args(argv)
     try:
         return _train(args) if args.command == "train" else _eval(args)
-    except (ConfigError, CheckpointError, ReplayMemoryError) as exc:
+    except (ConfigError, CheckpointError, ReplayMemoryError, RunDirInUse) as exc:
         print(f"sacfleet {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -78,8 +78,20 @@ class Progress:
         return time.monotonic() - self.start
 
 
+class RunDirInUse(RuntimeError):
+    """The run directory already holds another run's outputs, which a new run would overwrite."""
+
+
+def check_run_dir(run_dir: Path) -> None:
+    taken = [name for name in ("summary.json", "checkpoints", "metrics.jsonl") if (Path(run_dir) / name).exists()]
+    if taken:
+        raise RunDirInUse(f"run directory {run_dir} already holds a run ({', '.join(taken)}); "
+                          f"choose another --run-dir, or continue that run with --resume")
+
+
 def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] = print) -> dict:
     run_dir = Path(run_dir)
+    check_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.train.seed)

@@ -94,6 +94,14 @@ def test_cli_errors_are_clear_and_exit_2(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
+def test_a_run_directory_in_use_is_refused_and_left_intact(run, capsys):
+    run_dir, _ = run
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    assert main(["train", "--inline", "--run-dir", str(run_dir)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert before == {p.name: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+
+
 def test_python_dash_m_entry_point(tmp_path):
     out = subprocess.run([sys.executable, "-m", "sacfleet", "train", "--inline", "--run-dir", str(tmp_path),
                           *[a for kv in SHORT for a in ("--set", kv)], "--set", "train.total_env_steps=500"],
