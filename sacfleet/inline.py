@@ -241,7 +241,7 @@ def _summary(cfg, learner, tables, progress, final, interrupted) -> dict:
         "eval": {"return_mean": float(final.mean()), "return_std": float(final.std()), "episodes": int(final.size),
                  "curve": progress.evals},
         "throughput": {"env_steps_per_s": progress.env_steps / wall, "updates_per_s": learner.updates / wall,
-                       "seconds_env": round(progress.time_env, 2), "seconds_update": round(progress.time_update, 2),
+                       "seconds_env": round(progress.time_env, 2), "seconds_replay_and_update": round(progress.time_update, 2),
                        "seconds_eval": round(progress.time_eval, 2)},
         "replay": {"size": sum(t.size for t in tables), "samples_per_insert": _ratio(tables),
                    "samples_per_insert_target": cfg.replay.samples_per_insert},
