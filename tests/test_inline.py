@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from sacfleet.cli import main
 from sacfleet.common.config import load_config
@@ -113,7 +112,6 @@ def test_python_dash_m_entry_point(tmp_path):
 
 def test_learns_point_mass_in_12k_steps(tmp_path):
     """Seed 000's budget: 12,000 env steps. Deterministic eval must beat the zero action five-fold."""
-    torch.set_num_threads(2)
     cfg = load_config("pointmass", ["train.total_env_steps=12000", "train.seed=0", "eval.interval=0"])
     summary = train_inline(cfg, tmp_path, echo=lambda line: None)
     assert summary["eval"]["episodes"] == 100
