@@ -43,9 +43,7 @@ class EnvConfig:
 class ActorsConfig:
     num: int = _key(2, ge=1, doc="number of env actors")
     envs_per_actor: int = _key(1, ge=1, doc="vector envs stepped together by one actor")
-    chunk_length: int = _key(16, ge=1, doc="steps per chunk pushed to replay")
     weight_sync_interval: int = _key(10, ge=1, doc="actor steps between pulls of new weights")
-    num_cpus: float = _key(0.25, gt=0, doc="Ray CPUs reserved per env actor")
 
 
 @dataclass
@@ -57,7 +55,6 @@ class ReplayConfig:
                                      doc="sampled transitions per inserted one (updates per env step x batch_size)")
     error_buffer: float | None = _key(None, gt=0,
                                       doc="allowed drift of the replay ratio, in samples; null sizes it from the request sizes")
-    rate_limit_timeout_s: float = _key(120.0, gt=0, doc="how long a blocked insert or sample waits before failing")
     priority_alpha: float = _key(0.6, ge=0, le=1)
     priority_beta: float = _key(0.4, ge=0, le=1)
     priority_eps: float = _key(1e-6, gt=0)

@@ -105,7 +105,8 @@ class RingStorage:
             raise ValueError(f"snapshot capacity {meta.get('capacity')} differs from this storage's {self.capacity}")
         n = min(int(meta["inserted"]), self.capacity)
         batch = {name: arrays[f"data/{name}"] for name in self.spec.fields()}
-        if n and self.spec.validate(batch) != n or arrays["keys"].shape != (n,):
+        rows = self.spec.validate(batch) if n else 0  # validate() refuses empty batches
+        if rows != n or arrays["keys"].shape != (n,):
             raise ValueError(f"snapshot holds a different number of rows than its counters ({n})")
         for name, array in batch.items():
             self.data[name][:n] = array
