@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# The embedded fleet: a local Ray started in-process, sized to this machine.
 run: $(STAMP)
-	$(VENV)/bin/sacfleet train --inline --config pointmass --run-dir $(RUN_DIR)
+	$(VENV)/bin/sacfleet train --config pointmass --run-dir $(RUN_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
@@ -15,15 +17,20 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train an agent")
-    train.add_argument("--config", default="pointmass",
-                       help="preset name (pointmass, pendulum, halfcheetah, ...) or a YAML file; default pointmass")
+    train.add_argument("--config", help="preset name (pointmass, pendulum, halfcheetah, ...) or a YAML file; "
+                                        "default pointmass (with --resume: the run's own config.yaml)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set learner.batch_size=512 (repeatable)")
     train.add_argument("--run-dir", type=Path, help="output directory; default runs/<config>-<time>")
     train.add_argument("--inline", action="store_true",
                        help="run every component in lockstep in this process, without Ray (deterministic)")
-    train.add_argument("--address", help="join an existing Ray cluster (auto or HOST:PORT)")
-    train.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    train.add_argument("--address", help="join an existing Ray cluster (auto or HOST:PORT); "
+                                         "default: start an embedded Ray sized to this machine")
+    train.add_argument("--resume", type=Path, metavar="DIR",
+                       help="continue the run in DIR from its last checkpoint (--set may change keys, "
+                            "e.g. raise train.total_env_steps)")
+    train.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray; default all of this machine's")
+    train.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with the embedded Ray")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint with deterministic actions")
     ev.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file or run directory")
@@ -37,17 +44,46 @@ def _train(args) -> int:
     from sacfleet.inline import train_inline
 
     if args.resume is not None:
-        print("sacfleet train: --resume comes with the distributed runtime and is not available yet",
-              file=sys.stderr)
-        return EXIT_USAGE
-    if not args.inline or args.address:
-        print("sacfleet train: the Ray fleet is not built yet; run with --inline (same components, one process)",
-              file=sys.stderr)
-        return EXIT_USAGE
-    cfg = load_config(args.config, args.overrides)
-    run_dir = args.run_dir or Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    train_inline(cfg, run_dir)
+        if args.inline:
+            return _usage("--resume continues a fleet run; it cannot be combined with --inline")
+        if args.config is not None:
+            return _usage("--resume uses the run's own config.yaml; change keys with --set instead of --config")
+        if args.run_dir is not None and args.run_dir.resolve() != args.resume.resolve():
+            return _usage("--resume writes into the resumed run's directory; drop --run-dir")
+        config_path = args.resume / "config.yaml"
+        if not config_path.is_file():
+            return _usage(f"--resume {args.resume}: no config.yaml there; is it a sacfleet run directory?")
+        cfg = load_config(str(config_path), args.overrides)
+        run_dir = args.resume
+    else:
+        cfg = load_config(args.config or "pointmass", args.overrides)
+        name = Path(args.config or "pointmass").stem
+        run_dir = args.run_dir or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.inline:
+        if args.address:
+            return _usage("--inline runs without Ray; it cannot be combined with --address")
+        train_inline(cfg, run_dir)
+        return 0
+    from sacfleet.launch import FleetError, train_fleet
+
+    signal.signal(signal.SIGTERM, _terminate_gracefully)
+    try:
+        train_fleet(cfg, run_dir, address=args.address, resume=args.resume is not None,
+                    num_cpus=args.num_cpus, dashboard=args.dashboard)
+    except FleetError as exc:
+        print(f"sacfleet train: the run failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return 0
+
+
+def _terminate_gracefully(signum, frame) -> None:
+    # A scheduler's SIGTERM stops a run as Ctrl-C does: final checkpoint and summary, exit 0.
+    raise KeyboardInterrupt
+
+
+def _usage(message: str) -> int:
+    print(f"sacfleet train: {message}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def _eval(args) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import random
 import sys
 import time
@@ -29,26 +28,14 @@ from sacfleet.common.envs import EnvInfo, describe_env
 from sacfleet.common.io import atomic_write_bytes
 from sacfleet.common.metrics import EpisodeStats, MetricsLogger
 from sacfleet.common.transitions import TransitionSpec
-from sacfleet.learner.checkpoint import save_checkpoint
+from sacfleet.learner.checkpoint import write_run_checkpoint
 from sacfleet.learner.sac import Batch, SACLearner, resolve_device
-from sacfleet.replay_server.rate_limiter import RateLimiter
+from sacfleet.replay_server.shard import make_table
 from sacfleet.replay_server.table import ReplayTable
 
 
 def build_tables(cfg: Config, spec: TransitionSpec, insert_size: int) -> list[ReplayTable]:
-    """One table per shard; capacity and the sampling threshold are split evenly between them."""
-    shards = cfg.replay.num_shards
-    min_size = math.ceil(max(cfg.train.learning_starts, cfg.learner.batch_size) / shards)
-    tables = []
-    for shard in range(shards):
-        limiter = RateLimiter.for_requests(cfg.replay.samples_per_insert, min_size, insert_size,
-                                           cfg.learner.batch_size, cfg.replay.error_buffer)
-        tables.append(ReplayTable(
-            spec, cfg.replay.capacity // shards, limiter, sampler=cfg.replay.sampler,
-            seed=cfg.train.seed * 1000 + shard, priority_alpha=cfg.replay.priority_alpha,
-            priority_beta=cfg.replay.priority_beta, priority_eps=cfg.replay.priority_eps,
-            max_memory_fraction=cfg.replay.max_memory_fraction / shards))
-    return tables
+    return [make_table(cfg, spec, shard, insert_size, cfg.learner.batch_size) for shard in range(cfg.replay.num_shards)]
 
 
 def seed_everything(seed: int) -> None:
@@ -78,6 +65,11 @@ class Progress:
         return time.monotonic() - self.start
 
 
+def echo_flush(line: str) -> None:
+    """Progress lines reach a log file or pipe as they happen, not when a buffer fills."""
+    print(line, flush=True)
+
+
 class RunDirInUse(RuntimeError):
     """The run directory already holds another run's outputs, which a new run would overwrite."""
 
@@ -89,7 +81,8 @@ def check_run_dir(run_dir: Path) -> None:
                           f"choose another --run-dir, or continue that run with --resume")
 
 
-def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] = print) -> dict:
+def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None = None) -> dict:
+    echo = echo or echo_flush
     run_dir = Path(run_dir)
     check_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +151,7 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] = print
             if progress.env_steps >= next_log:
                 next_log += cfg.train.log_interval
                 last_log = _log_progress(cfg, learner, tables, episodes, progress, metrics, last_log, echo)
-            if cfg.checkpoint.interval and progress.env_steps >= next_ckpt:
+            if cfg.checkpoint.interval and learner.updates >= next_ckpt:
                 next_ckpt += cfg.checkpoint.interval
                 _checkpoint(cfg, run_dir, learner, tables, progress, env_info)
     except KeyboardInterrupt:
@@ -222,12 +215,9 @@ def _ratio(tables: list[ReplayTable]) -> float:
 
 
 def _checkpoint(cfg, run_dir, learner, tables, progress, env_info) -> None:
-    directory = Path(run_dir) / "checkpoints"
-    save_checkpoint(directory / "checkpoint.pt", learner.state_dict(),
-                    {"env_steps": progress.env_steps, "config": to_dict(cfg), "env_info": env_info_dict(env_info)})
-    if cfg.checkpoint.replay:
-        for shard, table in enumerate(tables):
-            atomic_write_bytes(directory / f"replay_shard{shard}.msgpack", table.snapshot())
+    write_run_checkpoint(Path(run_dir) / "checkpoints", learner.state_dict(),
+                         {"env_steps": progress.env_steps, "config": to_dict(cfg), "env_info": env_info_dict(env_info)},
+                         [table.snapshot() for table in tables] if cfg.checkpoint.replay else None)
 
 
 def _summary(cfg, learner, tables, progress, final, interrupted) -> dict:

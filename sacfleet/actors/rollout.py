@@ -3,6 +3,7 @@ transitions with the true next observation, and finished episodes' returns and l
 
 from __future__ import annotations
 
+import time
 from typing import Mapping
 
 import numpy as np
@@ -33,6 +34,8 @@ class Rollout:
         self.episode_length = np.zeros(num_envs, dtype=np.int64)
         self.finished: list[tuple[float, int]] = []
         self.steps = 0  # vector steps taken
+        self.seconds_env = 0.0  # time in env.step and in policy inference, for the per-stage figures
+        self.seconds_inference = 0.0
 
     def load_weights(self, weights: Mapping[str, np.ndarray], version: int) -> None:
         self.policy.load_state_dict({name: torch.as_tensor(np.array(a)) for name, a in weights.items()})
@@ -40,13 +43,17 @@ class Rollout:
 
     def step(self, random_actions: bool) -> dict[str, np.ndarray]:
         """Step every env once; return the M transitions made."""
+        t0 = time.perf_counter()
         if random_actions or self.policy_version == RANDOM_POLICY_VERSION:
             action = self.rng.uniform(self.low, self.high, size=(self.num_envs, len(self.low))).astype(np.float32)
             version = RANDOM_POLICY_VERSION
         else:
             action = self.policy.act(self.obs, generator=self.generator)
             version = self.policy_version
+        t1 = time.perf_counter()
         next_obs, reward, terminated, truncated, info = self.envs.step(action)
+        self.seconds_env += time.perf_counter() - t1
+        self.seconds_inference += t1 - t0
         done = terminated | truncated
         # Same-step autoreset: next_obs of a finished env already starts a new episode; the
         # transition must end at the episode's own last observation.

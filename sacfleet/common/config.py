@@ -44,6 +44,10 @@ class ActorsConfig:
     num: int = _key(2, ge=1, doc="number of env actors")
     envs_per_actor: int = _key(1, ge=1, doc="vector envs stepped together by one actor")
     weight_sync_interval: int = _key(10, ge=1, doc="actor steps between pulls of new weights")
+    chunk_length: int = _key(10, ge=1, doc="vector steps per chunk pushed to replay (chunk_length x envs_per_actor transitions)")
+    max_in_flight: int = _key(2, ge=1, doc="chunks an actor may have unacknowledged; a slow shard then holds the actor back")
+    num_cpus: float | None = _key(None, gt=0, doc="Ray CPUs reserved per env actor; null shares what the learner and shards leave")
+    max_restarts: int = _key(3, ge=0, doc="restarts allowed per env actor before the run stops with its error")
 
 
 @dataclass
@@ -60,6 +64,9 @@ class ReplayConfig:
     priority_eps: float = _key(1e-6, gt=0)
     max_memory_fraction: float = _key(0.8, gt=0, le=1,
                                       doc="refuse a capacity whose arrays need more than this share of available memory")
+    rate_limit_timeout_s: float = _key(300.0, gt=0,
+                                       doc="longest an insert or sample may wait on the rate limiter before the run fails naming what is starved")
+    num_cpus: float = _key(0.1, gt=0, doc="Ray CPUs reserved per shard")
 
 
 @dataclass
@@ -76,8 +83,11 @@ class LearnerConfig:
     learn_alpha: bool = _key(True)
     target_entropy: float | None = _key(None, doc="null means -|A|")
     reward_scale: float = _key(1.0, gt=0, doc="rewards are multiplied by this in the critic target")
-    publish_interval: int = _key(1, ge=1, doc="updates between weight publishes")
-    num_threads: int = _key(0, ge=0, doc="torch CPU threads for the learner; 0 keeps torch's default")
+    obs_clip: float | None = _key(None, gt=0, doc="networks see observations clipped to [-obs_clip, obs_clip]; null: unclipped")
+    publish_interval: int = _key(10, ge=1, doc="updates between weight publishes (each is one ray.put, about 0.7 ms)")
+    num_threads: int = _key(0, ge=0, doc="torch CPU threads for the learner; 0 means its Ray CPUs (inline: torch's default)")
+    num_cpus: float = _key(1.0, gt=0, doc="Ray CPUs reserved for the learner (capped at half the cluster's)")
+    prefetch_batches: int = _key(8, ge=1, doc="batches per sample request; one request per shard is kept in flight")
 
 
 @dataclass
@@ -99,7 +109,7 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: int = _key(0, ge=0, doc="env steps between checkpoints; 0 saves only at the end")
+    interval: int = _key(0, ge=0, doc="learner updates between checkpoints; 0 saves only at the end")
     replay: bool = _key(False, doc="also snapshot the replay contents with each checkpoint")
 
 

@@ -37,3 +37,28 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} is not a sacfleet checkpoint of version {CHECKPOINT_VERSION}")
     return state
+
+
+def replay_snapshot_path(directory: Path, shard: int) -> Path:
+    return Path(directory) / f"replay_shard{shard}.msgpack"
+
+
+def write_run_checkpoint(directory: Path, learner_state: dict, extra: dict[str, Any],
+                         replay_snapshots: list[bytes] | None = None) -> None:
+    """Replay snapshots first, then checkpoint.pt, each atomically: checkpoint.pt is what a resume
+    starts from, so it is replaced last."""
+    for shard, payload in enumerate(replay_snapshots or []):
+        atomic_write_bytes(replay_snapshot_path(directory, shard), payload)
+    save_checkpoint(Path(directory) / "checkpoint.pt", learner_state, extra)
+
+
+def read_replay_snapshots(directory: Path, num_shards: int) -> list[bytes] | None:
+    """The replay snapshots of a run's checkpoint directory, or None when it has none; refuses a
+    set that does not match `num_shards`."""
+    found = sorted(Path(directory).glob("replay_shard*.msgpack"))
+    if not found:
+        return None
+    if len(found) != num_shards:
+        raise CheckpointError(f"{directory} holds replay snapshots of {len(found)} shards, but "
+                              f"replay.num_shards={num_shards}; resume with the same number of shards")
+    return [replay_snapshot_path(directory, shard).read_bytes() for shard in range(num_shards)]

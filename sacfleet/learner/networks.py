@@ -38,16 +38,19 @@ def squashed_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
 
 class Actor(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: Sequence[int],
-                 action_low: np.ndarray, action_high: np.ndarray):
+                 action_low: np.ndarray, action_high: np.ndarray, obs_clip: float | None = None):
         super().__init__()
         self.act_dim = act_dim
+        # A buffer, so that actors loading the learner's weights clip as the learner does.
+        self.register_buffer("obs_clip", torch.tensor(math.inf if obs_clip is None else float(obs_clip)))
         self.trunk = mlp([obs_dim, *hidden_sizes, 2 * act_dim])
-        low = torch.as_tensor(np.asarray(action_low, dtype=np.float32))
-        high = torch.as_tensor(np.asarray(action_high, dtype=np.float32))
+        low = torch.tensor(np.asarray(action_low, dtype=np.float32))  # copies: the bounds may be read-only
+        high = torch.tensor(np.asarray(action_high, dtype=np.float32))
         self.register_buffer("action_scale", (high - low) / 2.0)
         self.register_buffer("action_bias", (high + low) / 2.0)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        obs = torch.clamp(obs, -self.obs_clip, self.obs_clip)
         mean, log_std = self.trunk(obs).split(self.act_dim, dim=-1)
         return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
@@ -89,13 +92,16 @@ class EnsembleLinear(nn.Module):
 class TwinCritic(nn.Module):
     """Q_1 and Q_2 with separate weights, computed together: returns [2, B]."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: Sequence[int], num_q: int = 2):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: Sequence[int], num_q: int = 2,
+                 obs_clip: float | None = None):
         super().__init__()
         self.num_q = num_q
+        self.register_buffer("obs_clip", torch.tensor(math.inf if obs_clip is None else float(obs_clip)))
         sizes = [obs_dim + act_dim, *hidden_sizes, 1]
         self.layers = nn.ModuleList(EnsembleLinear(num_q, i, o) for i, o in zip(sizes[:-1], sizes[1:]))
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        obs = torch.clamp(obs, -self.obs_clip, self.obs_clip)
         x = torch.cat([obs, action], dim=-1).expand(self.num_q, *obs.shape[:-1], -1)
         for layer in self.layers[:-1]:
             x = F.relu(layer(x))

@@ -111,12 +111,12 @@ class SACLearner:
                  hidden_sizes=(256, 256), actor_lr: float = 3e-4, critic_lr: float = 3e-4,
                  alpha_lr: float = 3e-4, gamma: float = 0.99, tau: float = 0.005, init_alpha: float = 1.0,
                  learn_alpha: bool = True, target_entropy: float | None = None, reward_scale: float = 1.0,
-                 device: str | torch.device = "cpu"):
+                 obs_clip: float | None = None, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self.gamma, self.tau, self.reward_scale, self.learn_alpha = gamma, tau, reward_scale, learn_alpha
         self.target_entropy = -float(act_dim) if target_entropy is None else float(target_entropy)
-        self.actor = Actor(obs_dim, act_dim, hidden_sizes, action_low, action_high).to(self.device)
-        self.critic = TwinCritic(obs_dim, act_dim, hidden_sizes).to(self.device)
+        self.actor = Actor(obs_dim, act_dim, hidden_sizes, action_low, action_high, obs_clip).to(self.device)
+        self.critic = TwinCritic(obs_dim, act_dim, hidden_sizes, obs_clip=obs_clip).to(self.device)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.tensor(math.log(init_alpha), device=self.device, requires_grad=True)
         self.actor_optim = _adam(self.actor.parameters(), actor_lr, self.device)
@@ -131,7 +131,7 @@ class SACLearner:
                    hidden_sizes=tuple(cfg.hidden_sizes), actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr,
                    alpha_lr=cfg.alpha_lr, gamma=cfg.gamma, tau=cfg.tau, init_alpha=cfg.init_alpha,
                    learn_alpha=cfg.learn_alpha, target_entropy=cfg.target_entropy,
-                   reward_scale=cfg.reward_scale, device=device)
+                   reward_scale=cfg.reward_scale, obs_clip=cfg.obs_clip, device=device)
 
     @property
     def alpha(self) -> torch.Tensor:

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# A real multi-node Ray cluster on this one machine, loopback only: a head node and K worker nodes,
+# each its own raylet, so that `sacfleet train --address 127.0.0.1:PORT` can be tried and tested
+# without a second host.
+#
+#   deploy/local_cluster.sh start [--workers K] [--cpus-per-node C] [--port P]
+#   deploy/local_cluster.sh status [--port P]
+#   deploy/local_cluster.sh stop [--port P]
+#
+# Environment: RAY (the ray executable; default .venv/bin/ray when present, else ray on PATH),
+# SACFLEET_CLUSTER_PORT (default 6390). `stop` stops only this cluster's processes, never another
+# Ray running on the machine.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${RAY:-}" ]]; then
+  if [[ -x "$here/.venv/bin/ray" ]]; then RAY="$here/.venv/bin/ray"; else RAY=ray; fi
+fi
+
+command="${1:-}"
+[[ $# -gt 0 ]] && shift
+workers=1
+cpus=1
+port="${SACFLEET_CLUSTER_PORT:-6390}"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --workers) workers="$2"; shift 2 ;;
+    --cpus-per-node) cpus="$2"; shift 2 ;;
+    --port) port="$2"; shift 2 ;;
+    *) echo "local_cluster.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+[[ "$workers" =~ ^[0-9]+$ ]] || { echo "local_cluster.sh: --workers must be a number >= 0, got $workers" >&2; exit 2; }
+[[ "$port" =~ ^[0-9]+$ ]] || { echo "local_cluster.sh: --port must be a number, got $port" >&2; exit 2; }
+
+# Short on purpose: Ray's unix socket paths must stay under about 100 characters.
+state="/tmp/sfc-$port"
+address="127.0.0.1:$port"
+
+node_pids() {  # every process of this cluster: its command lines name our temp dir
+  pgrep -f -- "$state/" || true
+}
+
+start_node() {  # $1: node number (0 is the head)
+  local n="$1" base=$((port + 100 + 10 * $1))
+  local common=(--node-ip-address=127.0.0.1 --num-cpus="$cpus" --disable-usage-stats
+                --dashboard-agent-listen-port=$((base)) --dashboard-agent-grpc-port=$((base + 1))
+                --runtime-env-agent-port=$((base + 2)) --metrics-export-port=$((base + 3))
+                --node-manager-port=$((base + 4)) --object-manager-port=$((base + 5)))
+  if [[ "$n" == 0 ]]; then
+    "$RAY" start --head --port="$port" --include-dashboard=false --temp-dir="$state" "${common[@]}" \
+      > "$state.log" 2>&1
+  else
+    "$RAY" start --address="$address" "${common[@]}" >> "$state.log" 2>&1
+  fi
+}
+
+case "$command" in
+  start)
+    if [[ -n "$(node_pids)" ]]; then
+      echo "local_cluster.sh: a cluster on port $port is already running; stop it first" >&2
+      exit 1
+    fi
+    mkdir -p "$state"
+    start_node 0 || { echo "local_cluster.sh: the head node failed to start; see $state.log" >&2; exit 1; }
+    for ((i = 1; i <= workers; i++)); do
+      start_node "$i" || { echo "local_cluster.sh: worker node $i failed to start; see $state.log" >&2; exit 1; }
+    done
+    echo "local Ray cluster: head + $workers worker node(s), $cpus CPU each, at $address"
+    echo "train on it:  sacfleet train --address $address ...      stop it:  $0 stop --port $port"
+    ;;
+  status)
+    if [[ -z "$(node_pids)" ]]; then echo "no local cluster on port $port"; exit 1; fi
+    "$RAY" status --address="$address"
+    ;;
+  stop)
+    pids="$(node_pids)"
+    if [[ -z "$pids" ]]; then echo "no local cluster on port $port"; exit 0; fi
+    # SIGTERM lets the raylets take their workers down; anything left gets SIGKILL.
+    kill $pids 2>/dev/null || true
+    for _ in $(seq 50); do [[ -z "$(node_pids)" ]] && break; sleep 0.2; done
+    pids="$(node_pids)"
+    [[ -n "$pids" ]] && kill -9 $pids 2>/dev/null || true
+    rm -rf "$state" "$state.log"
+    echo "stopped the local cluster on port $port"
+    ;;
+  *)
+    echo "usage: $0 start [--workers K] [--cpus-per-node C] [--port P] | status [--port P] | stop [--port P]" >&2
+    exit 2
+    ;;
+esac

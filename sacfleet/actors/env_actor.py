@@ -1,0 +1,145 @@
+"""The fleet's env actor and eval actor (hosted in Ray actors by `sacfleet.launch`).
+
+An env actor steps its rollout, pushes chunks of T steps straight to the replay shards and pulls
+the newest weights every K steps without ever making the learner wait; the eval actor runs
+deterministic episodes of the newest policy when the driver asks.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Mapping
+
+import numpy as np
+import ray
+import torch
+
+from sacfleet.actors.evaluate import evaluate
+from sacfleet.actors.rollout import RANDOM_POLICY_VERSION, Rollout
+from sacfleet.common.codec import decode_weights, encode_chunk
+from sacfleet.common.config import Config
+from sacfleet.common.transitions import TransitionSpec
+from sacfleet.learner.networks import Actor
+from sacfleet.learner.service import InjectedFault
+from sacfleet.replay_server.client import InsertClient
+
+
+class WeightPuller:
+    """Asks the learner for weights newer than ours without waiting: the answer to the previous
+    request is picked up at the next sync point."""
+
+    def __init__(self, learner):
+        self.learner = learner
+        self.request = None
+
+    def poll(self, have_version: int) -> tuple[dict, int] | None:
+        reply = None
+        if self.request is not None:
+            ready, _ = ray.wait([self.request], timeout=0)
+            if not ready:
+                return None
+            reply, self.request = ray.get(self.request), None
+        self.request = self.learner.latest_weights.remote(have_version)
+        if reply is None or reply[0] <= have_version:
+            return None
+        return decode_weights(ray.get(reply[1][0]))
+
+    def wait(self, have_version: int, timeout: float = 30.0) -> tuple[dict, int] | None:
+        """Newest weights, waiting for the answer (for evaluation)."""
+        reply = ray.get(self.learner.latest_weights.remote(have_version), timeout=timeout)
+        return None if reply is None else decode_weights(ray.get(reply[1][0]))
+
+
+class EnvActor:
+    """`peers`: {"shards": [shard handles], "learner": learner handle}. (A handle passed bare as a
+    constructor argument would live in the object store, which Ray warns can break restarts.)"""
+
+    def __init__(self, cfg: Config, env_info, actor_index: int, peers: Mapping, faults: Mapping | None = None):
+        torch.set_num_threads(1)
+        self.cfg, self.env_info, self.actor_index = cfg, env_info, actor_index
+        self.shards, self.learner = peers["shards"], peers["learner"]
+        self.fault = (faults or {}).get("env_actor_step")  # (actor index, vector step), first run only
+        self.stopping = threading.Event()
+        self.steps = 0  # env steps (transitions) made by this process
+        self.finished: list[tuple[float, int]] = []
+        self.policy_version = RANDOM_POLICY_VERSION
+        self.seconds = {"env": 0.0, "inference": 0.0, "insert_wait": 0.0}
+
+    def run(self, stream: int = 0) -> int:
+        """Collect until `stop()`; `stream` picks the env seeds (new on each restart and resume)."""
+        cfg = self.cfg
+        rollout = Rollout(cfg.env, self.env_info, cfg.actors.envs_per_actor, cfg.learner.hidden_sizes,
+                          seed=cfg.train.seed, actor_index=stream)
+        client = InsertClient(self.shards, cfg.actors.max_in_flight, cfg.replay.rate_limit_timeout_s,
+                              first_shard=self.actor_index, should_stop=self.stopping.is_set)
+        puller = WeightPuller(self.learner)
+        spec = TransitionSpec(self.env_info.obs_dim, self.env_info.act_dim)
+        chunk: list[dict[str, np.ndarray]] = []
+        try:
+            while not self.stopping.is_set():
+                if rollout.steps % cfg.actors.weight_sync_interval == 0:
+                    fresh = puller.poll(rollout.policy_version)
+                    if fresh is not None:
+                        rollout.load_weights(*fresh)
+                        self.policy_version = rollout.policy_version
+                if self.fault is not None and tuple(self.fault) == (self.actor_index, rollout.steps) and stream == self.actor_index:
+                    raise InjectedFault(f"injected fault in env actor {self.actor_index} at step {rollout.steps}")
+                # Random actions until the learner's first weights arrive: it publishes only after the
+                # fleet has inserted train.learning_starts transitions and it has made an update.
+                chunk.append(rollout.step(random_actions=False))
+                self.seconds["env"] += rollout.seconds_env
+                self.seconds["inference"] += rollout.seconds_inference
+                rollout.seconds_env = rollout.seconds_inference = 0.0
+                self.steps += rollout.num_envs
+                self.finished.extend(rollout.pop_finished())
+                if len(chunk) == cfg.actors.chunk_length:
+                    payload = encode_chunk({k: np.concatenate([c[k] for c in chunk]) for k in chunk[0]}, spec)
+                    chunk.clear()
+                    t0 = time.monotonic()
+                    client.insert(payload)
+                    self.seconds["insert_wait"] += time.monotonic() - t0
+            client.flush()
+        finally:
+            rollout.close()
+        return self.steps
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stats(self) -> dict:
+        finished, self.finished = self.finished, []
+        return {"steps": self.steps, "episodes": finished, "policy_version": self.policy_version,
+                "seconds": dict(self.seconds)}
+
+    def ping(self) -> bool:
+        return True
+
+
+class EvalActor:
+    def __init__(self, cfg: Config, env_info, peers: Mapping):
+        torch.set_num_threads(1)
+        learner = peers["learner"]
+        self.cfg = cfg
+        self.policy = Actor(env_info.obs_dim, env_info.act_dim, cfg.learner.hidden_sizes,
+                            env_info.action_low, env_info.action_high)
+        self.policy.requires_grad_(False)
+        self.version = RANDOM_POLICY_VERSION
+        self.puller = WeightPuller(learner)
+
+    def evaluate(self, episodes: int) -> dict:
+        """Deterministic returns of the newest published policy (the initial one before any publish)."""
+        fresh = self.puller.wait(self.version)
+        if fresh is not None:
+            weights, self.version = fresh
+            self.policy.load_state_dict({name: torch.as_tensor(np.array(a)) for name, a in weights.items()})
+        t0 = time.monotonic()
+        returns = evaluate(self.policy, self.cfg.env, episodes, self.cfg.eval.seed)
+        return {"version": self.version, "returns": returns.tolist(), "seconds": time.monotonic() - t0}
+
+    def ping(self) -> bool:
+        return True

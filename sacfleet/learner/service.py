@@ -1,0 +1,133 @@
+"""The learner as a fleet service (hosted in a Ray actor by `sacfleet.launch`): an update thread fed
+by the prefetcher, versioned weights published with one `ray.put` per version, and calls the driver
+and actors make while it trains (status, newest weights, state for checkpoints, stop)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from typing import Mapping
+
+import ray
+import torch
+
+from sacfleet.common.codec import encode_weights
+from sacfleet.common.config import Config
+from sacfleet.learner.prefetch import Prefetcher
+from sacfleet.learner.sac import SACLearner, resolve_device
+from sacfleet.replay_server.client import SampleClient
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose by the fault hooks tests use to check supervision."""
+
+
+def _to_cpu(state):
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu().clone()
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_cpu(v) for v in state)
+    return state
+
+
+class LearnerService:
+    def __init__(self, cfg: Config, env_info, shards, state: Mapping | None = None,
+                 faults: Mapping | None = None, num_threads: int = 1):
+        torch.set_num_threads(max(1, num_threads))
+        self.cfg = cfg
+        self.device = resolve_device(cfg.learner.device)
+        self.learner = SACLearner.from_config(cfg.learner, env_info, self.device)
+        if state is not None:
+            self.learner.load_state_dict(state)
+        self.prioritized = cfg.replay.sampler == "prioritized"
+        self.sampler = SampleClient(shards, cfg.learner.prefetch_batches, cfg.learner.batch_size,
+                                    cfg.replay.rate_limit_timeout_s)
+        self.prefetcher = Prefetcher(self.sampler.next, self.device, 2 * cfg.learner.prefetch_batches,
+                                     keep_keys=self.prioritized)
+        self.fault_at = (faults or {}).get("learner_update")
+        self.lock = threading.Lock()  # held for each update, so state and metrics are read between updates
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="sacfleet-update", daemon=True)
+        self.error: str | None = None
+        self.published: tuple[int, list] | None = None  # (version, [ref]); the list keeps Ray from resolving it
+        self.publishes = 0
+        self.seconds_update = 0.0
+        self.seconds_waiting = 0.0  # update thread idle: no batch ready
+        if self.learner.updates > 0:  # resumed: actors act with the restored policy from the start
+            self._publish()
+
+    # ----------------------------------------------------------------------------- update thread
+
+    def start(self) -> str:
+        self.prefetcher.start()
+        self.thread.start()
+        return str(self.device)
+
+    def _run(self) -> None:
+        learner, interval = self.learner, self.cfg.learner.publish_interval
+        try:
+            while not self.stopping.is_set():
+                t0 = time.monotonic()
+                item = self.prefetcher.get(timeout=0.1)
+                t1 = time.monotonic()
+                self.seconds_waiting += t1 - t0
+                if item is None:
+                    continue
+                with self.lock:
+                    td_error = learner.update(item.batch)
+                    if self.fault_at is not None and learner.updates >= self.fault_at:
+                        raise InjectedFault(f"injected fault in the learner at update {learner.updates}")
+                    if learner.updates % interval == 0:
+                        self._publish()
+                if self.prioritized:
+                    self.sampler.update_priorities(item.shard, item.keys, td_error.cpu().numpy())
+                self.seconds_update += time.monotonic() - t1
+        except BaseException as exc:
+            self.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+
+    def _publish(self) -> None:
+        payload = encode_weights(self.learner.policy_weights(), self.learner.updates)
+        self.published = (self.learner.updates, [ray.put(payload)])
+        self.publishes += 1
+
+    # ---------------------------------------------------------------------- calls from the fleet
+
+    def latest_weights(self, have_version: int):
+        """(version, [ref to encoded weights]) if newer than `have_version`, else None."""
+        published = self.published
+        if published is None or published[0] <= have_version:
+            return None
+        return published
+
+    def status(self, read_metrics: bool = False) -> dict:
+        status = {"updates": self.learner.updates, "error": self.error, "publishes": self.publishes,
+                  "device": str(self.device), "seconds_update": self.seconds_update,
+                  "seconds_waiting_for_data": self.seconds_waiting,
+                  "seconds_sampling": self.prefetcher.seconds_sampling,
+                  "starved_reason": self.sampler.last_reason if self.sampler.starved_since is not None else ""}
+        if read_metrics:
+            with self.lock:
+                status["metrics"] = self.learner.metrics.read()
+        return status
+
+    def state(self) -> dict:
+        """Everything a resume needs, on the CPU, taken between two updates."""
+        with self.lock:
+            return _to_cpu(self.learner.state_dict())
+
+    def stop(self) -> dict:
+        """Stop after the current update and publish the final weights."""
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
+        self.prefetcher.stop()
+        with self.lock:
+            if self.learner.updates > 0 and (self.published is None or self.published[0] != self.learner.updates):
+                self._publish()
+        return self.status()
+
+    def ping(self) -> bool:
+        return True

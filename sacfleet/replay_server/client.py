@@ -1,0 +1,121 @@
+"""Clients of the Ray replay shards: `InsertClient` routes an actor's chunks round-robin with a bound
+on unacknowledged requests (back-pressure), `SampleClient` keeps one multi-batch sample request in
+flight per shard for the learner. Both wait on the rate limiter with a timeout that names what starves."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import ray
+
+from sacfleet.replay_server.rate_limiter import RateLimiterTimeout
+
+
+@dataclass
+class _Pending:
+    ref: Any
+    shard: int
+    payload: bytes
+    since: float  # when the chunk was first sent
+
+
+class InsertClient:
+    """Chunks go to the shards in turn; at most `max_in_flight` are unacknowledged, so a slow or
+    rate-limited shard stalls the actor instead of queueing chunks in memory. A chunk the limiter
+    refuses is re-sent to the same shard after the delay the shard suggests."""
+
+    def __init__(self, shards: Sequence, max_in_flight: int, timeout_s: float, *, first_shard: int = 0,
+                 should_stop: Callable[[], bool] = lambda: False):
+        self.shards = list(shards)
+        self.max_in_flight = max_in_flight
+        self.timeout_s = timeout_s
+        self.should_stop = should_stop
+        self.next_shard = first_shard % len(self.shards)
+        self.pending: deque[_Pending] = deque()
+        self.inserted = 0
+        self.seconds_blocked = 0.0  # time spent waiting for acknowledgements: back-pressure
+
+    def insert(self, payload: bytes) -> None:
+        while len(self.pending) >= self.max_in_flight and not self.should_stop():
+            self._settle_oldest()
+        shard = self.next_shard
+        self.next_shard = (shard + 1) % len(self.shards)
+        self.pending.append(_Pending(self.shards[shard].insert.remote(payload), shard, payload, time.monotonic()))
+
+    def flush(self) -> None:
+        """Wait for every chunk in flight; once `should_stop` is true, refused chunks are dropped."""
+        while self.pending:
+            self._settle_oldest()
+
+    def _settle_oldest(self) -> None:
+        pending = self.pending[0]
+        t0 = time.monotonic()
+        try:
+            result = ray.get(pending.ref)  # a malformed chunk raises the shard's CodecError here
+            if result["ok"]:
+                self.pending.popleft()
+                self.inserted += result["inserted"]
+                return
+            if self.should_stop():
+                self.pending.popleft()
+                return
+            if time.monotonic() - pending.since > self.timeout_s:
+                raise RateLimiterTimeout(f"insert into replay shard {pending.shard} blocked for "
+                                         f"{self.timeout_s:g}s (replay.rate_limit_timeout_s): {result['reason']}")
+            time.sleep(result["retry_after"])
+            pending.ref = self.shards[pending.shard].insert.remote(pending.payload)
+        finally:
+            self.seconds_blocked += time.monotonic() - t0
+
+
+class SampleClient:
+    """One multi-batch request in flight per shard; `next()` returns the first answer that carries
+    batches. Shards that refuse (rate limited) are asked again after their suggested delay."""
+
+    def __init__(self, shards: Sequence, batches_per_request: int, batch_size: int, timeout_s: float):
+        self.shards = list(shards)
+        self.batches_per_request = batches_per_request
+        self.batch_size = batch_size
+        self.timeout_s = timeout_s
+        self.outstanding: dict[Any, int] = {}  # ref -> shard
+        self.not_before = [0.0] * len(self.shards)
+        self.starved_since: float | None = None
+        self.last_reason = ""
+
+    def _request(self, now: float) -> None:
+        busy = set(self.outstanding.values())
+        for shard, handle in enumerate(self.shards):
+            if shard not in busy and now >= self.not_before[shard]:
+                self.outstanding[handle.sample.remote(self.batches_per_request, self.batch_size)] = shard
+
+    def next(self, should_stop: Callable[[], bool]) -> dict | None:
+        """The next answer with batches ({"shard", "data", "keys", "weights"}), or None once `should_stop`."""
+        while not should_stop():
+            now = time.monotonic()
+            self._request(now)
+            if not self.outstanding:
+                time.sleep(max(0.0, min(min(self.not_before) - now, 0.1)))
+                continue
+            ready, _ = ray.wait(list(self.outstanding), num_returns=1, timeout=0.1)
+            if not ready:
+                continue
+            shard = self.outstanding.pop(ready[0])
+            result = ray.get(ready[0])
+            if result["ok"]:
+                self.starved_since = None
+                return result
+            now = time.monotonic()
+            self.not_before[shard] = now + result["retry_after"]
+            self.last_reason = result["reason"]
+            if self.starved_since is None:
+                self.starved_since = now
+            elif now - self.starved_since > self.timeout_s:
+                raise RateLimiterTimeout(f"sampling blocked for {self.timeout_s:g}s (replay.rate_limit_timeout_s): "
+                                         f"{self.last_reason}")
+        return None
+
+    def update_priorities(self, shard: int, keys, priorities) -> None:
+        self.shards[shard].update_priorities.remote(keys, priorities)  # fire and forget: never wait

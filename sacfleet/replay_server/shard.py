@@ -1,0 +1,103 @@
+"""One replay shard as a service: a ReplayTable behind wire-level calls that never block.
+
+The fleet wraps `ReplayShard` in a Ray actor (see `sacfleet.launch`); the class itself is plain
+Python, so it is tested and benchmarked without Ray. A call the rate limiter does not allow now
+returns {"ok": False, "retry_after": seconds, "reason": ...} and stores or samples nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from sacfleet.common.codec import decode_chunk
+from sacfleet.common.config import Config
+from sacfleet.common.transitions import TransitionSpec
+from sacfleet.replay_server.rate_limiter import RateLimiter, Verdict
+from sacfleet.replay_server.table import ReplayTable
+
+
+def make_table(cfg: Config, spec: TransitionSpec, shard: int, insert_size: int, sample_size: int) -> ReplayTable:
+    """Shard `shard` of cfg.replay.num_shards: capacity and the sampling threshold are split evenly,
+    and the limiter's error buffer is sized for the largest insert and sample requests."""
+    shards = cfg.replay.num_shards
+    min_size = math.ceil(max(cfg.train.learning_starts, cfg.learner.batch_size) / shards)
+    limiter = RateLimiter.for_requests(cfg.replay.samples_per_insert, min_size, insert_size, sample_size,
+                                       cfg.replay.error_buffer)
+    return ReplayTable(
+        spec, cfg.replay.capacity // shards, limiter, sampler=cfg.replay.sampler,
+        seed=cfg.train.seed * 1000 + shard, priority_alpha=cfg.replay.priority_alpha,
+        priority_beta=cfg.replay.priority_beta, priority_eps=cfg.replay.priority_eps,
+        max_memory_fraction=cfg.replay.max_memory_fraction / shards)
+
+
+def fleet_request_sizes(cfg: Config) -> tuple[int, int]:
+    """(largest insert, largest sample) a fleet sends to one shard, in transitions."""
+    return (cfg.actors.chunk_length * cfg.actors.envs_per_actor,
+            cfg.learner.prefetch_batches * cfg.learner.batch_size)
+
+
+def _refused(verdict: Verdict) -> dict:
+    return {"ok": False, "retry_after": verdict.retry_after, "reason": verdict.reason}
+
+
+class ReplayShard:
+    def __init__(self, cfg: Config, obs_dim: int, act_dim: int, shard: int):
+        self.spec = TransitionSpec(obs_dim, act_dim)
+        self.shard = shard
+        insert_size, sample_size = fleet_request_sizes(cfg)
+        self.table = make_table(cfg, self.spec, shard, insert_size, sample_size)
+        self.restored_size = 0
+        # Mean policy version of the newest chunk made by a learned policy: with the learner's
+        # update count this gives the policy lag.
+        self.recent_policy_version = -1.0
+
+    def insert(self, payload: bytes) -> dict:
+        """Decode, validate and store one chunk. Raises CodecError (and stores nothing) for a
+        malformed chunk; returns ok=False when the rate limiter holds inserts back."""
+        batch = decode_chunk(payload, self.spec)
+        n = len(batch["reward"])
+        verdict = self.table.limiter.check_insert(n)
+        if not verdict.ok:
+            return _refused(verdict)
+        self.table.insert(batch)
+        versions = batch["policy_version"]
+        learned = versions[versions >= 0]
+        if learned.size:
+            self.recent_policy_version = float(learned.mean())
+        return {"ok": True, "inserted": n}
+
+    def sample(self, max_batches: int, batch_size: int) -> dict:
+        """Up to `max_batches` batches of `batch_size`, as many as the limiter allows now (at least one)."""
+        limiter = self.table.limiter
+        verdict = limiter.check_sample(batch_size)
+        if not verdict.ok:
+            return _refused(verdict)
+        k = max_batches
+        while k > 1 and not limiter.check_sample(k * batch_size).ok:
+            k -= 1
+        batch = self.table.sample(k, batch_size)
+        return {"ok": True, "shard": self.shard, "data": batch.data, "keys": batch.keys, "weights": batch.weights}
+
+    def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> int:
+        return self.table.update_priorities(keys, priorities)
+
+    def stats(self) -> dict:
+        limiter = self.table.limiter
+        return {"shard": self.shard, "size": self.table.size, "capacity": self.table.storage.capacity,
+                "inserts": limiter.inserts, "samples": limiter.samples,
+                "min_size_to_sample": limiter.min_size_to_sample, "error_buffer": limiter.error_buffer,
+                "recent_policy_version": self.recent_policy_version, "restored_size": self.restored_size}
+
+    def snapshot(self) -> bytes:
+        return self.table.snapshot()
+
+    def restore(self, payload: bytes) -> dict:
+        """Load a snapshot; raises (CodecError, ValueError) and keeps the contents if it does not fit."""
+        self.table.restore(payload)
+        self.restored_size = self.table.size
+        return self.stats()
+
+    def ping(self) -> bool:
+        return True

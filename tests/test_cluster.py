@@ -1,0 +1,82 @@
+"""`--address`: a run joins a real two-node Ray cluster started by deploy/local_cluster.sh, leaves
+the cluster running and holding none of its actors, and the script stops only that cluster."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "deploy" / "local_cluster.sh"
+RAY = Path(sys.executable).with_name("ray")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cluster(*args, port):
+    env = {**os.environ, "RAY": str(RAY)}
+    return subprocess.run(["bash", str(SCRIPT), *args, "--port", str(port)], env=env, capture_output=True,
+                          text=True, timeout=180)
+
+
+@pytest.fixture
+def local_cluster():
+    port = free_port()
+    started = cluster("start", "--workers", "1", "--cpus-per-node", "1", port=port)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield port
+    finally:
+        cluster("stop", port=port)
+
+
+def test_train_joins_a_two_node_cluster_and_leaves_it_running(local_cluster, tmp_path):
+    port = local_cluster
+    address = f"127.0.0.1:{port}"
+    status = cluster("status", port=port)
+    assert status.returncode == 0 and status.stdout.count("node_") >= 2, status.stdout + status.stderr
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sacfleet", "train", "--config", "pointmass", "--address", address,
+         "--run-dir", str(run_dir), "--set", "train.total_env_steps=1500", "--set", "train.learning_starts=400",
+         "--set", "learner.hidden_sizes=[32, 32]", "--set", "learner.batch_size=64",
+         "--set", "replay.samples_per_insert=64", "--set", "eval.interval=0", "--set", "eval.final_episodes=2",
+         "--set", "replay.num_shards=2"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"(joined {address})" in proc.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["env_steps"] >= 1500 and summary["updates"] > 0
+    assert summary["resources"]["cluster_cpus"] == 2.0  # head + worker, one CPU each
+
+    # The cluster outlives the run, with every CPU free again: the run's actors are gone.
+    probe = ("import ray, time; ray.init(address='%s'); time.sleep(2); "
+             "print(ray.available_resources().get('CPU', 0), ray.cluster_resources()['CPU'])" % address)
+    deadline = time.monotonic() + 30
+    while True:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        free, total = map(float, out.stdout.split()[-2:])
+        if free == total or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert (free, total) == (2.0, 2.0), out.stdout + out.stderr
+
+
+def test_cluster_script_stops_only_its_own_cluster(local_cluster):
+    port = local_cluster
+    other = cluster("status", port=free_port())
+    assert other.returncode == 1 and "no local cluster" in other.stdout
+    stopped = cluster("stop", port=port)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert subprocess.run(["pgrep", "-f", f"/tmp/sfc-{port}/"], capture_output=True).returncode == 1
+    assert cluster("status", port=port).returncode == 1

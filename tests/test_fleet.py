@@ -1,0 +1,132 @@
+"""The Ray fleet on one shared local Ray with 2 CPUs: replay ratio, supervision, shard input checks."""
+
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from sacfleet.common.codec import CodecError, encode_chunk
+from sacfleet.common.config import load_config
+from sacfleet.common.transitions import TransitionSpec
+from sacfleet.launch import FleetError, plan_resources, train_fleet
+from sacfleet.replay_server.shard import ReplayShard
+
+# Small networks and half an update per env step (samples_per_insert 32 < batch 64) keep runs short
+# and check a ratio other than one update per step.
+SHORT = ["train.total_env_steps=2500", "train.learning_starts=400", "train.log_interval=500",
+         "learner.hidden_sizes=[32, 32]", "learner.batch_size=64", "replay.samples_per_insert=32",
+         "learner.prefetch_batches=4", "eval.interval=0", "eval.final_episodes=2", "learner.publish_interval=5"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def run(tmp_path, *overrides, **kwargs):
+    cfg = load_config("pointmass", [*SHORT, *overrides])
+    return train_fleet(cfg, tmp_path / "run", echo=lambda line: None, **kwargs)
+
+
+def wait_for_released_resources(timeout=30.0):
+    """Every actor of a run is gone once the cluster's resources are all available again."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources()["CPU"] - 1e-6:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("actors", [1, 3])
+def test_replay_ratio_held_within_10_percent(tmp_path, actors):
+    summary = run(tmp_path, f"actors.num={actors}", "replay.num_shards=2")
+    assert summary["env_steps"] >= 2500
+    assert summary["actors"]["num"] == actors and summary["actors"]["restarts"] == 0
+    assert summary["replay"]["samples_per_insert"] == pytest.approx(32, rel=0.10)
+    # Updates follow from the ratio: (env steps - warm-up) * 32 / 64, within the same tolerance.
+    expected = (summary["env_steps"] - 400) * 32 / 64
+    assert summary["updates"] == pytest.approx(expected, rel=0.10)
+    assert summary["policy_lag"]["mean"] is not None and summary["policy_lag"]["mean"] >= 0
+    assert wait_for_released_resources()
+
+
+def test_learner_failure_stops_every_actor_with_the_cause(tmp_path):
+    with pytest.raises(FleetError, match="learner failed: InjectedFault: injected fault in the learner at update 30"):
+        run(tmp_path, "actors.num=2", faults={"learner_update": 30})
+    assert wait_for_released_resources()
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_failed_env_actor_is_restarted_and_counted(tmp_path):
+    lines = []
+    cfg = load_config("pointmass", [*SHORT, "actors.num=2", "train.total_env_steps=1500"])
+    summary = train_fleet(cfg, tmp_path / "run", echo=lines.append, faults={"env_actor_step": (1, 200)})
+    assert summary["actors"]["restarts"] == 1
+    assert summary["env_steps"] >= 1500
+    assert any("env actor 1 failed (InjectedFault: injected fault in env actor 1 at step 200)" in line
+               for line in lines)
+    assert wait_for_released_resources()
+
+
+def test_env_actor_failing_too_often_stops_the_run(tmp_path):
+    with pytest.raises(FleetError, match=r"env actor 0 failed 1 times \(actors.max_restarts=0\)"):
+        run(tmp_path, "actors.num=2", "actors.max_restarts=0", faults={"env_actor_step": (0, 50)})
+    assert wait_for_released_resources()
+
+
+def _chunk(spec: TransitionSpec, n: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    batch = spec.empty(n)
+    for name in ("obs", "action", "next_obs", "reward"):
+        batch[name] = rng.standard_normal(batch[name].shape).astype(np.float32)
+    return batch
+
+
+def test_malformed_chunk_is_rejected_and_the_shard_is_unchanged():
+    cfg = load_config("pointmass", ["replay.capacity=1000", "learner.batch_size=8", "train.learning_starts=1000"])
+    spec = TransitionSpec(2, 1)
+    shard = ray.remote(ReplayShard).remote(cfg, 2, 1, 0)
+    try:
+        assert ray.get(shard.insert.remote(encode_chunk(_chunk(spec, 20, 0), spec)))["ok"]
+        before_stats, before = ray.get([shard.stats.remote(), shard.snapshot.remote()])
+
+        wrong_dims = TransitionSpec(3, 1)
+        bad_payloads = {
+            "garbage": b"\x00not msgpack at all",
+            "truncated": encode_chunk(_chunk(spec, 20, 1), spec)[:-7],
+            "wrong obs_dim": encode_chunk(_chunk(wrong_dims, 5, 2), wrong_dims),
+        }
+        nan = encode_chunk(_chunk(spec, 5, 3), spec)
+        bad_payloads["NaN reward"] = nan.replace(np.float32(_chunk(spec, 5, 3)["reward"][0]).tobytes(),
+                                                 np.float32("nan").tobytes())
+        for what, payload in bad_payloads.items():
+            with pytest.raises(CodecError) as info:
+                ray.get(shard.insert.remote(payload))
+            assert str(info.value), what
+        with pytest.raises(CodecError, match="obs: shape"):
+            ray.get(shard.insert.remote(bad_payloads["wrong obs_dim"]))
+        with pytest.raises(CodecError, match="NaN"):
+            ray.get(shard.insert.remote(bad_payloads["NaN reward"]))
+
+        after_stats, after = ray.get([shard.stats.remote(), shard.snapshot.remote()])
+        assert after_stats == before_stats and after == before
+        assert ray.get(shard.insert.remote(encode_chunk(_chunk(spec, 4, 4), spec)))["inserted"] == 4
+    finally:
+        ray.kill(shard)
+
+
+def test_resources_fit_two_cpus_for_any_actor_count():
+    for actors in (1, 2, 3, 8, 64):
+        cfg = load_config("pointmass", [f"actors.num={actors}", "replay.num_shards=2"])
+        res = plan_resources(cfg, {"CPU": 2.0})
+        used = res.learner_cpus + 2 * res.shard_cpus + res.eval_cpus + actors * res.actor_cpus
+        assert used <= 2.0 + 1e-9 and res.actor_cpus > 0
+        assert res.learner_gpus == 0 and res.learner_threads == 1
+    gpu = plan_resources(load_config("pointmass"), {"CPU": 16.0, "GPU": 1.0})
+    assert gpu.learner_gpus == 1
+    with pytest.raises(FleetError, match="learner.device=cuda, but the Ray cluster has no GPU"):
+        plan_resources(load_config("pointmass", ["learner.device=cuda"]), {"CPU": 2.0})
