@@ -33,6 +33,8 @@ done
 [[ "$workers" =~ ^[0-9]+$ ]] || { echo "local_cluster.sh: --workers must be a number >= 0, got $workers" >&2; exit 2; }
 [[ "$port" =~ ^[0-9]+$ ]] || { echo "local_cluster.sh: --port must be a number, got $port" >&2; exit 2; }
 
+export RAY_AUTH_MODE=token  # see `start`
+
 # Short on purpose: Ray's unix socket paths must stay under about 100 characters.
 state="/tmp/sfc-$port"
 address="127.0.0.1:$port"
@@ -62,10 +64,23 @@ case "$command" in
       exit 1
     fi
     mkdir -p "$state"
+    # Every node must agree on Ray's token authentication: use it, with the user's token
+    # (~/.ray/auth_token, created if missing), which drivers on this machine also find.
+    "$RAY" get-auth-token --generate > /dev/null
     start_node 0 || { echo "local_cluster.sh: the head node failed to start; see $state.log" >&2; exit 1; }
     for ((i = 1; i <= workers; i++)); do
       start_node "$i" || { echo "local_cluster.sh: worker node $i failed to start; see $state.log" >&2; exit 1; }
     done
+    # Wait until every node has registered, so that the cluster is usable when this returns.
+    for _ in $(seq 120); do
+      nodes="$("$RAY" status --address="$address" 2>/dev/null | grep -c ' node_' || true)"
+      [[ "$nodes" -ge $((workers + 1)) ]] && break
+      sleep 0.5
+    done
+    if [[ "$nodes" -lt $((workers + 1)) ]]; then
+      echo "local_cluster.sh: only $nodes of $((workers + 1)) nodes registered within 60 s; see $state.log" >&2
+      exit 1
+    fi
     echo "local Ray cluster: head + $workers worker node(s), $cpus CPU each, at $address"
     echo "train on it:  sacfleet train --address $address ...      stop it:  $0 stop --port $port"
     ;;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -64,6 +65,8 @@ def _train(args) -> int:
             return _usage("--inline runs without Ray; it cannot be combined with --address")
         train_inline(cfg, run_dir)
         return 0
+    if args.address:
+        _prefer_token_auth()
     from sacfleet.launch import FleetError, train_fleet
 
     signal.signal(signal.SIGTERM, _terminate_gracefully)
@@ -74,6 +77,17 @@ def _train(args) -> int:
         print(f"sacfleet train: the run failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def _prefer_token_auth() -> None:
+    """Current Ray clusters use token authentication, but a driver joining one sends its token
+    only in token mode, which Ray reads when it is imported: choose it when this machine has a
+    token and the user has not set RAY_AUTH_MODE (set RAY_AUTH_MODE=disabled to join a cluster
+    without authentication)."""
+    has_token = ((Path.home() / ".ray" / "auth_token").is_file() or "RAY_AUTH_TOKEN" in os.environ
+                 or "RAY_AUTH_TOKEN_PATH" in os.environ)
+    if has_token and "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules:
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def _terminate_gracefully(signum, frame) -> None:

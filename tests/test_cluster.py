@@ -64,7 +64,8 @@ def test_train_joins_a_two_node_cluster_and_leaves_it_running(local_cluster, tmp
              "print(ray.available_resources().get('CPU', 0), ray.cluster_resources()['CPU'])" % address)
     deadline = time.monotonic() + 30
     while True:
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "RAY_AUTH_MODE": "token"})  # the script's clusters use tokens
         free, total = map(float, out.stdout.split()[-2:])
         if free == total or time.monotonic() > deadline:
             break

@@ -87,8 +87,10 @@ def test_cli_eval_reads_a_checkpoint(run, capsys):
 def test_cli_errors_are_clear_and_exit_2(tmp_path, capsys):
     assert main(["train", "--inline", "--set", "learner.devise=cpu", "--run-dir", str(tmp_path)]) == 2
     assert "did you mean 'learner.device'" in capsys.readouterr().err
-    assert main(["train", "--config", "pointmass"]) == 2
-    assert "--inline" in capsys.readouterr().err
+    assert main(["train", "--inline", "--address", "auto", "--run-dir", str(tmp_path)]) == 2
+    assert "--inline runs without Ray" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path), "--config", "pointmass"]) == 2
+    assert "change keys with --set" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
 

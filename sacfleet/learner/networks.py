@@ -36,13 +36,16 @@ def squashed_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
     return (gaussian - log_det).sum(-1)
 
 
+NO_CLIP = float(torch.finfo(torch.float32).max)  # finite, so weights pass the codec's finiteness check
+
+
 class Actor(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: Sequence[int],
                  action_low: np.ndarray, action_high: np.ndarray, obs_clip: float | None = None):
         super().__init__()
         self.act_dim = act_dim
         # A buffer, so that actors loading the learner's weights clip as the learner does.
-        self.register_buffer("obs_clip", torch.tensor(math.inf if obs_clip is None else float(obs_clip)))
+        self.register_buffer("obs_clip", torch.tensor(NO_CLIP if obs_clip is None else float(obs_clip)))
         self.trunk = mlp([obs_dim, *hidden_sizes, 2 * act_dim])
         low = torch.tensor(np.asarray(action_low, dtype=np.float32))  # copies: the bounds may be read-only
         high = torch.tensor(np.asarray(action_high, dtype=np.float32))
@@ -96,7 +99,7 @@ class TwinCritic(nn.Module):
                  obs_clip: float | None = None):
         super().__init__()
         self.num_q = num_q
-        self.register_buffer("obs_clip", torch.tensor(math.inf if obs_clip is None else float(obs_clip)))
+        self.register_buffer("obs_clip", torch.tensor(NO_CLIP if obs_clip is None else float(obs_clip)))
         sizes = [obs_dim + act_dim, *hidden_sizes, 1]
         self.layers = nn.ModuleList(EnsembleLinear(num_q, i, o) for i, o in zip(sizes[:-1], sizes[1:]))
 
