@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A real multi-node Ray cluster on this one machine, loopback only: a head node and K worker nodes,
-# each its own raylet, so that `sacfleet train --address 127.0.0.1:PORT` can be tried and tested
+# A real multi-node Ray cluster on this one machine, nodes on 127.0.0.1: a head node and K worker
+# nodes, each its own raylet, so that `sacfleet train --address 127.0.0.1:PORT` can be tried and tested
 # without a second host.
 #
 #   deploy/local_cluster.sh start [--workers K] [--cpus-per-node C] [--port P]

@@ -199,3 +199,22 @@ def test_state_dict_round_trip_resumes_identically():
     torch.testing.assert_close(td_a, td_b)
     for k, v in a.actor.state_dict().items():
         torch.testing.assert_close(v, b.actor.state_dict()[k])
+
+
+def test_obs_clip_bounds_what_the_networks_see_and_travels_with_the_weights():
+    from sacfleet.common.codec import decode_weights, encode_weights
+
+    learner = SACLearner(2, 1, np.array([-2.0]), np.array([2.0]), hidden_sizes=(16, 16), obs_clip=3.0)
+    far = np.array([[100.0, -50.0]], dtype=np.float32)
+    edge = np.array([[3.0, -3.0]], dtype=np.float32)
+    assert np.allclose(learner.actor.act(far, deterministic=True), learner.actor.act(edge, deterministic=True))
+    action = torch.zeros(1, 1)
+    assert torch.allclose(learner.critic(torch.as_tensor(far), action), learner.critic(torch.as_tensor(edge), action))
+    # An actor built without the option (as env actors are) clips once it loads the learner's weights.
+    weights, version = decode_weights(encode_weights(learner.policy_weights(), 7))
+    policy = Actor(2, 1, (16, 16), np.array([-2.0]), np.array([2.0]))
+    assert not np.allclose(policy.act(far, deterministic=True), policy.act(edge, deterministic=True))
+    policy.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in weights.items()})
+    assert np.allclose(policy.act(far, deterministic=True), learner.actor.act(far, deterministic=True))
+    unclipped = SACLearner(2, 1, np.array([-2.0]), np.array([2.0]), hidden_sizes=(16, 16))
+    encode_weights(unclipped.policy_weights(), 0)  # "no clip" is finite, so the codec accepts it
