@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+SEED    ?= 0
 RUN_DIR ?= runs/pointmass-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: run test test-slow lock clean
@@ -15,9 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# The embedded fleet: a local Ray started in-process, sized to this machine.
+# The embedded fleet: a local Ray started in-process, sized to this machine (`make run SEED=1`).
 run: $(STAMP)
-	$(VENV)/bin/sacfleet train --config pointmass --run-dir $(RUN_DIR)
+	$(VENV)/bin/sacfleet train --config pointmass --run-dir $(RUN_DIR) --set train.seed=$(SEED)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -218,3 +218,16 @@ def test_obs_clip_bounds_what_the_networks_see_and_travels_with_the_weights():
     assert np.allclose(policy.act(far, deterministic=True), learner.actor.act(far, deterministic=True))
     unclipped = SACLearner(2, 1, np.array([-2.0]), np.array([2.0]), hidden_sizes=(16, 16))
     encode_weights(unclipped.policy_weights(), 0)  # "no clip" is finite, so the codec accepts it
+
+
+def _learning_rates(learner):
+    return [group["lr"] for optim in (learner.actor_optim, learner.critic_optim, learner.alpha_optim)
+            for group in optim.param_groups]
+
+
+def test_a_resume_takes_the_configured_learning_rates_not_the_checkpoint_ones():
+    a = _learner(actor_lr=1e-3)
+    a.update(_random_batch(0))
+    b = _learner(actor_lr=1e-4)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    assert _learning_rates(b) == pytest.approx([1e-4, 3e-4, 3e-4])

@@ -122,6 +122,7 @@ class SACLearner:
         self.actor_optim = _adam(self.actor.parameters(), actor_lr, self.device)
         self.critic_optim = _adam(self.critic.parameters(), critic_lr, self.device)
         self.alpha_optim = _adam([self.log_alpha], alpha_lr, self.device)
+        self.learning_rates = (actor_lr, critic_lr, alpha_lr)
         self.updates = 0
         self.metrics = MetricAccumulator(METRIC_NAMES, self.device)
 
@@ -187,6 +188,11 @@ class SACLearner:
         self.critic_optim.load_state_dict(state["critic_optim"])
         self.alpha_optim.load_state_dict(state["alpha_optim"])
         self.updates = int(state["updates"])
+        # Optimizer states carry their learning rates; the configured ones win, so that
+        # `--resume DIR --set learner.actor_lr=...` takes effect.
+        for optim, lr in zip((self.actor_optim, self.critic_optim, self.alpha_optim), self.learning_rates):
+            for group in optim.param_groups:
+                group["lr"] = lr
 
 
 def resolve_device(requested: str) -> torch.device:
