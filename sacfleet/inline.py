@@ -145,7 +145,8 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
             progress.time_env += t1 - t0
             progress.time_update += time.monotonic() - t1
 
-            if cfg.eval.interval and progress.env_steps >= next_eval:
+            # At the last step the final evaluation stands in for a periodic one.
+            if cfg.eval.interval and next_eval <= progress.env_steps < cfg.train.total_env_steps:
                 next_eval += cfg.eval.interval
                 _evaluate(cfg, learner, progress, metrics, cfg.eval.episodes)
             if progress.env_steps >= next_log:

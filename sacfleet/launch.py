@@ -482,7 +482,8 @@ def _supervise(run: FleetRun) -> dict:
             time.sleep(POLL_SECONDS)
             run.poll()
             run.collect_eval()
-            if run.env_steps >= next_eval:
+            # At the last step the final evaluation stands in for a periodic one.
+            if next_eval <= run.env_steps < cfg.train.total_env_steps:
                 next_eval = (run.env_steps // cfg.eval.interval + 1) * cfg.eval.interval
                 run.maybe_start_eval(cfg.eval.episodes)
             if run.env_steps >= next_log:

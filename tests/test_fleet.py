@@ -43,7 +43,7 @@ def wait_for_released_resources(timeout=30.0):
 
 @pytest.mark.parametrize("actors", [1, 3])
 def test_replay_ratio_held_within_10_percent(tmp_path, actors):
-    summary = run(tmp_path, f"actors.num={actors}", "replay.num_shards=2")
+    summary = run(tmp_path, f"actors.num={actors}", "replay.num_shards=2", "eval.interval=1250", "eval.episodes=2")
     assert summary["env_steps"] >= 2500
     assert summary["actors"]["num"] == actors and summary["actors"]["restarts"] == 0
     assert summary["replay"]["samples_per_insert"] == pytest.approx(32, rel=0.10)
@@ -51,6 +51,9 @@ def test_replay_ratio_held_within_10_percent(tmp_path, actors):
     expected = (summary["env_steps"] - 400) * 32 / 64
     assert summary["updates"] == pytest.approx(expected, rel=0.10)
     assert summary["policy_lag"]["mean"] is not None and summary["policy_lag"]["mean"] >= 0
+    # One periodic evaluation, then the final one; none doubles it at the last step.
+    steps = [point[0] for point in summary["eval"]["curve"]]
+    assert len(steps) == 2 and 1250 <= steps[0] < 2500 and steps[1] == summary["env_steps"], steps
     assert wait_for_released_resources()
 
 

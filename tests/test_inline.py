@@ -118,3 +118,8 @@ def test_learns_point_mass_in_12k_steps(tmp_path):
     summary = train_inline(cfg, tmp_path, echo=lambda line: None)
     assert summary["eval"]["episodes"] == 100
     assert summary["eval"]["return_mean"] >= -450, summary["eval"]
+
+
+def test_periodic_evaluations_then_one_final_at_the_last_step(run):
+    _, summary = run
+    assert [point[0] for point in summary["eval"]["curve"]] == [600, 1200]
