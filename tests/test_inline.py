@@ -113,11 +113,11 @@ def test_python_dash_m_entry_point(tmp_path):
 
 
 def test_learns_point_mass_in_12k_steps(tmp_path):
-    """Seed 000's budget: 12,000 env steps. Deterministic eval must beat the zero action five-fold."""
+    """Seed 000's budget: 12,000 env steps; issue 3's bar: -100 (optimal -3.8, the reference -89.9)."""
     cfg = load_config("pointmass", ["train.total_env_steps=12000", "train.seed=0", "eval.interval=0"])
     summary = train_inline(cfg, tmp_path, echo=lambda line: None)
     assert summary["eval"]["episodes"] == 100
-    assert summary["eval"]["return_mean"] >= -450, summary["eval"]
+    assert summary["eval"]["return_mean"] >= -100, summary["eval"]
 
 
 def test_periodic_evaluations_then_one_final_at_the_last_step(run):

@@ -14,9 +14,8 @@ def test_pendulum_reaches_minus_200_in_20k_steps(tmp_path):
     assert summary["eval"]["return_mean"] >= -200, summary["eval"]
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6, 7])
 def test_point_mass_preset_on_other_seeds(tmp_path, seed):
-    # Publishing every update, as the in-process trainer was tuned (README, "Tuning").
-    cfg = load_config("pointmass", [f"train.seed={seed}", "learner.publish_interval=1"])
+    cfg = load_config("pointmass", [f"train.seed={seed}"])
     summary = train_inline(cfg, tmp_path, echo=lambda line: None)
-    assert summary["eval"]["return_mean"] >= -150, summary["eval"]
+    assert summary["eval"]["return_mean"] >= -100, summary["eval"]

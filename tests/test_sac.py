@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.distributions import AffineTransform, Normal, TanhTransform, TransformedDistribution
 
-from sacfleet.learner import (Actor, Batch, SACLearner, TwinCritic, alpha_loss, critic_target, polyak_update,
-                              squashed_log_prob)
+from sacfleet.learner import (Actor, Batch, SACLearner, TwinCritic, actor_loss, alpha_loss, critic_loss,
+                              critic_target, polyak_update, q_values, squashed_log_prob, symexp, symlog)
 
 
 def reference_log_prob(u, mean, log_std, low, high):
@@ -231,3 +231,59 @@ def test_a_resume_takes_the_configured_learning_rates_not_the_checkpoint_ones():
     b = _learner(actor_lr=1e-4)
     b.load_state_dict(copy.deepcopy(a.state_dict()))
     assert _learning_rates(b) == pytest.approx([1e-4, 3e-4, 3e-4])
+
+
+def test_symlog_and_symexp_are_inverse_and_odd():
+    x = torch.tensor([-1e4, -3.0, -1e-3, 0.0, 1e-3, 3.0, 1e4], dtype=torch.float64)
+    torch.testing.assert_close(symexp(symlog(x)), x)
+    torch.testing.assert_close(symlog(-x), -symlog(x))
+    torch.testing.assert_close(symlog(torch.tensor([np.e - 1.0])), torch.tensor([1.0]))
+    assert torch.isfinite(symexp(torch.tensor([1e3]))).all()
+
+
+def test_symlog_critic_loss_is_taken_in_symlog_space_and_q_is_read_through_symexp():
+    batch = _batch([0.0, 0.0])
+    q_target = torch.tensor([-0.5, -2000.0])
+    exact = ConstantCritic(0.0)
+    exact.forward = lambda obs, action: symlog(q_target).expand(2, -1)
+    loss, td = critic_loss(exact, batch, q_target, symlog_q=True)
+    assert loss.item() == pytest.approx(0.0, abs=1e-10) and td.abs().max().item() < 1e-6
+    # The same critic read as if it predicted Q directly is far off.
+    assert critic_loss(exact, batch, q_target)[0].item() > 1e6
+    torch.testing.assert_close(q_values(exact, batch.obs, batch.action, True)[0], q_target)
+    # The target and the actor see Q = symexp(output).
+    actor = Actor(2, 1, [8], np.array([-1.0], np.float32), np.array([1.0], np.float32))
+    target = critic_target(actor, ConstantCritic(float(np.log(101.0))), batch, torch.tensor(0.0),
+                           gamma=0.5, symlog_q=True)
+    torch.testing.assert_close(target, torch.tensor([1.0 + 0.5 * 100.0] * 2))
+    loss_pi, _ = actor_loss(actor, ConstantCritic(float(np.log(101.0))), batch.obs, torch.tensor(0.0), symlog_q=True)
+    assert loss_pi.item() == pytest.approx(-100.0, rel=1e-5)
+
+
+def _fit_relative_error_near_the_goal(symlog_q: bool, seed: int) -> float:
+    torch.manual_seed(seed)
+    critic = TwinCritic(1, 1, [32, 32])
+    optim = torch.optim.Adam(critic.parameters(), lr=3e-3)
+    # A quadratic cost-to-go: about 0.1 near the goal and 10^4 far away, as on the point mass.
+    p = torch.cat([torch.linspace(-1, 1, 200), torch.linspace(-100, 100, 200)])[:, None]
+    q = -(p.squeeze(-1) ** 2 + 0.1)
+    a = torch.zeros_like(p)
+    batch = Batch(obs=p, action=a, reward=q, next_obs=p, terminated=torch.ones_like(q))
+    for _ in range(600):
+        loss, _ = critic_loss(critic, batch, q, symlog_q)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    with torch.no_grad():
+        near = p.squeeze(-1).abs() <= 1
+        pred = q_values(critic, p, a, symlog_q)[:, near]
+        return ((pred - q[near]).abs() / q[near].abs()).mean().item()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_symlog_critic_resolves_small_values_next_to_huge_ones(seed):
+    """Why the point-mass preset uses symlog_q: a plain MSE fit is dominated by the huge values."""
+    with_symlog = _fit_relative_error_near_the_goal(True, seed)
+    plain = _fit_relative_error_near_the_goal(False, seed)
+    assert with_symlog < 0.25, with_symlog
+    assert plain > 10 * with_symlog, (plain, with_symlog)

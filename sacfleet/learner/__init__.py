@@ -2,7 +2,7 @@
 
 from sacfleet.learner.networks import Actor, TwinCritic, squashed_log_prob
 from sacfleet.learner.sac import (Batch, SACLearner, actor_loss, alpha_loss, critic_loss, critic_target,
-                                  polyak_update, resolve_device)
+                                  polyak_update, q_values, resolve_device, symexp, symlog)
 
 __all__ = ["Actor", "Batch", "SACLearner", "TwinCritic", "actor_loss", "alpha_loss", "critic_loss",
-           "critic_target", "polyak_update", "resolve_device", "squashed_log_prob"]
+           "critic_target", "polyak_update", "q_values", "resolve_device", "squashed_log_prob", "symexp", "symlog"]

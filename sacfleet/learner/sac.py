@@ -5,6 +5,10 @@ networks, targets, optimizers and the temperature.
   critic_loss = sum_i mean(w * (Q_i(s, a) - q_target)^2)
   actor_loss  = mean(alpha * log pi(a|s) - min_i Q_i(s, a))
   alpha_loss  = -mean(log_alpha * (log pi(a|s) + target_entropy))
+
+With `symlog_q` the critics predict symlog(Q) = sign(Q) log(1 + |Q|) and Q_i = symexp(output):
+the critic loss is taken between symlog(Q_i) and symlog(q_target), so its errors are relative
+to |Q| and far-away states with huge costs do not drown the small differences near the goal.
 """
 
 from __future__ import annotations
@@ -43,25 +47,42 @@ class Batch:
                    weights=None if weights is None else to(weights))
 
 
+def symlog(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def symexp(x: torch.Tensor) -> torch.Tensor:
+    # Clamped so that a diverging critic gives a huge but finite Q (float32 overflows past e^88).
+    return torch.sign(x) * torch.expm1(x.abs().clamp(max=80.0))
+
+
+def q_values(critic: TwinCritic, obs: torch.Tensor, action: torch.Tensor, symlog_q: bool) -> torch.Tensor:
+    """Q_i(s, a) for both critics, whatever space they predict in."""
+    out = critic(obs, action)
+    return symexp(out) if symlog_q else out
+
+
 def critic_target(actor: Actor, target_critic: TwinCritic, batch: Batch, alpha: torch.Tensor,
-                  gamma: float, reward_scale: float = 1.0) -> torch.Tensor:
+                  gamma: float, reward_scale: float = 1.0, symlog_q: bool = False) -> torch.Tensor:
     with torch.no_grad():
         next_action, next_log_prob = actor.sample(batch.next_obs)
-        q_next = target_critic(batch.next_obs, next_action).min(0).values
+        q_next = q_values(target_critic, batch.next_obs, next_action, symlog_q).min(0).values
         return reward_scale * batch.reward + gamma * (1.0 - batch.terminated) * (q_next - alpha * next_log_prob)
 
 
-def critic_loss(critic: TwinCritic, batch: Batch, q_target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss summed over the twin critics, and the per-sample |TD error| (for priorities)."""
-    td = critic(batch.obs, batch.action) - q_target
+def critic_loss(critic: TwinCritic, batch: Batch, q_target: torch.Tensor,
+                symlog_q: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss summed over the twin critics, and the per-sample |TD error| (for priorities), both in the
+    space the critics predict in."""
+    td = critic(batch.obs, batch.action) - (symlog(q_target) if symlog_q else q_target)
     squared = td.pow(2) if batch.weights is None else batch.weights * td.pow(2)
     return squared.mean(-1).sum(), td.detach().abs().mean(0)
 
 
 def actor_loss(actor: Actor, critic: TwinCritic, obs: torch.Tensor,
-               alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               alpha: torch.Tensor, symlog_q: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     action, log_prob = actor.sample(obs)
-    q = critic(obs, action).min(0).values
+    q = q_values(critic, obs, action, symlog_q).min(0).values
     return (alpha * log_prob - q).mean(), log_prob
 
 
@@ -111,9 +132,10 @@ class SACLearner:
                  hidden_sizes=(256, 256), actor_lr: float = 3e-4, critic_lr: float = 3e-4,
                  alpha_lr: float = 3e-4, gamma: float = 0.99, tau: float = 0.005, init_alpha: float = 1.0,
                  learn_alpha: bool = True, target_entropy: float | None = None, reward_scale: float = 1.0,
-                 obs_clip: float | None = None, device: str | torch.device = "cpu"):
+                 obs_clip: float | None = None, symlog_q: bool = False, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self.gamma, self.tau, self.reward_scale, self.learn_alpha = gamma, tau, reward_scale, learn_alpha
+        self.symlog_q = symlog_q
         self.target_entropy = -float(act_dim) if target_entropy is None else float(target_entropy)
         self.actor = Actor(obs_dim, act_dim, hidden_sizes, action_low, action_high, obs_clip).to(self.device)
         self.critic = TwinCritic(obs_dim, act_dim, hidden_sizes, obs_clip=obs_clip).to(self.device)
@@ -132,7 +154,8 @@ class SACLearner:
                    hidden_sizes=tuple(cfg.hidden_sizes), actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr,
                    alpha_lr=cfg.alpha_lr, gamma=cfg.gamma, tau=cfg.tau, init_alpha=cfg.init_alpha,
                    learn_alpha=cfg.learn_alpha, target_entropy=cfg.target_entropy,
-                   reward_scale=cfg.reward_scale, obs_clip=cfg.obs_clip, device=device)
+                   reward_scale=cfg.reward_scale, obs_clip=cfg.obs_clip, symlog_q=cfg.symlog_q,
+                   device=device)
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -141,15 +164,16 @@ class SACLearner:
     def update(self, batch: Batch) -> torch.Tensor:
         """One SAC update; returns the per-sample |TD error| (on the device, for priorities)."""
         alpha = self.alpha
-        q_target = critic_target(self.actor, self.target_critic, batch, alpha, self.gamma, self.reward_scale)
-        loss_q, td_error = critic_loss(self.critic, batch, q_target)
+        q_target = critic_target(self.actor, self.target_critic, batch, alpha, self.gamma, self.reward_scale,
+                                 self.symlog_q)
+        loss_q, td_error = critic_loss(self.critic, batch, q_target, self.symlog_q)
         self.critic_optim.zero_grad(set_to_none=True)
         loss_q.backward()
         self.critic_optim.step()
 
         # The critic is only evaluated for the actor loss; freezing it skips its weight gradients.
         self.critic.requires_grad_(False)
-        loss_pi, log_prob = actor_loss(self.actor, self.critic, batch.obs, alpha)
+        loss_pi, log_prob = actor_loss(self.actor, self.critic, batch.obs, alpha, self.symlog_q)
         self.actor_optim.zero_grad(set_to_none=True)
         loss_pi.backward()
         self.actor_optim.step()
