@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 SEED    ?= 0
 RUN_DIR ?= runs/pointmass-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: run test test-slow lock clean
+.PHONY: run test test-slow bench lock clean
 
 # Reinstall only when what the install depends on changed.  torch goes first and pinned,
 # so nothing later can pull an unpinned (CUDA) build.
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Every throughput suite: a table on stdout; table.txt, records.json and plots in runs/bench-<time>.
+bench: $(STAMP)
+	$(VENV)/bin/sacfleet bench --out runs/bench-$(shell date +%Y%m%d-%H%M%S)
 
 # Regenerate the pinned set from the current .venv (after changing dependencies).
 lock: $(STAMP)

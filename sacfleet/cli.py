@@ -1,4 +1,4 @@
-"""Command line: `sacfleet train` and `sacfleet eval`."""
+"""Command line: `sacfleet train`, `sacfleet eval` and `sacfleet bench`."""
 
 from __future__ import annotations
 
@@ -33,11 +33,77 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray; default all of this machine's")
     train.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with the embedded Ray")
 
+    bench = sub.add_parser("bench", help="throughput benchmarks: env, replay, learner")
+    bench.add_argument("suites", nargs="*", metavar="SUITE", help="suites to run (default: all): env, replay, learner")
+    bench.add_argument("--json", action="store_true", help="print the records as JSON on stdout (progress on stderr)")
+    bench.add_argument("--out", type=Path, help="directory for table.txt, records.json and plots; "
+                                                "default runs/bench-<time>")
+    bench.add_argument("--seconds", type=float, default=2.0, help="timing budget per measurement (default 2)")
+    bench.add_argument("--batch-sizes", type=_int_list, default=None, metavar="B,B,...",
+                       help="learner batch sizes (default 256,512,1024,2048,4096)")
+    bench.add_argument("--devices", type=lambda s: s.split(","), default=None, metavar="cpu,cuda",
+                       help="learner devices (default: cpu, and cuda when torch sees one)")
+    bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
+
     ev = sub.add_parser("eval", help="evaluate a checkpoint with deterministic actions")
     ev.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file or run directory")
     ev.add_argument("--episodes", type=int, default=20)
     ev.add_argument("--seed", type=int, help="evaluation seed; default the run's eval.seed")
     return parser
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _bench(args) -> int:
+    # Imports only what the chosen suites need: the learner suite runs with torch and numpy alone.
+    from sacfleet.bench import SUITES, suite_module
+    from sacfleet.bench.report import format_table, to_json, write_outputs
+
+    unknown = [s for s in args.suites if s not in SUITES]
+    if unknown:
+        print(f"sacfleet bench: unknown suite {unknown[0]!r}; choose from: {', '.join(SUITES)}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.seconds <= 0:
+        print("sacfleet bench: --seconds must be > 0", file=sys.stderr)
+        return EXIT_USAGE
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = sys.stderr if args.json else sys.stdout
+    def echo(line: str) -> None:
+        print(line, file=log, flush=True)
+
+    options = {"seconds": args.seconds, "devices": args.devices, "echo": echo}
+    if args.batch_sizes:
+        options["batch_sizes"] = args.batch_sizes
+    header = (f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+              f"{os.cpu_count()} cores" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    echo(f"sacfleet bench: {header}")
+    records = []
+    for name in args.suites or SUITES:
+        try:
+            records += suite_module(name).run(**options)
+        except (RuntimeError, ValueError) as exc:
+            print(f"sacfleet bench {name}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    out_dir = args.out or Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    written = write_outputs(records, out_dir, header)
+    if args.json:
+        print(to_json(records))
+    else:
+        print(format_table(records))
+    echo(f"wrote {', '.join(str(p) for p in written)}"
+         + ("" if any(p.suffix == ".png" for p in written) else " (no plots: matplotlib is not installed)"))
+    return 0
 
 
 def _train(args) -> int:
@@ -123,12 +189,14 @@ def _eval(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "bench":
+        return _bench(args)
     from sacfleet.common.config import ConfigError
     from sacfleet.inline import RunDirInUse
     from sacfleet.learner.checkpoint import CheckpointError
     from sacfleet.replay_server.storage import ReplayMemoryError
 
-    args = _parser().parse_args(argv)
     try:
         return _train(args) if args.command == "train" else _eval(args)
     except (ConfigError, CheckpointError, ReplayMemoryError, RunDirInUse) as exc:

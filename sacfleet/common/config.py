@@ -84,6 +84,8 @@ class LearnerConfig:
     target_entropy: float | None = _key(None, doc="null means -|A|")
     reward_scale: float = _key(1.0, gt=0, doc="rewards are multiplied by this in the critic target")
     obs_clip: float | None = _key(None, gt=0, doc="networks see observations clipped to [-obs_clip, obs_clip]; null: unclipped")
+    compile: str = _key("auto", choices=("auto", "on", "off"),
+                        doc="torch.compile the losses and capture the update in a CUDA graph; auto: on with CUDA only")
     symlog_q: bool = _key(False, doc="critics predict symlog(Q), so errors are relative to |Q|")
     publish_interval: int = _key(10, ge=1, doc="updates between weight publishes (each is one ray.put, about 0.7 ms)")
     num_threads: int = _key(0, ge=0, doc="torch CPU threads for the learner; 0 means its Ray CPUs (inline: torch's default)")

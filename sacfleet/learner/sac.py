@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -96,12 +96,21 @@ def polyak_update(params: Iterable[torch.Tensor], target_params: Iterable[torch.
         torch._foreach_lerp_(list(target_params), list(params), tau)
 
 
-def _adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
-    # The fused kernel updates every tensor in one pass (CPU and CUDA in current torch).
+def _adam(params, lr: float, device: torch.device, capturable: bool = False) -> torch.optim.Adam:
+    # The fused kernel updates every tensor in one pass (CPU and CUDA in current torch);
+    # capturable keeps its step counters on the device, as a CUDA graph needs.
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
     except (RuntimeError, TypeError):
-        return torch.optim.Adam(params, lr=lr, foreach=True)
+        return torch.optim.Adam(params, lr=lr, foreach=True, capturable=capturable)
+
+
+@dataclass(frozen=True)
+class Losses:
+    """The loss functions an update calls: the plain ones above, or their compiled versions."""
+    critic_target: Callable
+    critic_loss: Callable
+    actor_loss: Callable
 
 
 class MetricAccumulator:
@@ -132,8 +141,11 @@ class SACLearner:
                  hidden_sizes=(256, 256), actor_lr: float = 3e-4, critic_lr: float = 3e-4,
                  alpha_lr: float = 3e-4, gamma: float = 0.99, tau: float = 0.005, init_alpha: float = 1.0,
                  learn_alpha: bool = True, target_entropy: float | None = None, reward_scale: float = 1.0,
-                 obs_clip: float | None = None, symlog_q: bool = False, device: str | torch.device = "cpu"):
+                 obs_clip: float | None = None, symlog_q: bool = False, compile: str = "off",
+                 device: str | torch.device = "cpu"):
         self.device = torch.device(device)
+        self.compiled = resolve_compile(compile, self.device)
+        cuda_graph = self.compiled and self.device.type == "cuda"
         self.gamma, self.tau, self.reward_scale, self.learn_alpha = gamma, tau, reward_scale, learn_alpha
         self.symlog_q = symlog_q
         self.target_entropy = -float(act_dim) if target_entropy is None else float(target_entropy)
@@ -141,12 +153,19 @@ class SACLearner:
         self.critic = TwinCritic(obs_dim, act_dim, hidden_sizes, obs_clip=obs_clip).to(self.device)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.tensor(math.log(init_alpha), device=self.device, requires_grad=True)
-        self.actor_optim = _adam(self.actor.parameters(), actor_lr, self.device)
-        self.critic_optim = _adam(self.critic.parameters(), critic_lr, self.device)
-        self.alpha_optim = _adam([self.log_alpha], alpha_lr, self.device)
+        self.actor_optim = _adam(self.actor.parameters(), actor_lr, self.device, cuda_graph)
+        self.critic_optim = _adam(self.critic.parameters(), critic_lr, self.device, cuda_graph)
+        self.alpha_optim = _adam([self.log_alpha], alpha_lr, self.device, cuda_graph)
         self.learning_rates = (actor_lr, critic_lr, alpha_lr)
         self.updates = 0
         self.metrics = MetricAccumulator(METRIC_NAMES, self.device)
+        self._losses = Losses(critic_target, critic_loss, actor_loss)
+        self._graph = None
+        if self.compiled:
+            from sacfleet.learner.compiled import CudaGraphStep, compile_losses
+
+            self._losses = compile_losses(self._losses)
+            self._graph = CudaGraphStep(self._step) if cuda_graph else None
 
     @classmethod
     def from_config(cls, cfg, env_info, device: str | torch.device) -> "SACLearner":
@@ -155,7 +174,7 @@ class SACLearner:
                    alpha_lr=cfg.alpha_lr, gamma=cfg.gamma, tau=cfg.tau, init_alpha=cfg.init_alpha,
                    learn_alpha=cfg.learn_alpha, target_entropy=cfg.target_entropy,
                    reward_scale=cfg.reward_scale, obs_clip=cfg.obs_clip, symlog_q=cfg.symlog_q,
-                   device=device)
+                   compile=cfg.compile, device=device)
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -163,17 +182,24 @@ class SACLearner:
 
     def update(self, batch: Batch) -> torch.Tensor:
         """One SAC update; returns the per-sample |TD error| (on the device, for priorities)."""
+        td_error, values = self._graph(batch) if self._graph is not None else self._step(batch)
+        self.updates += 1
+        self.metrics.add(values)
+        return td_error
+
+    def _step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The update's tensor work, with no host syncs, so that it can be captured in a CUDA graph."""
         alpha = self.alpha
-        q_target = critic_target(self.actor, self.target_critic, batch, alpha, self.gamma, self.reward_scale,
-                                 self.symlog_q)
-        loss_q, td_error = critic_loss(self.critic, batch, q_target, self.symlog_q)
+        q_target = self._losses.critic_target(self.actor, self.target_critic, batch, alpha, self.gamma,
+                                              self.reward_scale, self.symlog_q)
+        loss_q, td_error = self._losses.critic_loss(self.critic, batch, q_target, self.symlog_q)
         self.critic_optim.zero_grad(set_to_none=True)
         loss_q.backward()
         self.critic_optim.step()
 
         # The critic is only evaluated for the actor loss; freezing it skips its weight gradients.
         self.critic.requires_grad_(False)
-        loss_pi, log_prob = actor_loss(self.actor, self.critic, batch.obs, alpha, self.symlog_q)
+        loss_pi, log_prob = self._losses.actor_loss(self.actor, self.critic, batch.obs, alpha, self.symlog_q)
         self.actor_optim.zero_grad(set_to_none=True)
         loss_pi.backward()
         self.actor_optim.step()
@@ -186,10 +212,9 @@ class SACLearner:
             self.alpha_optim.step()
 
         polyak_update(self.critic.parameters(), self.target_critic.parameters(), self.tau)
-        self.updates += 1
-        self.metrics.add(torch.stack([loss_q.detach(), loss_pi.detach(), alpha, loss_alpha.detach(),
-                                      -log_prob.detach().mean(), q_target.mean()]))
-        return td_error
+        values = torch.stack([loss_q.detach(), loss_pi.detach(), alpha, loss_alpha.detach(),
+                              -log_prob.detach().mean(), q_target.mean()])
+        return td_error, values
 
     def policy_weights(self) -> dict[str, np.ndarray]:
         """The actor's weights as numpy arrays: what actors need to act."""
@@ -214,9 +239,24 @@ class SACLearner:
         self.updates = int(state["updates"])
         # Optimizer states carry their learning rates; the configured ones win, so that
         # `--resume DIR --set learner.actor_lr=...` takes effect.
+        capturable = self._graph is not None
         for optim, lr in zip((self.actor_optim, self.critic_optim, self.alpha_optim), self.learning_rates):
             for group in optim.param_groups:
                 group["lr"] = lr
+                group["capturable"] = capturable
+        if capturable:
+            for optim in (self.actor_optim, self.critic_optim, self.alpha_optim):
+                for state in optim.state.values():
+                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=self.device)
+            self._graph.reset()  # the optimizers' state tensors are new: capture again
+
+
+def resolve_compile(requested: str, device: torch.device) -> bool:
+    """learner.compile: `auto` compiles (and graph-captures) on CUDA only, where launch overhead
+    dominates small networks; on CPU compiling buys little and costs a long first update."""
+    if requested not in ("auto", "on", "off"):
+        raise ValueError(f"learner.compile: {requested!r} is not allowed; choose one of: auto, on, off")
+    return requested == "on" or (requested == "auto" and device.type == "cuda")
 
 
 def resolve_device(requested: str) -> torch.device:

@@ -1,0 +1,245 @@
+"""The learner suite: SAC updates/s of our update against a naive reference measured in the same
+run, and the FLOP rate ours achieves against plain matmuls of the same shapes. Needs only torch
+and numpy, so that it runs on GPU machines without Ray or gymnasium."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Normal
+
+from sacfleet.bench import Record
+from sacfleet.learner.sac import Batch, SACLearner
+
+# HalfCheetah-v5's shapes with the MuJoCo presets' networks: the learner that limits a fleet.
+OBS_DIM, ACT_DIM, HIDDEN = 17, 6, (256, 256)
+BATCH_SIZES = (256, 512, 1024, 2048, 4096)
+
+
+class NaiveSAC:
+    """The update as the reference documents write it: two critic modules run one after the other,
+    Adam stepping parameter by parameter, the actor loss back-propagating into the critics' weights,
+    Polyak averaging one tensor at a time, and six `.item()` host syncs every update."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], device: torch.device):
+        def mlp(sizes):
+            layers: list[nn.Module] = []
+            for i in range(len(sizes) - 1):
+                layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU() if i < len(sizes) - 2 else nn.Identity()]
+            return nn.Sequential(*layers).to(device)
+
+        self.trunk = mlp([obs_dim, *hidden])
+        self.trunk.append(nn.ReLU())
+        self.mu, self.log_std = nn.Linear(hidden[-1], act_dim).to(device), nn.Linear(hidden[-1], act_dim).to(device)
+        self.q1, self.q2 = mlp([obs_dim + act_dim, *hidden, 1]), mlp([obs_dim + act_dim, *hidden, 1])
+        self.q1_target, self.q2_target = copy.deepcopy(self.q1), copy.deepcopy(self.q2)
+        self.log_alpha = torch.zeros((), device=device, requires_grad=True)
+        actor_params = [*self.trunk.parameters(), *self.mu.parameters(), *self.log_std.parameters()]
+        self.actor_optim = torch.optim.Adam(actor_params, lr=3e-4, foreach=False)
+        self.q_optim = torch.optim.Adam([*self.q1.parameters(), *self.q2.parameters()], lr=3e-4, foreach=False)
+        self.alpha_optim = torch.optim.Adam([self.log_alpha], lr=3e-4, foreach=False)
+        self.target_entropy = -float(act_dim)
+
+    def sample(self, obs):
+        h = self.trunk(obs)
+        dist = Normal(self.mu(h), self.log_std(h).clamp(-20, 2).exp())
+        u = dist.rsample()
+        a = torch.tanh(u)
+        log_prob = dist.log_prob(u).sum(-1, keepdim=True) - torch.log(1 - a.pow(2) + 1e-6).sum(-1, keepdim=True)
+        return a, log_prob
+
+    def update(self, batch: Batch) -> dict[str, float]:
+        alpha = self.log_alpha.exp()
+        reward, done = batch.reward[:, None], batch.terminated[:, None]
+        with torch.no_grad():
+            next_a, next_log_prob = self.sample(batch.next_obs)
+            x_next = torch.cat([batch.next_obs, next_a], -1)
+            q_next = torch.min(self.q1_target(x_next), self.q2_target(x_next)) - alpha * next_log_prob
+            backup = reward + 0.99 * (1 - done) * q_next
+        x = torch.cat([batch.obs, batch.action], -1)
+        q_loss = F.mse_loss(self.q1(x), backup) + F.mse_loss(self.q2(x), backup)
+        self.q_optim.zero_grad()
+        q_loss.backward()
+        self.q_optim.step()
+
+        a, log_prob = self.sample(batch.obs)
+        x_pi = torch.cat([batch.obs, a], -1)
+        q_pi = torch.min(self.q1(x_pi), self.q2(x_pi))
+        actor_loss = (alpha.detach() * log_prob - q_pi).mean()
+        self.actor_optim.zero_grad()
+        actor_loss.backward()
+        self.actor_optim.step()
+
+        alpha_loss = -(self.log_alpha * (log_prob + self.target_entropy).detach()).mean()
+        self.alpha_optim.zero_grad()
+        alpha_loss.backward()
+        self.alpha_optim.step()
+
+        with torch.no_grad():
+            for net, target in ((self.q1, self.q1_target), (self.q2, self.q2_target)):
+                for p, p_target in zip(net.parameters(), target.parameters()):
+                    p_target.mul_(0.995).add_(0.005 * p)
+        return {"critic_loss": q_loss.item(), "actor_loss": actor_loss.item(), "alpha": alpha.item(),
+                "alpha_loss": alpha_loss.item(), "log_prob": log_prob.mean().item(), "q": q_pi.mean().item()}
+
+
+def random_batch(batch_size: int, obs_dim: int, act_dim: int, device: torch.device, seed: int = 0) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+    return Batch(obs=rand(batch_size, obs_dim), action=rand(batch_size, act_dim).clamp(-1, 1),
+                 reward=rand(batch_size), next_obs=rand(batch_size, obs_dim),
+                 terminated=(torch.rand(batch_size, generator=gen) < 0.01).float().to(device))
+
+
+def matmul_shapes(batch_size: int, obs_dim: int, act_dim: int, hidden: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """Every (m, k, n) matmul of one of our SAC updates, with repeats: forward, input-gradient and
+    weight-gradient products of the actor and both critics, as `SACLearner.update` runs them."""
+    b = batch_size
+    actor = list(zip([obs_dim, *hidden], [*hidden, 2 * act_dim]))
+    critic = list(zip([obs_dim + act_dim, *hidden], [*hidden, 1]))
+
+    def forward(layers):
+        return [(b, i, o) for i, o in layers]
+
+    def grad_input(layers, first_too):
+        return [(b, o, i) for j, (i, o) in enumerate(layers) if first_too or j > 0]
+
+    def grad_weight(layers):
+        return [(i, b, o) for i, o in layers]
+
+    shapes = forward(actor) + 2 * forward(critic)                                      # target
+    shapes += 2 * (forward(critic) + grad_input(critic, False) + grad_weight(critic))  # critic loss
+    shapes += forward(actor) + 2 * (forward(critic) + grad_input(critic, True))        # actor loss, critics frozen
+    shapes += grad_input(actor, False) + grad_weight(actor)
+    return shapes
+
+
+def flops(shapes: list[tuple[int, int, int]]) -> float:
+    return float(sum(2 * m * k * n for m, k, n in shapes))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rate(step: Callable[[], object], device: torch.device, seconds: float, warmup: int = 5) -> float:
+    """Calls of `step` per second, timed for at least `seconds` after `warmup` untimed calls."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    calls, start = 0, time.perf_counter()
+    while True:
+        for _ in range(max(1, calls // 4)):
+            step()
+            calls += 1
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return calls / elapsed
+
+
+def best_rates(steps: dict[str, Callable[[], object]], device: torch.device, seconds: float,
+               rounds: int) -> dict[str, float]:
+    """The best calls/s of each step over `rounds` short trials, the steps taking turns, so that a
+    noisy neighbour or a frequency change hits all of them alike rather than one."""
+    for step in steps.values():
+        rate(step, device, 0.0, warmup=10)
+    best = dict.fromkeys(steps, 0.0)
+    for _ in range(rounds):
+        for name, step in steps.items():
+            best[name] = max(best[name], rate(step, device, seconds / rounds, warmup=1))
+    return best
+
+
+def matmul_step(shapes: list[tuple[int, int, int]], device: torch.device) -> Callable[[], None]:
+    """Plain `torch.mm` over the same shapes as the update, outputs preallocated."""
+    distinct = sorted(set(shapes))
+    counts = {s: shapes.count(s) for s in distinct}
+    operands = {s: (torch.randn(s[0], s[1], device=device), torch.randn(s[1], s[2], device=device),
+                    torch.empty(s[0], s[2], device=device)) for s in distinct}
+
+    def step():
+        for s in distinct:
+            a, b, out = operands[s]
+            for _ in range(counts[s]):
+                torch.mm(a, b, out=out)
+
+    return step
+
+
+@dataclass
+class LearnerFigures:
+    device: str
+    batch_size: int
+    sacfleet: float
+    naive: float
+    matmul_flop_rate: float
+    update_flops: float
+
+    @property
+    def speedup(self) -> float:
+        return self.sacfleet / self.naive
+
+    @property
+    def flop_fraction(self) -> float:
+        return self.sacfleet * self.update_flops / self.matmul_flop_rate
+
+
+def measure(device: torch.device, batch_size: int, seconds: float, compile_mode: str = "auto",
+            rounds: int = 5) -> LearnerFigures:
+    """Ours, the naive reference and the matmul baseline on the same device and thread count, each
+    timed for about `seconds` in all."""
+    torch.manual_seed(0)
+    batch = random_batch(batch_size, OBS_DIM, ACT_DIM, device)
+    ours = SACLearner(OBS_DIM, ACT_DIM, -np.ones(ACT_DIM), np.ones(ACT_DIM), hidden_sizes=HIDDEN,
+                      device=device, compile=compile_mode)
+    naive = NaiveSAC(OBS_DIM, ACT_DIM, HIDDEN, device)
+    shapes = matmul_shapes(batch_size, OBS_DIM, ACT_DIM, HIDDEN)
+    best = best_rates({"sacfleet": lambda: ours.update(batch), "naive": lambda: naive.update(batch),
+                       "matmul": matmul_step(shapes, device)}, device, seconds, rounds)
+    ours.metrics.read()  # the learner reads its metrics once per logging period; do it once here
+    return LearnerFigures(str(device.type), batch_size, best["sacfleet"], best["naive"],
+                          best["matmul"] * flops(shapes), flops(shapes))
+
+
+def default_devices() -> list[str]:
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def run(devices: list[str] | None = None, batch_sizes: tuple[int, ...] = BATCH_SIZES, seconds: float = 1.0,
+        echo: Callable[[str], None] = print, **_) -> list[Record]:
+    records: list[Record] = []
+    for name in devices or default_devices():
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("bench learner: --devices names cuda, but torch sees no CUDA device")
+        for batch_size in batch_sizes:
+            fig = measure(device, batch_size, seconds)
+            echo(f"learner {fig.device} batch {batch_size}: sacfleet {fig.sacfleet:,.0f} updates/s, naive "
+                 f"{fig.naive:,.0f} ({fig.speedup:.2f}x); {fig.flop_fraction:.2f} of the matmul FLOP rate")
+            common = dict(suite="learner", device=fig.device, batch_size=batch_size)
+            records += [
+                Record(name="sacfleet", metric="updates_per_s", value=fig.sacfleet, unit="updates/s", **common),
+                Record(name="naive", metric="updates_per_s", value=fig.naive, unit="updates/s", **common),
+                Record(name="sacfleet", metric="speedup_vs_naive", value=fig.speedup, unit="x", **common),
+                Record(name="sacfleet", metric="flop_rate", value=fig.sacfleet * fig.update_flops / 1e9,
+                       unit="GFLOP/s", **common),
+                Record(name="matmul", metric="flop_rate", value=fig.matmul_flop_rate / 1e9, unit="GFLOP/s", **common),
+                Record(name="sacfleet", metric="flop_fraction_of_matmul", value=fig.flop_fraction, unit="ratio",
+                       **common),
+            ]
+    return records
+
+
+def threads_note() -> str:
+    return f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+
