@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from sacfleet.bench import SUITES
+
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
@@ -33,8 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray; default all of this machine's")
     train.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with the embedded Ray")
 
-    bench = sub.add_parser("bench", help="throughput benchmarks: env, replay, learner")
-    bench.add_argument("suites", nargs="*", metavar="SUITE", help="suites to run (default: all): env, replay, learner")
+    bench = sub.add_parser("bench", help=f"throughput benchmarks: {', '.join(SUITES)}")
+    bench.add_argument("suites", nargs="*", metavar="SUITE", help=f"suites to run (default: all): {', '.join(SUITES)}")
     bench.add_argument("--json", action="store_true", help="print the records as JSON on stdout (progress on stderr)")
     bench.add_argument("--out", type=Path, help="directory for table.txt, records.json and plots; "
                                                 "default runs/bench-<time>")
@@ -44,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--devices", type=lambda s: s.split(","), default=None, metavar="cpu,cuda",
                        help="learner devices (default: cpu, and cuda when torch sees one)")
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
+    bench.add_argument("--actors", type=_int_list, default=None, metavar="N,N,...",
+                       help="actor counts of the actors and e2e suites (default 1,2,4,... up to the cores)")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint with deterministic actions")
     ev.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file or run directory")
@@ -85,6 +89,8 @@ def _bench(args) -> int:
     options = {"seconds": args.seconds, "devices": args.devices, "echo": echo}
     if args.batch_sizes:
         options["batch_sizes"] = args.batch_sizes
+    if args.actors:
+        options["actors"] = args.actors
     header = (f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
               f"{os.cpu_count()} cores" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     echo(f"sacfleet bench: {header}")

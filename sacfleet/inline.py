@@ -96,8 +96,8 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
     device = resolve_device(cfg.learner.device)
     learner = SACLearner.from_config(cfg.learner, env_info, device)
     tables = build_tables(cfg, spec, insert_size=cfg.actors.envs_per_actor)
-    rollouts = [Rollout(cfg.env, env_info, cfg.actors.envs_per_actor, cfg.learner.hidden_sizes,
-                        seed=cfg.train.seed, actor_index=i) for i in range(cfg.actors.num)]
+    rollouts = [Rollout(cfg.env, env_info, cfg.actors.envs_per_actor, seed=cfg.train.seed, actor_index=i)
+                for i in range(cfg.actors.num)]
     metrics = MetricsLogger(run_dir)
     episodes = EpisodeStats()
     progress = Progress()

@@ -37,9 +37,12 @@ def test_chunk_round_trip():
 
 
 def test_weights_and_replay_round_trip():
-    weights = {"trunk.0.weight": np.ones((4, 3), np.float32), "action_scale": np.array([2.0], np.float32)}
+    weights = {"trunk.0.weight": np.ones((4, 3), np.float32), "action_scale": np.array([2.0], np.float32),
+               "obs_clip": np.array(5.0, np.float32)}
     out, version = decode_weights(encode_weights(weights, 12))
-    assert version == 12 and np.array_equal(out["trunk.0.weight"], weights["trunk.0.weight"])
+    assert version == 12
+    for name, array in weights.items():  # shapes kept exactly, 0-d included
+        assert out[name].shape == array.shape and np.array_equal(out[name], array)
     arrays, meta = decode_replay(encode_replay({"keys": np.arange(4)}, {"inserted": 4, "sampler": "uniform"}))
     assert meta == {"inserted": 4, "sampler": "uniform"} and arrays["keys"].tolist() == [0, 1, 2, 3]
 

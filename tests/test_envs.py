@@ -108,7 +108,7 @@ def _short_env(max_steps=5):
 
 def test_rollout_never_links_two_episodes():
     cfg = _short_env(max_steps=5)
-    rollout = Rollout(cfg, describe_env(cfg), num_envs=3, hidden_sizes=[8], seed=0)
+    rollout = Rollout(cfg, describe_env(cfg), num_envs=3, seed=0)
     batches = [rollout.step(random_actions=True) for _ in range(12)]
     for b in batches:
         # Every transition obeys the dynamics, including the last of an episode; a next_obs taken
@@ -132,7 +132,7 @@ def test_rollout_never_links_two_episodes():
 def test_rollout_is_reproducible_and_actors_differ():
     cfg = _short_env(200)
     info = describe_env(cfg)
-    a, b, c = (Rollout(cfg, info, 2, [8], seed=7, actor_index=i) for i in (0, 0, 1))
+    a, b, c = (Rollout(cfg, info, 2, seed=7, actor_index=i) for i in (0, 0, 1))
     weights = {k: v.numpy() for k, v in Actor(2, 1, [8], info.action_low, info.action_high).state_dict().items()}
     for r in (a, b, c):
         r.load_weights(weights, version=3)

@@ -70,7 +70,7 @@ class EnvActor:
     def run(self, stream: int = 0) -> int:
         """Collect until `stop()`; `stream` picks the env seeds (new on each restart and resume)."""
         cfg = self.cfg
-        rollout = Rollout(cfg.env, self.env_info, cfg.actors.envs_per_actor, cfg.learner.hidden_sizes,
+        rollout = Rollout(cfg.env, self.env_info, cfg.actors.envs_per_actor,
                           seed=cfg.train.seed, actor_index=stream)
         client = InsertClient(self.shards, cfg.actors.max_in_flight, cfg.replay.rate_limit_timeout_s,
                               first_shard=self.actor_index, should_stop=self.stopping.is_set)

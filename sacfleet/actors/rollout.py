@@ -7,28 +7,25 @@ import time
 from typing import Mapping
 
 import numpy as np
-import torch
 
+from sacfleet.actors.policy import ActingPolicy
 from sacfleet.common.config import EnvConfig
 from sacfleet.common.envs import STREAM_TRAIN, EnvInfo, env_seeds, make_vector_env
-from sacfleet.learner.networks import Actor
 
 RANDOM_POLICY_VERSION = -1  # tags transitions from uniform random warm-up actions
 
 
 class Rollout:
-    def __init__(self, env_cfg: EnvConfig, env_info: EnvInfo, num_envs: int, hidden_sizes, *,
-                 seed: int, actor_index: int = 0):
+    def __init__(self, env_cfg: EnvConfig, env_info: EnvInfo, num_envs: int, *, seed: int, actor_index: int = 0):
         self.num_envs = num_envs
         self.envs = make_vector_env(env_cfg, num_envs)
         seeds = env_seeds(seed, STREAM_TRAIN, actor_index, num_envs + 2)
         self.obs, _ = self.envs.reset(seed=seeds[:num_envs])
         self.envs.action_space.seed(seeds[num_envs])
         self.rng = np.random.default_rng(seeds[num_envs])
-        self.generator = torch.Generator().manual_seed(seeds[num_envs + 1] % 2**63)
+        self.policy_rng = np.random.default_rng(seeds[num_envs + 1])
         self.low, self.high = env_info.action_low, env_info.action_high
-        self.policy = Actor(env_info.obs_dim, env_info.act_dim, hidden_sizes, self.low, self.high)
-        self.policy.requires_grad_(False)
+        self.policy: ActingPolicy | None = None  # random actions until the first weights arrive
         self.policy_version = RANDOM_POLICY_VERSION
         self.episode_return = np.zeros(num_envs)
         self.episode_length = np.zeros(num_envs, dtype=np.int64)
@@ -38,7 +35,7 @@ class Rollout:
         self.seconds_inference = 0.0
 
     def load_weights(self, weights: Mapping[str, np.ndarray], version: int) -> None:
-        self.policy.load_state_dict({name: torch.as_tensor(np.array(a)) for name, a in weights.items()})
+        self.policy = ActingPolicy(weights)
         self.policy_version = int(version)
 
     def step(self, random_actions: bool) -> dict[str, np.ndarray]:
@@ -48,7 +45,7 @@ class Rollout:
             action = self.rng.uniform(self.low, self.high, size=(self.num_envs, len(self.low))).astype(np.float32)
             version = RANDOM_POLICY_VERSION
         else:
-            action = self.policy.act(self.obs, generator=self.generator)
+            action = self.policy(self.obs, self.policy_rng)
             version = self.policy_version
         t1 = time.perf_counter()
         next_obs, reward, terminated, truncated, info = self.envs.step(action)

@@ -4,10 +4,11 @@ torch and numpy."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import asdict, dataclass
 
-SUITES = ("env", "replay", "learner")  # "actors" and "e2e" come next (issue 4)
+SUITES = ("env", "actors", "replay", "learner", "e2e")
 
 
 @dataclass
@@ -32,3 +33,18 @@ def suite_module(name: str):
     if name not in SUITES:
         raise ValueError(f"unknown bench suite {name!r}; choose from: {', '.join(SUITES)}")
     return importlib.import_module(f"sacfleet.bench.{name}_suite")
+
+
+@contextlib.contextmanager
+def ray_session(num_cpus: int):
+    """An embedded Ray for a suite, unless one is already running (then it is left running)."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from sacfleet.bench import Record
+from sacfleet.bench import Record, ray_session
 from sacfleet.common.codec import encode_chunk
 from sacfleet.common.transitions import TransitionSpec
 
@@ -88,13 +88,8 @@ def through_ray(capacity: int, sampler: str, seconds: float) -> tuple[float, flo
 
 def run(seconds: float = 2.0, capacities: Sequence[int] = CAPACITIES, samplers: Sequence[str] = SAMPLERS,
         echo: Callable[[str], None] = print, **_) -> list[Record]:
-    import ray
-
     records = []
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with ray_session(2):
         for path, measure in (("direct", direct), ("ray", through_ray)):
             for sampler in samplers:
                 for capacity in capacities:
@@ -105,7 +100,4 @@ def run(seconds: float = 2.0, capacities: Sequence[int] = CAPACITIES, samplers: 
                                        unit="transitions/s", device="cpu", batch_size=CHUNK),
                                 Record(suite="replay", name=name, metric="sample_per_s", value=samples,
                                        unit="transitions/s", device="cpu", batch_size=BATCH * BATCHES)]
-    finally:
-        if started:
-            ray.shutdown()
     return records

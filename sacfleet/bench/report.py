@@ -57,18 +57,24 @@ def write_outputs(records: Sequence[Record], out_dir: Path, header: str) -> list
     return written
 
 
+X_AXIS = {"learner": "batch_size", "actors": "actors", "e2e": "actors"}  # other suites: bars
+
+
 def _plot_suite(plt, suite: str, rows: list[Record], path: Path, header: str) -> None:
-    """One panel per (metric, unit): a line per (name, device) over batch size or actor count
-    where the suite varies one, else bars."""
+    """One panel per metric family ("seconds: a" and "seconds: b" share one): a line per series
+    over the suite's x axis (batch size or actor count), else bars."""
     panels: dict[tuple[str, str], list[Record]] = defaultdict(list)
     for r in rows:
-        panels[(r.metric, r.unit)].append(r)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, ((metric, unit), recs) in zip(axes[0], panels.items()):
-        x_key = "batch_size" if any(r.batch_size for r in recs) else "actors" if any(r.actors for r in recs) else None
+        panels[(r.metric.split(":")[0], r.unit)].append(r)
+    cols = min(len(panels), 3)
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4 * nrows), squeeze=False)
+    x_key = X_AXIS.get(suite)
+    for ax, ((metric, unit), recs) in zip(axes.flat, panels.items()):
         series: dict[str, list[Record]] = defaultdict(list)
         for r in recs:
-            series[" ".join(str(p) for p in (r.name, r.device) if p)].append(r)
+            part = r.metric.split(":", 1)[1].strip() if ":" in r.metric else ""
+            series[" ".join(str(p) for p in (r.name, r.device, part) if p)].append(r)
         if x_key is None:
             labels = list(series)
             ax.bar(range(len(labels)), [series[k][0].value for k in labels])
@@ -80,10 +86,15 @@ def _plot_suite(plt, suite: str, rows: list[Record], path: Path, header: str) ->
             ax.set_xlabel(x_key.replace("_", " "))
             if x_key == "batch_size":
                 ax.set_xscale("log", base=2)
+            else:
+                ax.set_xticks(sorted({getattr(r, x_key) for r in recs}))
+            ax.set_ylim(bottom=0)
             ax.legend(fontsize=7)
         ax.set_title(metric, fontsize=9)
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.suptitle(f"sacfleet bench {suite}: {header}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

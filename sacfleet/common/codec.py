@@ -29,7 +29,7 @@ class CodecError(ValueError):
 # ------------------------------------------------------------------------------------ encode
 
 def _pack_array(array: np.ndarray) -> dict:
-    array = np.ascontiguousarray(array)
+    array = np.ascontiguousarray(array).reshape(array.shape)  # ascontiguousarray makes a 0-d array 1-d
     if array.dtype.name not in _DTYPES:
         raise CodecError(f"dtype {array.dtype} cannot be encoded; allowed: {', '.join(_DTYPES)}")
     return {"dtype": array.dtype.name, "shape": list(array.shape), "data": array.tobytes()}

@@ -59,11 +59,20 @@ def _check_spaces(env_id: str, env: gym.Env) -> None:
         raise ConfigError(f"env.id: {env_id} has unbounded actions; the squashed policy needs finite bounds")
 
 
+class DropStepInfo(gym.Wrapper):
+    """Returns an empty info dict from step. The vector env merges every key of every env's info
+    into arrays at each step (about 12% of a HalfCheetah step); the rollout needs none of them."""
+
+    def step(self, action):
+        obs, reward, terminated, truncated, _ = self.env.step(action)
+        return obs, reward, terminated, truncated, {}
+
+
 def make_vector_env(cfg: EnvConfig, num_envs: int) -> SyncVectorEnv:
     """`num_envs` copies in one process. Same-step autoreset: a finished episode's last
     observation is in info['final_obs'] and the returned one already starts the next episode,
-    so no transition ever links two episodes."""
-    return SyncVectorEnv([lambda: make_env(cfg) for _ in range(num_envs)],
+    so no transition ever links two episodes. The envs' own step infos are dropped."""
+    return SyncVectorEnv([lambda: DropStepInfo(make_env(cfg)) for _ in range(num_envs)],
                          autoreset_mode=AutoresetMode.SAME_STEP)
 
 

@@ -1,0 +1,151 @@
+"""The actors suite: fleet collection env steps/s for N env actors x M envs, each acting with the
+policy network and pushing encoded chunks to a replay shard, with no learner to hold them back; and
+the same rate as a fraction of the raw single-process env rate times the cores the actors were given."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Sequence
+
+from sacfleet.bench import Record, ray_session
+
+ENV_ID = "HalfCheetah-v5"
+ENVS_PER_ACTOR = (1, 8)
+# Vector steps per chunk pushed and between weight polls (actors.chunk_length and
+# actors.weight_sync_interval). Each Ray call costs an actor about 0.5 ms here, so 8-env actors
+# make 200 transitions per call instead of the default 10 steps' 80.
+STEPS_PER_CALL = {8: 25}
+ROUNDS = 3  # measurement windows per figure; the best is kept, as this machine's timings vary by +-15%
+
+
+def actor_counts(cores: int) -> tuple[int, ...]:
+    """1, 2, 4, ... up to the cores, one core per actor."""
+    counts, n = [], 1
+    while n <= cores:
+        counts.append(n)
+        n *= 2
+    return tuple(counts)
+
+
+class StaticWeights:
+    """Stands in for the learner: publishes one set of freshly initialised policy weights, so that
+    actors run their policy forward pass exactly as in training."""
+
+    def __init__(self, cfg, env_info):
+        import ray
+
+        from sacfleet.common.codec import encode_weights
+        from sacfleet.learner.networks import Actor
+
+        policy = Actor(env_info.obs_dim, env_info.act_dim, cfg.learner.hidden_sizes, env_info.action_low,
+                       env_info.action_high)
+        weights = {name: t.detach().numpy() for name, t in policy.state_dict().items()}
+        self.published = (0, [ray.put(encode_weights(weights, 0))])
+
+    def latest_weights(self, have_version: int):
+        return self.published if have_version < 0 else None
+
+    def ping(self) -> bool:
+        return True
+
+
+def collection_config(env_id: str, num_actors: int, envs_per_actor: int):
+    from sacfleet.common.config import load_config
+
+    steps = STEPS_PER_CALL.get(envs_per_actor, 10)
+    # A limiter that never holds actors back: nothing samples in this suite.
+    return load_config("halfcheetah", [f"env.id={env_id}", f"actors.num={num_actors}",
+                                       f"actors.envs_per_actor={envs_per_actor}", f"actors.chunk_length={steps}",
+                                       f"actors.weight_sync_interval={steps}", "replay.capacity=200000",
+                                       "replay.samples_per_insert=1", "replay.error_buffer=1e15",
+                                       "train.learning_starts=0"])
+
+
+def collect_rate(env_id: str, num_actors: int, envs_per_actor: int, seconds: float) -> dict:
+    """Steady-state env steps/s of the whole fleet (after the policy weights have arrived), best of
+    ROUNDS windows, and the share of the actors' time spent stepping envs, in inference and
+    waiting on inserts in that window."""
+    import ray
+
+    from sacfleet.actors.env_actor import EnvActor
+    from sacfleet.common.envs import describe_env
+    from sacfleet.replay_server.shard import ReplayShard
+
+    cfg = collection_config(env_id, num_actors, envs_per_actor)
+    env_info = describe_env(cfg.env)
+    handles = []
+    try:
+        shard = ray.remote(ReplayShard).options(num_cpus=0.01).remote(cfg, env_info.obs_dim, env_info.act_dim, 0)
+        source = ray.remote(StaticWeights).options(num_cpus=0.01).remote(cfg, env_info)
+        handles += [shard, source]
+        peers = {"shards": [shard], "learner": source}
+        actor_cls = ray.remote(EnvActor).options(num_cpus=1, max_concurrency=2)
+        actors = [actor_cls.remote(cfg, env_info, i, peers) for i in range(num_actors)]
+        handles += actors
+        ray.get([a.ping.remote() for a in actors + [source, shard]], timeout=120)
+        runs = [a.run.remote(i) for i, a in enumerate(actors)]
+        deadline = time.monotonic() + 60
+        while True:  # warm up until every actor acts with the policy
+            stats = ray.get([a.stats.remote() for a in actors])
+            if all(s["policy_version"] >= 0 and s["steps"] > 0 for s in stats):
+                break
+            ended, _ = ray.wait(runs, timeout=0)
+            if ended:
+                ray.get(ended)  # raises the actor's error
+                raise RuntimeError("actors suite: an env actor stopped during warm-up")
+            if time.monotonic() > deadline:
+                raise RuntimeError("actors suite: env actors did not receive the policy weights within 60 s")
+            time.sleep(0.1)
+        time.sleep(min(1.0, seconds / 4))
+        best: dict = {"env_steps_per_s": 0.0}
+        after, t1 = ray.get([a.stats.remote() for a in actors]), time.monotonic()
+        for _ in range(ROUNDS):
+            before, t0 = after, t1
+            time.sleep(seconds)
+            after, t1 = ray.get([a.stats.remote() for a in actors]), time.monotonic()
+            steps = sum(a["steps"] - b["steps"] for a, b in zip(after, before))
+            if steps / (t1 - t0) > best["env_steps_per_s"]:
+                spent = {k: sum(a["seconds"][k] - b["seconds"][k] for a, b in zip(after, before))
+                         for k in after[0]["seconds"]}
+                busy = num_actors * (t1 - t0)
+                best = {"env_steps_per_s": steps / (t1 - t0), **{f"{k}_share": v / busy for k, v in spent.items()}}
+        for a in actors:
+            a.stop.remote()
+        ray.get(runs, timeout=60)
+        return best
+    finally:
+        for handle in handles:
+            ray.kill(handle)
+
+
+def run(seconds: float = 2.0, env_id: str = ENV_ID, envs_per_actor: Sequence[int] = ENVS_PER_ACTOR,
+        actors: Sequence[int] | None = None, echo: Callable[[str], None] = print, **_) -> list[Record]:
+    from sacfleet.bench.env_suite import env_steps_per_s
+
+    cores = os.cpu_count() or 1
+    actors = actors or actor_counts(cores)
+    raw = max(env_steps_per_s(env_id, seconds) for _ in range(ROUNDS))
+    echo(f"actors: raw {env_id} {raw:,.0f} steps/s in one process (best of {ROUNDS})")
+    records = [Record(suite="actors", name=f"{env_id} raw", metric="env_steps_per_s", value=raw, unit="steps/s",
+                      device="cpu", actors=0)]
+    # One logical CPU per actor plus one for the shard and the weight source, which use little.
+    with ray_session(max(actors) + 1):
+        for m in envs_per_actor:
+            for n in actors:
+                figures = collect_rate(env_id, n, m, seconds)
+                rate = figures["env_steps_per_s"]
+                # Cores given to actors: one each, and never more than the machine has.
+                fraction = rate / (raw * min(n, cores))
+                name = f"{env_id} x {m} envs T=K={STEPS_PER_CALL.get(m, 10)}"
+                echo(f"actors {n} actor(s) {name}: {rate:,.0f} steps/s = {fraction:.2f} x raw x {min(n, cores)} "
+                     f"core(s) | env {figures['env_share']:.0%}, inference {figures['inference_share']:.0%}, "
+                     f"insert wait {figures['insert_wait_share']:.0%} of actor time")
+                records += [Record(suite="actors", name=name, metric="env_steps_per_s", value=rate, unit="steps/s",
+                                   device="cpu", batch_size=m, actors=n),
+                            Record(suite="actors", name=name, metric="fraction_of_raw_per_core", value=fraction,
+                                   unit="ratio", device="cpu", batch_size=m, actors=n)]
+                records += [Record(suite="actors", name=name, metric=f"{stage}_share", value=figures[f"{stage}_share"],
+                                   unit="fraction of actor time", device="cpu", batch_size=m, actors=n)
+                            for stage in ("env", "inference", "insert_wait")]
+    return records

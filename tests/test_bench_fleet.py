@@ -1,0 +1,111 @@
+"""The actors and e2e bench suites on a real local Ray (short runs on the point mass), the numpy
+policy actors act with, and the bench plots."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from sacfleet.actors.policy import ActingPolicy
+from sacfleet.bench import Record, actors_suite, e2e_suite
+from sacfleet.bench.report import write_outputs
+from sacfleet.common.codec import decode_weights, encode_weights
+from sacfleet.common.envs import POINTMASS_ID
+from sacfleet.learner.networks import Actor
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _policy(obs_dim=5, act_dim=3, obs_clip=None):
+    torch.manual_seed(0)
+    actor = Actor(obs_dim, act_dim, [16, 8], np.array([-1.0, 0.0, -3.0]), np.array([1.0, 2.0, 1.0]), obs_clip)
+    weights, _ = decode_weights(encode_weights({k: v.numpy() for k, v in actor.state_dict().items()}, 0))
+    return actor, ActingPolicy(weights)
+
+
+@pytest.mark.parametrize("obs_clip", [None, 0.5])
+def test_acting_policy_is_the_learners_actor_in_numpy(obs_clip):
+    actor, policy = _policy(obs_clip=obs_clip)
+    obs = np.random.default_rng(1).normal(size=(7, 5)).astype(np.float32) * 3
+    with torch.no_grad():
+        expected = actor.deterministic(torch.as_tensor(obs)).numpy()
+        mean, log_std = actor(torch.as_tensor(obs))
+    np.testing.assert_allclose(policy(obs, deterministic=True), expected, rtol=1e-5, atol=1e-5)
+    # Stochastic: the same noise through Actor.sample's formula.
+    noise = np.random.default_rng(2).standard_normal((7, 3), dtype=np.float32)
+    with torch.no_grad():
+        u = mean + log_std.exp() * torch.as_tensor(noise)
+        expected = (torch.tanh(u) * actor.action_scale + actor.action_bias).numpy()
+    np.testing.assert_allclose(policy(obs, np.random.default_rng(2)), expected, rtol=1e-5, atol=1e-5)
+    action = policy(obs, np.random.default_rng(3))
+    assert action.dtype == np.float32 and action.shape == (7, 3)
+    assert (action >= [-1, 0, -3]).all() and (action <= [1, 2, 1]).all()
+
+
+def test_acting_policy_rejects_weights_without_layers():
+    with pytest.raises(ValueError, match="no trunk layers"):
+        ActingPolicy({"obs_clip": np.array(1.0)})
+
+
+def test_actor_counts_double_up_to_the_cores():
+    assert actors_suite.actor_counts(1) == (1,)
+    assert actors_suite.actor_counts(2) == (1, 2)
+    assert actors_suite.actor_counts(6) == (1, 2, 4)
+
+
+def test_actors_suite_measures_collection_with_the_policy(local_ray):
+    figures = actors_suite.collect_rate(POINTMASS_ID, num_actors=1, envs_per_actor=4, seconds=0.3)
+    assert figures["env_steps_per_s"] > 100
+    shares = [figures[f"{stage}_share"] for stage in ("env", "inference", "insert_wait")]
+    assert all(0 <= share <= 1 for share in shares) and sum(shares) <= 1.05
+    assert figures["inference_share"] > 0  # the policy acted: weights arrived before measuring
+    # Every actor it started is gone: their CPUs are free again.
+    deadline = time.monotonic() + 20
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2
+
+
+def test_e2e_suite_reports_the_whole_fleet(local_ray, tmp_path):
+    records = e2e_suite.run(actors=(1,), config="pointmass", wall_seconds=14, echo=lambda line: None)
+    by_metric = {r.metric: r for r in records}
+    assert all(r.suite == "e2e" and r.actors == 1 and r.device == "cpu" for r in records)
+    assert by_metric["env_steps_per_s"].value > 20 and by_metric["updates_per_s"].value > 20
+    # The rate limiter holds one update per env step (pointmass: 256 samples per insert, batch 256).
+    assert by_metric["updates_per_env_step: target"].value == 1
+    assert by_metric["updates_per_env_step: held"].value == pytest.approx(1, abs=0.1)
+    assert by_metric["policy_lag"].value >= 0
+    stages = {r.metric for r in records if r.metric.startswith("seconds: ")}
+    assert {"seconds: learner: SAC updates", "seconds: actors: env step"} <= stages
+    assert by_metric["seconds: learner: SAC updates"].value > 0
+
+
+def test_steady_rates_leave_out_the_warm_up(tmp_path):
+    rows = [{"env_steps": 1000, "wall_seconds": 5.0, "train/n_updates": 0},
+            {"env_steps": 1500, "wall_seconds": 8.0, "train/n_updates": 200},
+            {"env_steps": 2500, "wall_seconds": 12.0, "train/n_updates": 1200}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert e2e_suite.steady_rates(path) == (250.0, 250.0)
+    path.write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(RuntimeError, match="raise --seconds"):
+        e2e_suite.steady_rates(path)
+
+
+def test_bench_outputs_a_plot_per_suite(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = [Record(suite="actors", name="x 8 envs", metric="env_steps_per_s", value=v * 1000.0, unit="steps/s",
+                      actors=n, batch_size=8) for n, v in ((1, 5), (2, 9))]
+    records += [Record(suite="e2e", name="pm", metric=f"seconds: {stage}", value=1.0, unit="s", actors=1)
+                for stage in ("a", "b")]
+    written = write_outputs(records, tmp_path, "header")
+    assert {p.name for p in written} == {"records.json", "table.txt", "actors.png", "e2e.png"}
+    assert all(p.stat().st_size > 0 for p in written)
