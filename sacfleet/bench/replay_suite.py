@@ -17,7 +17,8 @@ SPEC = TransitionSpec(obs_dim=17, act_dim=6)
 CAPACITIES = (10_000, 100_000, 1_000_000)
 SAMPLERS = ("uniform", "prioritized")
 CHUNK = 1_000            # transitions per insert: 100 env steps of 10 envs
-BATCH, BATCHES = 256, 8  # one sample request: 8 batches of 256, as the learner's prefetch asks
+BATCH, BATCHES = 256, 32  # one multi-batch sample request (the learner asks for learner.prefetch_batches)
+IN_FLIGHT = 2  # sample requests kept in flight through Ray, so the shard gathers while the client decodes
 
 
 def random_chunk(n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -67,6 +68,7 @@ def through_ray(capacity: int, sampler: str, seconds: float) -> tuple[float, flo
     shard = ray.remote(ReplayShard).options(num_cpus=0.1).remote(_config(capacity, sampler), SPEC.obs_dim,
                                                                   SPEC.act_dim, 0)
     try:
+        ray.get(shard.ping.remote())  # allocated, so that start-up is not timed as inserts
         payload = encode_chunk(random_chunk(CHUNK), SPEC)
         ref = ray.put(payload)
 
@@ -77,11 +79,16 @@ def through_ray(capacity: int, sampler: str, seconds: float) -> tuple[float, flo
         while ray.get(shard.stats.remote())["size"] < capacity:
             ray.get([shard.insert.remote(ref) for _ in range(20)])
 
+        pending = [shard.sample.remote(BATCHES, BATCH) for _ in range(IN_FLIGHT)]
+
         def sample() -> int:
-            out = ray.get(shard.sample.remote(BATCHES, BATCH))
+            out = ray.get(pending.pop(0))
+            pending.append(shard.sample.remote(BATCHES, BATCH))
             return out["data"]["reward"].size if out["ok"] else 0
 
-        return insert_rate, _timed(sample, seconds)
+        rate = _timed(sample, seconds)
+        ray.get(pending)
+        return insert_rate, rate
     finally:
         ray.kill(shard)
 
@@ -92,6 +99,7 @@ def run(seconds: float = 2.0, capacities: Sequence[int] = CAPACITIES, samplers: 
     with ray_session(2):
         for path, measure in (("direct", direct), ("ray", through_ray)):
             for sampler in samplers:
+                sampled = {}
                 for capacity in capacities:
                     inserts, samples = measure(capacity, sampler, seconds / 2)
                     name = f"{path} {sampler} capacity {capacity:.0e}"
@@ -100,4 +108,13 @@ def run(seconds: float = 2.0, capacities: Sequence[int] = CAPACITIES, samplers: 
                                        unit="transitions/s", device="cpu", batch_size=CHUNK),
                                 Record(suite="replay", name=name, metric="sample_per_s", value=samples,
                                        unit="transitions/s", device="cpu", batch_size=BATCH * BATCHES)]
+                    sampled[capacity] = samples
+                # Flat in capacity means this ratio is near 1.
+                small, large = min(capacities), max(capacities)
+                if large > small:
+                    ratio = sampled[large] / sampled[small]
+                    echo(f"replay {path} {sampler}: sampling at capacity {large:.0e} is {ratio:.2f}x that at {small:.0e}")
+                    records.append(Record(suite="replay", name=f"{path} {sampler} {large:.0e} vs {small:.0e}",
+                                          metric="sample_rate_ratio", value=ratio, unit="ratio", device="cpu",
+                                          batch_size=BATCH * BATCHES))
     return records

@@ -70,7 +70,7 @@ class ReplayTable:
         shape = (num_batches, batch_size)
         return SampleBatch(
             data={name: array.reshape(*shape, *array.shape[1:]) for name, array in data.items()},
-            keys=self.storage.keys[slots].reshape(shape),
+            keys=np.take(self.storage.keys, slots).reshape(shape),
             weights=None if weights is None else weights.reshape(shape))
 
     def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> int:
