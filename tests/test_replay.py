@@ -225,3 +225,12 @@ def test_memory_estimate_refuses_a_capacity_that_does_not_fit():
     check_fits(SPEC, 1_000, False, 0.8, available=10 * 2**20)
     with pytest.raises(ReplayMemoryError):
         RingStorage(TransitionSpec(obs_dim=10**6, act_dim=1), capacity=10**6)
+
+
+def test_keep_freed_memory_tunes_glibc_malloc():
+    import platform
+
+    from sacfleet.replay_server.storage import keep_freed_memory
+
+    # CI and the development machine run glibc; elsewhere the call must be a harmless no-op.
+    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")

@@ -15,6 +15,7 @@ from sacfleet.common.codec import decode_chunk
 from sacfleet.common.config import Config
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.replay_server.rate_limiter import RateLimiter, Verdict
+from sacfleet.replay_server.storage import keep_freed_memory
 from sacfleet.replay_server.table import ReplayTable
 
 
@@ -44,6 +45,7 @@ def _refused(verdict: Verdict) -> dict:
 
 class ReplayShard:
     def __init__(self, cfg: Config, obs_dim: int, act_dim: int, shard: int):
+        keep_freed_memory()  # the process serves samples: reuse their memory rather than map it anew
         self.spec = TransitionSpec(obs_dim, act_dim)
         self.shard = shard
         insert_size, sample_size = fleet_request_sizes(cfg)

@@ -27,6 +27,23 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def keep_freed_memory(threshold_bytes: int = 64 << 20) -> bool:
+    """Ask glibc's malloc to serve blocks up to `threshold_bytes` from its heap and keep freed ones.
+    A sample's output arrays (0.1 to 2 MB) are otherwise fresh mmaps, page-faulted and zeroed on
+    every request: sampling in a new process measured 4x slower (9.5M against 39M transitions/s).
+    Returns False where mallopt is not available (not glibc); nothing changes then."""
+    import ctypes
+    import ctypes.util
+
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        return bool(libc.mallopt(m_mmap_threshold, threshold_bytes)) and bool(
+            libc.mallopt(m_trim_threshold, 4 * threshold_bytes))
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
 def estimate_bytes(spec: TransitionSpec, capacity: int, prioritized: bool = False) -> int:
     """Bytes the storage (and a sum-tree, when prioritized) will hold for `capacity` transitions."""
     per_item = spec.bytes_per_transition() + np.dtype(np.int64).itemsize  # + the slot's insertion key
