@@ -113,6 +113,45 @@ def test_prioritized_sampling_weights_and_priority_updates():
     assert w[rewards == 3].max() == pytest.approx(1 / 97, rel=1e-3)
 
 
+def _quarter_counts(rewards, n):
+    return np.bincount((np.asarray(rewards) * 4 // n).astype(int), minlength=4)
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+def test_every_batch_of_a_multi_batch_prioritized_request_spans_the_buffer(skewed):
+    """Batch j of a k-batch request must not come from the j-th 1/k of the priority mass (a narrow
+    window of insertion time): each spans the buffer as a single batch does."""
+    n, k, b = 10_000, 8, 256
+    table = ReplayTable(SPEC, capacity=n, limiter=free_limiter(), sampler="prioritized", seed=7)
+    table.insert(chunk(0, n))  # reward = insertion index
+    if skewed:  # priorities rising with age, as after a run of TD errors: still every region sampled
+        table.update_priorities(np.arange(n), np.linspace(1.0, 5.0, n))
+    single = table.sample(1, b).data["reward"][0]
+    multi = table.sample(k, b).data["reward"]
+    assert multi.shape == (k, b)
+    lo, hi = single.min(), single.max()
+    for j, batch in enumerate(multi):
+        assert batch.min() <= lo + 0.05 * n and batch.max() >= hi - 0.05 * n, (j, batch.min(), batch.max())
+        # Every quarter of the buffer appears in every batch in about the share a single batch gives it.
+        np.testing.assert_allclose(_quarter_counts(batch, n), _quarter_counts(single, n), atol=0.06 * b)
+
+
+def test_importance_weights_are_normalised_within_each_batch():
+    n, beta = 1_000, 0.7
+    table = ReplayTable(SPEC, capacity=n, limiter=free_limiter(), sampler="prioritized", seed=2,
+                        priority_alpha=1.0, priority_beta=beta, priority_eps=1e-9)
+    table.insert(chunk(0, n))
+    priorities = np.random.default_rng(0).uniform(0.1, 10.0, n)
+    table.update_priorities(np.arange(n), priorities)
+    sample = table.sample(8, 128)
+    probs = priorities[sample.keys] / priorities.sum()
+    expected = (n * probs) ** -beta
+    expected /= expected.max(axis=1, keepdims=True)
+    np.testing.assert_allclose(sample.weights, expected, rtol=1e-5)
+    # Each batch's largest weight is 1: every batch takes the same effective step size.
+    np.testing.assert_allclose(sample.weights.max(axis=1), 1.0)
+
+
 def test_priority_update_for_overwritten_slot_is_ignored():
     table = ReplayTable(SPEC, capacity=4, limiter=free_limiter(), sampler="prioritized", seed=0)
     table.insert(chunk(0, 4))

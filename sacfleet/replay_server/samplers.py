@@ -17,8 +17,9 @@ class UniformSampler:
     def on_insert(self, slots: np.ndarray) -> None:
         pass
 
-    def sample(self, n: int, size: int) -> tuple[np.ndarray, np.ndarray | None]:
-        return self.rng.integers(0, size, size=n), None
+    def sample(self, num_batches: int, batch_size: int, size: int) -> tuple[np.ndarray, None]:
+        """Slots [num_batches, batch_size], uniform over the `size` filled slots."""
+        return self.rng.integers(0, size, size=(num_batches, batch_size)), None
 
     def update(self, slots: np.ndarray, priorities: np.ndarray) -> None:
         raise ValueError("priority updates need replay.sampler=prioritized")
@@ -44,14 +45,18 @@ class PrioritizedSampler:
     def on_insert(self, slots: np.ndarray) -> None:
         self.tree.set(slots, self.max_priority ** self.alpha)
 
-    def sample(self, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    def sample(self, num_batches: int, batch_size: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Slots and importance weights, each [num_batches, batch_size]. Every batch is stratified
+        over the whole priority mass on its own (one draw in each of batch_size equal slices), so
+        each batch spans the buffer as a single batch would; stratifying the k x B draws together
+        would give batch j only the j-th 1/k of the mass, a narrow window of insertion time.
+        Weights are normalised by each batch's largest, so every batch gets the same step size."""
         total = self.tree.total
-        # Stratified: one uniform draw in each of n equal slices of the total mass.
-        u = (np.arange(n) + self.rng.random(n)) * (total / n)
-        slots = self.tree.sample(u)
+        u = (np.arange(batch_size) + self.rng.random((num_batches, batch_size))) * (total / batch_size)
+        slots = self.tree.sample(u.reshape(-1)).reshape(num_batches, batch_size)
         probs = self.tree.get(slots) / total
         weights = (size * probs) ** (-self.beta)
-        return slots, (weights / weights.max()).astype(np.float32)
+        return slots, (weights / weights.max(axis=1, keepdims=True)).astype(np.float32)
 
     def update(self, slots: np.ndarray, priorities: np.ndarray) -> None:
         priorities = np.abs(np.asarray(priorities, dtype=np.float64)) + self.eps

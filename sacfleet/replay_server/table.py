@@ -64,14 +64,13 @@ class ReplayTable:
         verdict = self.limiter.check_sample(n)
         if not verdict.ok:
             raise RateLimited(verdict)
-        slots, weights = self.sampler.sample(n, self.storage.size)
+        slots, weights = self.sampler.sample(num_batches, batch_size, self.storage.size)
         self.limiter.record_sample(n)
-        data = self.storage.gather(slots)
-        shape = (num_batches, batch_size)
+        flat = slots.reshape(-1)
+        data = self.storage.gather(flat)
         return SampleBatch(
-            data={name: array.reshape(*shape, *array.shape[1:]) for name, array in data.items()},
-            keys=np.take(self.storage.keys, slots).reshape(shape),
-            weights=None if weights is None else weights.reshape(shape))
+            data={name: array.reshape(*slots.shape, *array.shape[1:]) for name, array in data.items()},
+            keys=np.take(self.storage.keys, slots), weights=weights)
 
     def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> int:
         """Set priorities of sampled transitions; ones overwritten since sampling are skipped.
