@@ -132,20 +132,22 @@ def _train(args) -> int:
         cfg = load_config(args.config or "pointmass", args.overrides)
         name = Path(args.config or "pointmass").stem
         run_dir = args.run_dir or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if args.inline:
-        if args.address:
-            return _usage("--inline runs without Ray; it cannot be combined with --address")
-        train_inline(cfg, run_dir)
-        return 0
-    if args.address:
-        _prefer_token_auth()
-    from sacfleet.launch import FleetError, train_fleet
+    from sacfleet.common.rundir import RunFailed
 
-    signal.signal(signal.SIGTERM, _terminate_gracefully)
     try:
+        if args.inline:
+            if args.address:
+                return _usage("--inline runs without Ray; it cannot be combined with --address")
+            train_inline(cfg, run_dir)
+            return 0
+        if args.address:
+            _prefer_token_auth()
+        from sacfleet.launch import train_fleet
+
+        signal.signal(signal.SIGTERM, _terminate_gracefully)
         train_fleet(cfg, run_dir, address=args.address, resume=args.resume is not None,
                     num_cpus=args.num_cpus, dashboard=args.dashboard)
-    except FleetError as exc:
+    except RunFailed as exc:
         print(f"sacfleet train: the run failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return 0
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         return _bench(args)
     from sacfleet.common.config import ConfigError
-    from sacfleet.inline import RunDirInUse
+    from sacfleet.common.rundir import RunDirInUse
     from sacfleet.learner.checkpoint import CheckpointError
     from sacfleet.replay_server.storage import ReplayMemoryError
 

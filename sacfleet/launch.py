@@ -1,6 +1,7 @@
-"""Builds the fleet on Ray from a config and supervises it: replay shards, the learner, env actors
-and an eval actor; live progress; stop on steps, wall time or Ctrl-C with a final checkpoint and
-summary; a failed learner or shard stops everything, a failed env actor is restarted and counted.
+"""Builds the fleet on Ray from a config and runs it to its end: replay shards, the learner, env
+actors and an eval actor; progress, evaluations and checkpoints on schedule; a stop on steps, wall
+time or Ctrl-C with a final evaluation, checkpoint and summary. `supervisor.py` watches the running
+fleet, `report.py` says what it sees, `resume.py` checks what a resumed run continues from.
 
 The driver only steers: transitions go from actors to shards and batches from shards to the
 learner without passing through it. Checkpoints and replay snapshots do come to the driver, which
@@ -9,37 +10,33 @@ writes them into the run directory, so a run on a multi-node cluster needs no sh
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
 import ray
 import torch
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from sacfleet.actors.env_actor import EnvActor, EvalActor
 from sacfleet.common.config import Config, save_config, to_dict
-from sacfleet.common.envs import describe_env
-from sacfleet.common.io import atomic_write_bytes
-from sacfleet.common.metrics import EpisodeStats, MetricsLogger
+from sacfleet.common.envs import EnvInfo, describe_env
 from sacfleet.common.plots import write_plots
-from sacfleet.inline import check_run_dir, echo_flush, env_info_dict
-from sacfleet.learner.checkpoint import CheckpointError, load_checkpoint, read_replay_snapshots, write_run_checkpoint
+from sacfleet.common.rundir import check_run_dir, echo_flush
+from sacfleet.learner.checkpoint import kept_checkpoint_note, write_run_checkpoint
 from sacfleet.learner.service import LearnerService
 from sacfleet.replay_server.shard import ReplayShard
+from sacfleet.report import Point, Reporter
+from sacfleet.resume import ResumePoint, load_resume
+from sacfleet.supervisor import ActorSlot, FleetDiverged, FleetError, FleetSupervisor, first_line
+
+__all__ = ["FleetError", "Resources", "connect", "plan_resources", "train_fleet"]
 
 POLL_SECONDS = 0.5
-CALL_TIMEOUT = 120.0  # a status call unanswered this long means the component hangs
-RESTART_TIMEOUT = 120.0
-
-
-class FleetError(RuntimeError):
-    """The fleet stopped because a component failed; the message names the component and the cause."""
 
 
 # ----------------------------------------------------------------------------------- resources
@@ -87,22 +84,6 @@ def connect(address: str | None, num_cpus: int | None, dashboard: bool) -> bool:
 
 # ------------------------------------------------------------------------------------- the fleet
 
-@dataclass
-class ActorSlot:
-    """Supervision state of one env actor."""
-
-    handle: object
-    run_ref: object = None
-    restarts: int = 0
-    restarting_since: float | None = None
-    old_pid: int | None = None
-    ping_ref: object = None
-    stats_ref: object = None
-    last_error: str = ""
-    seconds: dict = field(default_factory=dict)  # stage seconds of the current process
-    seconds_before: dict = field(default_factory=dict)  # summed over processes that failed
-
-
 class Fleet:
     """Handles of every Ray actor of one run, created in dependency order and killed together."""
 
@@ -119,7 +100,7 @@ class Fleet:
             try:
                 ray.get(refs)
             except RayTaskError as exc:
-                raise FleetError(f"cannot restore the replay snapshots: {_first_line(exc)}") from None
+                raise FleetError(f"cannot restore the replay snapshots: {first_line(exc)}") from None
         # Counters at the start of this session: the restored contents are not this session's work.
         base = ray.get([shard.stats.remote() for shard in self.shards])
         self.inserts_at_start = sum(stats["inserts"] for stats in base)
@@ -128,7 +109,7 @@ class Fleet:
         learner_cls = ray.remote(LearnerService).options(
             num_cpus=res.learner_cpus, num_gpus=res.learner_gpus, max_restarts=0, max_concurrency=4)
         self.learner = self._keep(learner_cls.remote(cfg, env_info, self.shards, learner_state, faults,
-                                                     res.learner_threads))
+                                                     res.learner_threads, session))
         self._ready([self.learner], "learner")
         actor_cls = ray.remote(EnvActor).options(num_cpus=res.actor_cpus, max_restarts=cfg.actors.max_restarts,
                                                  max_concurrency=2)
@@ -154,7 +135,7 @@ class Fleet:
             raise FleetError(f"{what} did not start within 600 s; does the cluster have the resources "
                              f"(ray status)?") from None
         except (RayActorError, RayTaskError) as exc:
-            raise FleetError(f"{what} failed to start: {_first_line(exc)}") from None
+            raise FleetError(f"{what} failed to start: {first_line(exc)}") from None
 
     def stream(self, actor: int, restarts: int) -> int:
         """Env-seed stream of an actor process: distinct per actor, restart and resumed session."""
@@ -169,247 +150,73 @@ class Fleet:
         self.handles.clear()
 
 
-def _first_line(exc: BaseException) -> str:
-    """The cause of a Ray error without Ray's traceback banner."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(exc, RayTaskError) and cause is not None:
-        return f"{type(cause).__name__}: {cause}"
-    text = str(exc).strip().splitlines()
-    return text[-1] if text else type(exc).__name__
-
-
-# ---------------------------------------------------------------------------------- supervision
-
-@dataclass
-class Counters:
-    """Run totals that continue across resumed sessions."""
-
-    env_steps_before: int = 0  # env steps of earlier sessions
-    wall_before: float = 0.0
-    evals: list = field(default_factory=list)  # [env_steps, wall_seconds, mean return]
-    restarts_before: int = 0
-    lags: list = field(default_factory=list)
-
+# ------------------------------------------------------------------------------------ a run
 
 class FleetRun:
-    def __init__(self, cfg: Config, run_dir: Path, fleet: Fleet, env_info, counters: Counters, res: Resources,
-                 echo: Callable[[str], None], start: float):
-        self.cfg, self.run_dir, self.fleet, self.env_info = cfg, run_dir, fleet, env_info
-        self.counters, self.res, self.echo = counters, res, echo
-        self.metrics = MetricsLogger(run_dir)
-        self.episodes = EpisodeStats()
-        self.start = start  # the session's clock includes starting Ray and the fleet
-        self.inserts_at_start, self.samples_at_start = fleet.inserts_at_start, fleet.samples_at_start
-        self.updates_at_start = fleet.updates_at_start
-        self.shard_stats: list[dict] = []
-        self.learner_status: dict = {"updates": 0}
-        self.stopping = False
-        self.eval_ref = None
-        self.eval_at: tuple[int, float] | None = None
-        self.last_log = None
+    """One session of a run: the fleet, its supervisor and reporter, and the totals that continue
+    across resumed sessions."""
 
-    # -- counters
+    def __init__(self, cfg: Config, run_dir: Path, fleet: Fleet, env_info: EnvInfo, res: Resources,
+                 resume: ResumePoint | None, echo: Callable[[str], None], start: float):
+        self.cfg, self.run_dir, self.fleet, self.res, self.echo = cfg, run_dir, fleet, res, echo
+        self.start = start  # the session's clock includes starting Ray and the fleet
+        self.env_info = env_info
+        self.env_steps_before = resume.env_steps if resume else 0
+        self.wall_before = resume.wall_seconds if resume else 0.0
+        self.lags: list = list(resume.lags) if resume else []
+        self.session_start = Point(self.env_steps_before, fleet.updates_at_start, self.wall_before,
+                                   fleet.inserts_at_start, fleet.samples_at_start)
+        self.reporter = Reporter(cfg, run_dir, echo, act_dim=env_info.act_dim, fleet=True,
+                                 start=self.session_start, evals=resume.evals if resume else None)
+        self.supervisor = FleetSupervisor(cfg, fleet, echo, self.reporter.episodes,
+                                          restarts_before=resume.restarts if resume else 0)
+        self.eval_at: tuple[int, float] | None = None
 
     @property
     def wall(self) -> float:
-        return self.counters.wall_before + time.monotonic() - self.start
-
-    @property
-    def inserts(self) -> int:
-        return sum(s["inserts"] for s in self.shard_stats)
-
-    @property
-    def samples(self) -> int:
-        return sum(s["samples"] for s in self.shard_stats)
+        return self.wall_before + time.monotonic() - self.start
 
     @property
     def env_steps(self) -> int:
-        return self.counters.env_steps_before + self.inserts - self.inserts_at_start
+        return self.env_steps_before + self.supervisor.inserts - self.fleet.inserts_at_start
 
-    @property
-    def restarts(self) -> int:
-        return self.counters.restarts_before + sum(slot.restarts for slot in self.fleet.actors)
-
-    def replay_ratio(self) -> float:
-        effective = sum(s["inserts"] - s["min_size_to_sample"] for s in self.shard_stats)
-        return sum(s["samples"] for s in self.shard_stats) / effective if effective > 0 else float("nan")
-
-    def policy_lag(self) -> float:
-        versions = [s["recent_policy_version"] for s in self.shard_stats if s["recent_policy_version"] >= 0]
-        return self.learner_status["updates"] - sum(versions) / len(versions) if versions else float("nan")
-
-    # -- polling
-
-    def poll(self, read_metrics: bool = False) -> None:
-        fleet = self.fleet
-        try:
-            self.learner_status = ray.get(fleet.learner.status.remote(read_metrics), timeout=CALL_TIMEOUT)
-        except (RayActorError, GetTimeoutError) as exc:
-            raise FleetError(f"learner died or hangs: {_first_line(exc)}") from None
-        if self.learner_status["error"]:
-            raise FleetError(f"learner failed: {self.learner_status['error']}")
-        try:
-            self.shard_stats = ray.get([s.stats.remote() for s in fleet.shards], timeout=CALL_TIMEOUT)
-        except (RayActorError, GetTimeoutError) as exc:
-            raise FleetError(f"replay shard died or hangs: {_first_line(exc)}") from None
-        self._supervise_actors()
-        self._collect_actor_stats()
-
-    def _supervise_actors(self) -> None:
-        if self.stopping:  # actors return from run() on purpose now
-            return
-        max_restarts = self.cfg.actors.max_restarts
-        for i, slot in enumerate(self.fleet.actors):
-            if slot.restarting_since is not None:
-                self._finish_restart(i, slot)
-                continue
-            ready, _ = ray.wait([slot.run_ref], timeout=0)
-            if not ready:
-                continue
-            try:
-                ray.get(slot.run_ref)
-                error, pid = "run() returned before the fleet stopped", None
-            except RayTaskError as exc:
-                error, pid = _first_line(exc), getattr(exc, "pid", None)
-            except ActorUnavailableError:  # restarting already; try again when it answers
-                slot.restarting_since, slot.old_pid = time.monotonic(), None
-                continue
-            except RayActorError as exc:
-                error, pid = f"process died: {_first_line(exc)}", None
-            slot.restarts += 1
-            slot.last_error = error
-            self._fold_seconds(slot)
-            if slot.restarts > max_restarts:
-                raise FleetError(f"env actor {i} failed {slot.restarts} times (actors.max_restarts={max_restarts}); "
-                                 f"last error: {error}")
-            self.echo(f"env actor {i} failed ({error}); restarting it ({slot.restarts}/{max_restarts})")
-            if pid is not None:  # the process is alive with broken state: replace it
-                ray.kill(slot.handle, no_restart=False)
-            slot.restarting_since, slot.old_pid, slot.ping_ref = time.monotonic(), pid, None
-
-    def _finish_restart(self, i: int, slot: ActorSlot) -> None:
-        if slot.ping_ref is None:
-            slot.ping_ref = slot.handle.pid.remote()
-        ready, _ = ray.wait([slot.ping_ref], timeout=0)
-        if ready:
-            ref, slot.ping_ref = slot.ping_ref, None
-            try:
-                pid = ray.get(ref)
-            except (RayActorError, RayTaskError):
-                pid = None
-            if pid is not None and pid != slot.old_pid:
-                slot.run_ref = slot.handle.run.remote(self.fleet.stream(i, slot.restarts))
-                slot.restarting_since = None
-                return
-        if time.monotonic() - slot.restarting_since > RESTART_TIMEOUT:
-            raise FleetError(f"env actor {i} did not come back within {RESTART_TIMEOUT:g} s after: {slot.last_error}")
-
-    @staticmethod
-    def _fold_seconds(slot: ActorSlot) -> None:
-        for key, value in slot.seconds.items():
-            slot.seconds_before[key] = slot.seconds_before.get(key, 0.0) + value
-        slot.seconds = {}
-
-    def _collect_actor_stats(self) -> None:
-        for slot in self.fleet.actors:
-            if slot.stats_ref is not None:
-                ready, _ = ray.wait([slot.stats_ref], timeout=0)
-                if not ready:
-                    continue
-                try:
-                    stats = ray.get(slot.stats_ref)
-                    self.episodes.extend(stats["episodes"])
-                    slot.seconds = stats["seconds"]
-                except (RayActorError, RayTaskError):
-                    pass
-            slot.stats_ref = None if slot.restarting_since is not None else slot.handle.stats.remote()
-
-    # -- periodic work
-
-    def maybe_start_eval(self, episodes: int) -> None:
-        if self.eval_ref is None:
-            self.eval_at = (self.env_steps, self.wall)
-            self.eval_ref = self.fleet.evaluator.evaluate.remote(episodes)
-
-    def collect_eval(self, wait: bool = False) -> dict | None:
-        if self.eval_ref is None:
-            return None
-        ready, _ = ray.wait([self.eval_ref], timeout=None if wait else 0)
-        if not ready:
-            return None
-        ref, self.eval_ref = self.eval_ref, None
-        try:
-            result = ray.get(ref)
-        except (RayActorError, RayTaskError) as exc:
-            raise FleetError(f"eval actor failed: {_first_line(exc)}") from None
-        returns = result["returns"]
-        mean = sum(returns) / len(returns)
-        std = (sum((r - mean) ** 2 for r in returns) / len(returns)) ** 0.5
-        steps, wall = self.eval_at
-        self.counters.evals.append([steps, round(wall, 2), mean])
-        self.metrics.log(steps, wall, {"eval/mean_reward": mean, "eval/std_reward": std})
-        return {**result, "mean": mean, "std": std}
+    def point(self) -> Point:
+        sup = self.supervisor
+        return Point(self.env_steps, sup.updates, self.wall, sup.inserts, sup.samples)
 
     def log_progress(self) -> None:
-        self.poll(read_metrics=True)
-        now = (self.env_steps, self.learner_status["updates"], self.inserts, self.samples, self.wall)
-        last = self.last_log or (self.counters.env_steps_before, self.updates_at_start, self.inserts_at_start,
-                                 self.samples_at_start, self.counters.wall_before)
-        span = max(now[4] - last[4], 1e-9)
-        fps = (now[0] - last[0]) / span
-        updates_per_s = (now[1] - last[1]) / span
-        lag = self.policy_lag()
+        sup = self.supervisor
+        sup.poll(read_metrics=True)
+        lag = sup.policy_lag()
         if math.isfinite(lag):
-            self.counters.lags.append(lag)
-        values = {**self.learner_status.get("metrics", {}), **self.episodes.summary(),
-                  "train/n_updates": now[1], "time/fps": fps, "actors/env_steps_per_s": fps,
-                  "learner/updates_per_s": updates_per_s,
-                  "replay/size": sum(s["size"] for s in self.shard_stats),
-                  "replay/inserts_per_s": (now[2] - last[2]) / span,
-                  "replay/samples_per_s": (now[3] - last[3]) / span,
-                  "replay/samples_per_insert": self.replay_ratio(),
-                  "learner/policy_lag": lag, "actors/restarts": self.restarts}
-        self.metrics.log(now[0], now[4], values)
-        self.last_log = now
-        total = self.cfg.train.total_env_steps
-        parts = [f"steps {now[0]:>9,}/{total:,}", f"updates {now[1]:>9,}"]
-        if "rollout/ep_rew_mean" in values:
-            parts.append(f"ep_rew_mean {values['rollout/ep_rew_mean']:9.1f}")
-        if self.counters.evals:
-            parts.append(f"eval {self.counters.evals[-1][2]:9.1f}")
-        parts += [f"{fps:6.0f} steps/s", f"{updates_per_s:6.0f} updates/s",
-                  f"ratio {self.replay_ratio():6.1f}", f"lag {lag:5.1f}"]
-        if self.restarts:
-            parts.append(f"restarts {self.restarts}")
-        parts.append(f"eta {(total - now[0]) / max(fps, 1e-9):5.0f}s" if fps > 0 else "eta     ?")
-        starved = self.learner_status.get("starved_reason")
-        self.echo(" | ".join(parts) + (f"\n  waiting: {starved}" if starved and now[1] == last[1] else ""))
+            self.lags.append(lag)
+        now = self.point()
+        values = {**sup.learner_status.get("metrics", {}),
+                  "replay/size": sum(s["size"] for s in sup.shard_stats),
+                  "replay/samples_per_insert": sup.replay_ratio(), "learner/policy_lag": lag,
+                  "actors/restarts": sup.restarts, **sup.stall_values()}
+        starved = sup.learner_status.get("starved_reason")
+        note = f"\n  waiting: {starved}" if starved and now.updates == self.reporter.last.updates else ""
+        self.reporter.progress(now, values, note)
+
+    def start_eval(self, episodes: int) -> None:
+        if self.supervisor.start_eval(episodes):
+            self.eval_at = (self.env_steps, self.wall)
+
+    def collect_eval(self, wait: bool = False) -> dict | None:
+        result = self.supervisor.eval_result(wait)
+        if result is None:
+            return None
+        mean, std = self.reporter.evaluation(*self.eval_at, result["returns"])
+        return {**result, "mean": mean, "std": std}
 
     def checkpoint(self) -> None:
-        fleet = self.fleet
-        try:
-            state = ray.get(fleet.learner.state.remote(), timeout=CALL_TIMEOUT)
-            snapshots = (ray.get([s.snapshot.remote() for s in fleet.shards], timeout=CALL_TIMEOUT)
-                         if self.cfg.checkpoint.replay else None)
-        except (RayActorError, GetTimeoutError) as exc:
-            raise FleetError(f"checkpoint failed: {_first_line(exc)}") from None
-        extra = {"env_steps": self.env_steps, "config": to_dict(self.cfg),
-                 "env_info": env_info_dict(self.env_info),
-                 "fleet": {"wall_seconds": self.wall, "evals": self.counters.evals,
-                           "restarts": self.restarts, "session": fleet.session, "lags": self.counters.lags[-1000:]}}
+        state, snapshots = self.supervisor.checkpoint_state()
+        extra = {"env_steps": self.env_steps, "config": to_dict(self.cfg), "env_info": self.env_info.to_dict(),
+                 "fleet": {"wall_seconds": self.wall, "evals": self.reporter.evals,
+                           "restarts": self.supervisor.restarts, "session": self.fleet.session,
+                           "lags": self.lags[-1000:]}}
         write_run_checkpoint(self.run_dir / "checkpoints", state, extra, snapshots)
-
-    def stage_seconds(self) -> dict[str, float]:
-        actors = {}
-        for slot in self.fleet.actors:
-            for key in set(slot.seconds) | set(slot.seconds_before):
-                actors[key] = actors.get(key, 0.0) + slot.seconds.get(key, 0.0) + slot.seconds_before.get(key, 0.0)
-        s = self.learner_status
-        return {"actors: env step": actors.get("env", 0.0), "actors: policy inference": actors.get("inference", 0.0),
-                "actors: waiting on replay (back-pressure)": actors.get("insert_wait", 0.0),
-                "learner: sample + copy (prefetch thread)": s.get("seconds_sampling", 0.0),
-                "learner: SAC updates": s.get("seconds_update", 0.0),
-                "learner: waiting for batches": s.get("seconds_waiting_for_data", 0.0)}
 
 
 # ------------------------------------------------------------------------------------ train
@@ -417,33 +224,20 @@ class FleetRun:
 def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resume: bool = False,
                 num_cpus: int | None = None, dashboard: bool = False, echo: Callable[[str], None] | None = None,
                 faults: Mapping | None = None) -> dict:
-    """Train with the Ray fleet; returns the summary (also written to run_dir/summary.json).
+    """Train with the Ray fleet; returns the summary (also written to run_dir/summary.json). Raises
+    FleetError naming the failed component (FleetDiverged when the learner diverged: then
+    summary.json says so and the last good checkpoint is kept).
     `faults` is for tests: {"learner_update": n} or {"env_actor_step": (actor, step)} raise there."""
     start = time.monotonic()
     echo = echo or echo_flush
     run_dir = Path(run_dir)
-    counters, learner_state, snapshots, session = Counters(), None, None, 0
-    if resume:
-        state = load_checkpoint(run_dir)
-        learner_state = state["learner"]
-        prior = state.get("fleet", {})
-        counters = Counters(env_steps_before=int(state["env_steps"]), wall_before=float(prior.get("wall_seconds", 0.0)),
-                            evals=list(prior.get("evals", [])), restarts_before=int(prior.get("restarts", 0)),
-                            lags=list(prior.get("lags", [])))
-        session = int(prior.get("session", 0)) + 1
-        if counters.env_steps_before >= cfg.train.total_env_steps:
-            raise CheckpointError(f"the run in {run_dir} already has {counters.env_steps_before:,} env steps, "
-                                  f"train.total_env_steps={cfg.train.total_env_steps:,}; raise it to continue, "
-                                  f"e.g. --set train.total_env_steps={2 * cfg.train.total_env_steps}")
-        if cfg.checkpoint.replay:
-            snapshots = read_replay_snapshots(run_dir / "checkpoints", cfg.replay.num_shards)
-    else:
+    env_info = describe_env(cfg.env)
+    # Everything a resume needs is checked before the run directory changes.
+    point = load_resume(run_dir, cfg, env_info) if resume else None
+    if not resume:
         check_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    env_info = describe_env(cfg.env)
-    if resume and env_info_dict(env_info)["obs_dim"] != state["env_info"]["obs_dim"]:
-        raise CheckpointError(f"the checkpoint in {run_dir} is for another environment than {cfg.env.id}")
 
     started_ray = connect(address, num_cpus, dashboard)
     fleet = None
@@ -454,12 +248,23 @@ def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resum
              f"{cfg.replay.num_shards} shards, learner {res.learner_cpus:g} CPU"
              f"{' + 1 GPU' if res.learner_gpus else ''}, cluster {res.cluster_cpus:g} CPUs"
              f"{' (joined ' + address + ')' if address else ''} | steps {cfg.train.total_env_steps:,} | run_dir {run_dir}")
-        if resume:
-            echo(f"resuming at {counters.env_steps_before:,} env steps, {learner_state['updates']:,} updates"
-                 f"{', replay restored from snapshots' if snapshots else ', replay empty (no snapshots)'}")
-        fleet = Fleet(cfg, env_info, res, learner_state, snapshots, faults, session)
-        run = FleetRun(cfg, run_dir, fleet, env_info, counters, res, echo, start)
-        return _supervise(run)
+        if point:
+            echo(f"resuming at {point.env_steps:,} env steps, {point.learner_state['updates']:,} updates"
+                 f"{', replay restored from snapshots' if point.snapshots else ', replay empty (no snapshots)'}")
+            if point.applied:
+                echo(f"resume applies: {'; '.join(point.applied)}")
+        fleet = Fleet(cfg, env_info, res, point.learner_state if point else None, point.snapshots if point else None,
+                      faults, point.session if point else 0)
+        run = FleetRun(cfg, run_dir, fleet, env_info, res, point, echo, start)
+        try:
+            return _supervise(run)
+        except FleetDiverged as exc:
+            # Stop at once: nothing diverged was published or saved; say so where the run's outputs are.
+            now = run.point()
+            run.reporter.diverged(now, exc.update, exc.what)
+            run.reporter.failure_summary(now, str(exc), mode="fleet")
+            run.reporter.close()
+            raise FleetDiverged(exc.update, exc.what, f"{exc}; {kept_checkpoint_note(run_dir / 'checkpoints')}") from None
     finally:
         if fleet is not None:
             fleet.kill()
@@ -468,33 +273,34 @@ def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resum
 
 
 def _supervise(run: FleetRun) -> dict:
-    cfg = run.cfg
-    run.poll()
-    restored = sum(s["restored_size"] for s in run.shard_stats)
+    cfg, sup = run.cfg, run.supervisor
+    sup.poll(wait=True)
+    restored = sum(s["restored_size"] for s in sup.shard_stats)
     interval = cfg.train.log_interval
     next_log = (run.env_steps // interval + 1) * interval
     next_eval = (run.env_steps // cfg.eval.interval + 1) * cfg.eval.interval if cfg.eval.interval else math.inf
     ckpt_interval = cfg.checkpoint.interval
-    next_ckpt = (run.learner_status["updates"] // ckpt_interval + 1) * ckpt_interval if ckpt_interval else math.inf
+    next_ckpt = (sup.updates // ckpt_interval + 1) * ckpt_interval if ckpt_interval else math.inf
     stop_reason = "train.total_env_steps reached"
     try:
         while True:
             time.sleep(POLL_SECONDS)
-            run.poll()
+            sup.poll()
+            run.reporter.watch(run.point(), sup.stall_values())
             run.collect_eval()
             # At the last step the final evaluation stands in for a periodic one.
             if next_eval <= run.env_steps < cfg.train.total_env_steps:
                 next_eval = (run.env_steps // cfg.eval.interval + 1) * cfg.eval.interval
-                run.maybe_start_eval(cfg.eval.episodes)
+                run.start_eval(cfg.eval.episodes)
             if run.env_steps >= next_log:
                 next_log = (run.env_steps // interval + 1) * interval
                 run.log_progress()
-            if run.learner_status["updates"] >= next_ckpt:
-                next_ckpt = (run.learner_status["updates"] // ckpt_interval + 1) * ckpt_interval
+            if sup.updates >= next_ckpt:
+                next_ckpt = (sup.updates // ckpt_interval + 1) * ckpt_interval
                 run.checkpoint()
             if run.env_steps >= cfg.train.total_env_steps:
                 break
-            if cfg.train.max_wall_seconds and run.wall - run.counters.wall_before > cfg.train.max_wall_seconds:
+            if cfg.train.max_wall_seconds and run.wall - run.wall_before > cfg.train.max_wall_seconds:
                 stop_reason = f"train.max_wall_seconds={cfg.train.max_wall_seconds:g} reached"
                 break
     except KeyboardInterrupt:
@@ -504,65 +310,58 @@ def _supervise(run: FleetRun) -> dict:
 
 
 def _finish(run: FleetRun, stop_reason: str, restored: int) -> dict:
-    cfg, fleet = run.cfg, run.fleet
-    run.stopping = True
-    for slot in fleet.actors:
-        slot.handle.stop.remote()
-    ray.wait([slot.run_ref for slot in fleet.actors], num_returns=len(fleet.actors), timeout=60)
-    try:
-        final_status = ray.get(fleet.learner.stop.remote(), timeout=CALL_TIMEOUT)
-    except (RayActorError, GetTimeoutError) as exc:
-        raise FleetError(f"learner died or hangs while stopping: {_first_line(exc)}") from None
-    if final_status["error"]:
-        raise FleetError(f"learner failed: {final_status['error']}")
+    cfg, fleet, sup = run.cfg, run.fleet, run.supervisor
+    sup.stop_actors()
+    final_status = sup.stop_learner()
     run.log_progress()
     run.collect_eval(wait=True)  # a periodic evaluation still running
-    run.maybe_start_eval(cfg.eval.final_episodes)
+    run.start_eval(cfg.eval.final_episodes)
     final = run.collect_eval(wait=True)
     run.checkpoint()
-    run.metrics.close()
+    run.reporter.close()
 
     wall = run.wall
-    session_wall = wall - run.counters.wall_before
-    stages = run.stage_seconds()
-    status = run.learner_status
-    session_steps = run.env_steps - run.counters.env_steps_before
-    lags = run.counters.lags
-    summary = {
+    session_wall = wall - run.wall_before
+    stages = sup.stage_seconds()
+    session_steps = run.env_steps - run.env_steps_before
+    lags = run.lags
+    start = run.session_start
+    summary = run.reporter.write_summary({
         "env_steps": run.env_steps,
-        "updates": status["updates"],
+        "updates": sup.updates,
         "wall_seconds": round(wall, 2),
         "session_wall_seconds": round(session_wall, 2),
         "stop_reason": stop_reason,
         "interrupted": stop_reason == "interrupted",
         "mode": "fleet",
         "eval": {"return_mean": final["mean"], "return_std": final["std"], "episodes": len(final["returns"]),
-                 "policy_version": final["version"], "curve": run.counters.evals},
+                 "policy_version": final["version"], "curve": run.reporter.evals},
         "throughput": {"env_steps_per_s": session_steps / session_wall,
-                       "updates_per_s": (status["updates"] - run.updates_at_start) / session_wall,
-                       "inserts_per_s": (run.inserts - run.inserts_at_start) / session_wall,
-                       "samples_per_s": (run.samples - run.samples_at_start) / session_wall,
-                       "weight_publishes_per_s": status["publishes"] / session_wall,
+                       "updates_per_s": (sup.updates - start.updates) / session_wall,
+                       "inserts_per_s": (sup.inserts - start.inserts) / session_wall,
+                       "samples_per_s": (sup.samples - start.samples) / session_wall,
+                       "weight_publishes_per_s": final_status["publishes"] / session_wall,
                        "stage_seconds": {k: round(v, 2) for k, v in stages.items()}},
-        "replay": {"size": sum(s["size"] for s in run.shard_stats), "samples_per_insert": run.replay_ratio(),
+        "replay": {"size": sum(s["size"] for s in sup.shard_stats), "samples_per_insert": sup.replay_ratio(),
                    "samples_per_insert_target": cfg.replay.samples_per_insert, "restored_size": restored,
-                   "error_buffer_per_shard": run.shard_stats[0]["error_buffer"]},
+                   "error_buffer_per_shard": sup.shard_stats[0]["error_buffer"]},
         "policy_lag": {"mean": sum(lags) / len(lags) if lags else None, "last": lags[-1] if lags else None,
                        "unit": "learner updates between the policy that acted and the learner's current one"},
-        "actors": {"num": cfg.actors.num, "envs_per_actor": cfg.actors.envs_per_actor, "restarts": run.restarts},
+        "actors": {"num": cfg.actors.num, "envs_per_actor": cfg.actors.envs_per_actor, "restarts": sup.restarts},
         "resources": asdict(run.res),
         "learner_device": fleet.device,
         "config": to_dict(cfg),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "ray": ray.__version__,
-    }
-    atomic_write_bytes(run.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
-    plots = write_plots(run.run_dir, run.counters.evals, stages, cfg.env.id)
-    run.echo(f"done ({stop_reason}): {run.env_steps:,} env steps, {status['updates']:,} updates in {session_wall:.1f}s "
+    })
+    plots = write_plots(run.run_dir, run.reporter.evals, stages, cfg.env.id)
+    health = summary["health"]
+    run.echo(f"done ({stop_reason}): {run.env_steps:,} env steps, {sup.updates:,} updates in {session_wall:.1f}s "
              f"({summary['throughput']['env_steps_per_s']:.0f} steps/s, {summary['throughput']['updates_per_s']:.0f} "
              f"updates/s, replay ratio {summary['replay']['samples_per_insert']:.1f} of "
              f"{cfg.replay.samples_per_insert:g}); eval return {final['mean']:.1f} +- {final['std']:.1f} over "
-             f"{len(final['returns'])} episodes; summary {run.run_dir / 'summary.json'}"
-             f"{'; plots ' + ', '.join(p.name for p in plots) if plots else ''}")
+             f"{len(final['returns'])} episodes; health {health['status']}"
+             f"{' (' + ', '.join(w['check'] for w in health['warnings']) + ')' if health['warnings'] else ''}; "
+             f"summary {run.run_dir / 'summary.json'}{'; plots ' + ', '.join(p.name for p in plots) if plots else ''}")
     return summary

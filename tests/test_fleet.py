@@ -1,15 +1,22 @@
 """The Ray fleet on one shared local Ray with 2 CPUs: replay ratio, supervision, shard input checks."""
 
+import json
 import time
 
 import numpy as np
 import pytest
 import ray
+import torch
 
 from sacfleet.common.codec import CodecError, encode_chunk
 from sacfleet.common.config import load_config
+from sacfleet.common.envs import describe_env
 from sacfleet.common.transitions import TransitionSpec
+from sacfleet.inline import seed_everything
 from sacfleet.launch import FleetError, plan_resources, train_fleet
+from sacfleet.learner.checkpoint import load_checkpoint
+from sacfleet.learner.sac import SACLearner
+from sacfleet.learner.service import LearnerService
 from sacfleet.replay_server.shard import ReplayShard
 
 # Small networks and half an update per env step (samples_per_insert 32 < batch 64) keep runs short
@@ -133,3 +140,50 @@ def test_resources_fit_two_cpus_for_any_actor_count():
     assert gpu.learner_gpus == 1
     with pytest.raises(FleetError, match="learner.device=cuda, but the Ray cluster has no GPU"):
         plan_resources(load_config("pointmass", ["learner.device=cuda"]), {"CPU": 2.0})
+
+
+def _initial_learner_state(seed: int, session: int = 0) -> dict:
+    """The learner's state right after it starts in its own Ray worker process, as a fleet builds it."""
+    cfg = load_config("pointmass", [*SHORT, f"train.seed={seed}"])
+    learner = ray.remote(LearnerService).options(num_cpus=0.1).remote(cfg, describe_env(cfg.env), [], None, None,
+                                                                       1, session)
+    try:
+        return ray.get(learner.state.remote())
+    finally:
+        ray.kill(learner)
+
+
+def test_train_seed_sets_the_fleet_learners_initial_networks():
+    first, again, other = _initial_learner_state(3), _initial_learner_state(3), _initial_learner_state(4)
+    for net in ("actor", "critic"):
+        for name, tensor in first[net].items():
+            torch.testing.assert_close(tensor, again[net][name], rtol=0, atol=0)
+    assert not torch.equal(first["actor"]["trunk.0.weight"], other["actor"]["trunk.0.weight"])
+    # The same networks `--inline` starts from with that seed.
+    cfg = load_config("pointmass", [*SHORT, "train.seed=3"])
+    seed_everything(3)
+    inline = SACLearner.from_config(cfg.learner, describe_env(cfg.env), "cpu")
+    torch.testing.assert_close(inline.actor.trunk[0].weight, first["actor"]["trunk.0.weight"], rtol=0, atol=0)
+
+
+def test_a_diverging_fleet_learner_stops_the_run_named_and_keeps_the_last_good_checkpoint(tmp_path):
+    common = [*SHORT, "actors.num=1", "learner.symlog_q=false"]
+    run_dir = tmp_path / "run"
+    first = train_fleet(load_config("pointmass", common), run_dir, echo=lambda line: None)
+    checkpoint = run_dir / "checkpoints" / "checkpoint.pt"
+    kept = checkpoint.read_bytes()
+    updates = load_checkpoint(checkpoint)["learner"]["updates"]
+    assert updates == first["updates"] > 0
+    # Rewards scaled far past float32 on a resume: the first update of the new session overflows.
+    lines = []
+    with pytest.raises(FleetError, match=rf"learner diverged at update {updates + 1}: non-finite train/critic_loss.*"
+                                         rf"the last good checkpoint \({updates:,} updates"):
+        train_fleet(load_config("pointmass", [*common, "learner.reward_scale=1e30", "train.total_env_steps=20000"]),
+                    run_dir, resume=True, echo=lines.append)
+    assert checkpoint.read_bytes() == kept
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["failed"] and summary["health"]["diverged"]["update"] == updates + 1
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["health/diverged_at_update"] == updates + 1
+    # The diverged weights never reached an actor: no actor failed decoding them.
+    assert not any("env actor" in line for line in lines), lines
+    assert wait_for_released_resources()

@@ -3,28 +3,69 @@ learning run, Ctrl-C then --resume, and no Ray process left behind."""
 
 import json
 import os
+import queue
+import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from sacfleet.learner.checkpoint import load_checkpoint
+
 
 def processes_of(marker: str) -> list[str]:
     """Live processes whose environment holds `marker` (every Ray process inherits RAY_TMPDIR)."""
+    return [cmdline for _, cmdline in pids_of(marker)]
+
+
+def pids_of(marker: str, title: str = "") -> list[tuple[int, str]]:
+    """(pid, command line) of live processes whose environment holds `marker` and whose command line
+    starts with `title` (Ray names its workers ray::<ActorClass>)."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
             if marker.encode() in (proc / "environ").read_bytes():
-                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if cmdline.startswith(title):
+                    found.append((int(proc.name), cmdline))
         except OSError:  # gone, or not ours
             continue
     return found
+
+
+class Lines:
+    """A child's output lines as they come, read on a thread so that a test can wait for one."""
+
+    def __init__(self, proc):
+        self.seen: list[str] = []
+        self.queue: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [self.queue.put(line) for line in proc.stdout], daemon=True).start()
+
+    def wait_for(self, predicate, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self.seen.append(line)
+            if predicate(line):
+                return line
+        raise AssertionError(f"no such line within {timeout:g} s; output so far:\n{''.join(self.seen)}")
+
+    def rest(self) -> str:
+        while True:
+            try:
+                self.seen.append(self.queue.get(timeout=5))
+            except queue.Empty:
+                return "".join(self.seen)
 
 
 @pytest.fixture
@@ -69,6 +110,11 @@ def test_end_to_end_fleet_learns_the_point_mass(tmp_path, ray_tmp):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert "steps/s" in output and "done (train.total_env_steps reached)" in output
+    # A healthy run: every check ran and none warned.
+    assert summary["health"]["status"] == "ok" and summary["health"]["warnings"] == [], summary["health"]
+    assert {"health/q_blowup", "health/policy_lag", "health/actors_starved", "health/learner_starved",
+            "health/warnings"} <= names
+    assert "health ok" in output
     assert no_ray_left(ray_tmp) == []
 
 
@@ -95,11 +141,18 @@ def test_ctrl_c_then_resume_continues_the_run(tmp_path, ray_tmp):
     assert no_ray_left(ray_tmp) == []
 
     target = first["env_steps"] + 1000
+    config_before = (run_dir / "config.yaml").read_text()
     proc = sacfleet("train", "--resume", str(run_dir), "--set", f"train.total_env_steps={target}",
-                    "--num-cpus", "2", ray_tmp=ray_tmp)
+                    "--set", "learner.obs_clip=5", "--num-cpus", "2", ray_tmp=ray_tmp)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output
     assert f"resuming at {first['env_steps']:,} env steps, {first['updates']:,} updates, replay restored" in output
+    assert "resume applies: train.total_env_steps 100000 -> " in output and "learner.obs_clip None -> 5.0" in output
+    # obs_clip lives in the networks' buffers: the resumed networks clip at 5, as config.yaml now says.
+    learner = load_checkpoint(run_dir)["learner"]
+    for net in ("actor", "critic", "target_critic"):
+        assert learner[net]["obs_clip"].item() == 5.0, net
+    assert "obs_clip: null" in config_before and "obs_clip: 5.0" in (run_dir / "config.yaml").read_text()
     second = json.loads((run_dir / "summary.json").read_text())
     assert second["replay"]["restored_size"] == first["replay"]["size"]
     assert second["env_steps"] >= target
@@ -117,3 +170,45 @@ def test_resume_refuses_a_finished_run_and_a_missing_one(tmp_path, ray_tmp):
     proc = sacfleet("train", "--resume", str(tmp_path / "nothing"), ray_tmp=ray_tmp)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "no config.yaml there" in output
+
+
+def test_health_warns_of_a_stuck_learner_and_of_stuck_actors_as_it_happens(tmp_path, ray_tmp):
+    """SIGSTOP the learner, then the env actors, as a hung process would: the driver keeps watching
+    and names each stall within health.starved_seconds; after SIGCONT the run finishes."""
+    run_dir = tmp_path / "run"
+    proc = sacfleet("train", "--config", "pointmass", "--set", "health.starved_seconds=3",
+                    "--set", "train.total_env_steps=8000", "--set", "eval.interval=0", "--set", "eval.final_episodes=2",
+                    "--num-cpus", "2", "--run-dir", str(run_dir), ray_tmp=ray_tmp, start_new_session=True)
+    lines = Lines(proc)
+    try:
+        lines.wait_for(lambda line: re.match(r"steps .* updates +[1-9]", line) is not None, timeout=120)
+        [(learner, _)] = pids_of(f"RAY_TMPDIR={ray_tmp}", "ray::LearnerService")
+        os.kill(learner, signal.SIGSTOP)
+        try:
+            warning = lines.wait_for(lambda line: "health warning (actors_starved)" in line, timeout=60)
+        finally:
+            os.kill(learner, signal.SIGCONT)
+        assert "held back by the rate limiter" in warning and "the learner is not sampling" in warning
+        actors = [pid for pid, _ in pids_of(f"RAY_TMPDIR={ray_tmp}", "ray::EnvActor")]
+        assert len(actors) == 2
+        for pid in actors:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            warning = lines.wait_for(lambda line: "health warning (learner_starved)" in line, timeout=60)
+        finally:
+            for pid in actors:
+                os.kill(pid, signal.SIGCONT)
+        assert "waited" in warning and "actors are failing, stuck or too slow" in warning
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = lines.rest()
+    assert proc.returncode == 0, output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    warned = {w["check"]: w for w in summary["health"]["warnings"]}
+    assert {"actors_starved", "learner_starved"} <= set(warned), summary["health"]
+    assert not warned["actors_starved"]["active_at_end"] and not warned["learner_starved"]["active_at_end"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("health/actors_starved", 0) for r in records) >= 3
+    assert "health warnings (" in output and no_ray_left(ray_tmp) == []

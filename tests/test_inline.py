@@ -1,14 +1,19 @@
 """The in-process trainer: outputs, determinism, the CLI, and learning on the point-mass env."""
 
 import json
+import re
 import subprocess
 import sys
 
+import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 
 from sacfleet.cli import main
 from sacfleet.common.config import load_config
+from sacfleet.common.pointmass import PointMassEnv
+from sacfleet.common.rundir import RunFailed
 from sacfleet.inline import train_inline
 from sacfleet.learner.checkpoint import load_checkpoint
 
@@ -123,3 +128,74 @@ def test_learns_point_mass_in_12k_steps(tmp_path):
 def test_periodic_evaluations_then_one_final_at_the_last_step(run):
     _, summary = run
     assert [point[0] for point in summary["eval"]["curve"]] == [600, 1200]
+
+
+class ExplodingPointMass(PointMassEnv):
+    """The point mass until it has made `after` steps, then rewards of -1e30: a simulator that blows
+    up mid-run. Finite, so replay accepts them; their squared TD errors overflow float32."""
+
+    def __init__(self, after: int = 600, **kwargs):
+        super().__init__(**kwargs)
+        self.after, self.made = after, 0
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        self.made += 1
+        return obs, (-1e30 if self.made > self.after else reward), terminated, truncated, info
+
+
+@pytest.fixture(scope="module")
+def exploding_env():
+    env_id = "sacfleet-test/ExplodingPointMass-v0"
+    if env_id not in gym.registry:
+        gym.register(id=env_id, entry_point=ExplodingPointMass, max_episode_steps=None)
+    return env_id
+
+
+def test_a_diverging_learner_stops_the_run_named_and_keeps_the_last_good_checkpoint(tmp_path, exploding_env, capsys):
+    overrides = [*SHORT, f"env.id={exploding_env}", "learner.symlog_q=false", "train.total_env_steps=3000",
+                 "checkpoint.interval=200", "eval.interval=0"]
+    with pytest.raises(RunFailed, match=r"learner diverged at update (\d+): non-finite train/critic_loss") as info:
+        short_run(tmp_path, *overrides[len(SHORT):])
+    diverged_at = int(re.search(r"update (\d+)", str(info.value)).group(1))
+    kept = load_checkpoint(tmp_path / "checkpoints" / "checkpoint.pt")
+    assert 0 < kept["learner"]["updates"] < diverged_at <= kept["learner"]["updates"] + 200
+    assert f"the last good checkpoint ({kept['learner']['updates']:,} updates" in str(info.value)
+    assert all(torch.isfinite(t).all() for t in kept["learner"]["actor"].values())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["failed"] and summary["stop_reason"].startswith(f"learner diverged at update {diverged_at}")
+    assert summary["health"]["status"] == "diverged" and summary["health"]["diverged"]["update"] == diverged_at
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["health/diverged_at_update"] == diverged_at
+    # The command line says the same and exits 1.
+    assert main(["train", "--inline", "--run-dir", str(tmp_path / "cli"), *[a for kv in overrides for a in ("--set", kv)]]) == 1
+    assert "sacfleet train: the run failed: learner diverged at update" in capsys.readouterr().err
+
+
+def test_a_healthy_run_reports_health_ok_and_its_readings(run):
+    run_dir, summary = run
+    assert summary["health"]["status"] == "ok" and summary["health"]["warnings"] == []
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    progress = [r for r in records if "time/fps" in r]
+    assert all(r["health/warnings"] == 0 for r in progress)
+    assert {"health/q_blowup", "health/critic_disagreement", "health/entropy_collapse"} <= set(progress[-1])
+    assert {"train/q1_mean", "train/q2_mean", "train/critic_grad_norm", "train/actor_grad_norm",
+            "train/reward_abs_max"} <= set(progress[-1])
+
+
+def test_resume_refuses_what_it_cannot_apply_and_leaves_the_run_unchanged(run, capsys):
+    run_dir, _ = run
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    refused = {
+        "env.kwargs.action_limit=1.0": "--resume cannot change the action bounds",
+        "env.kwargs.dims=2": "the checkpoint is for another environment than sacfleet/PointMass-v0: obs_dim 2 there, 4 now",
+        "learner.hidden_sizes=[64, 64]": "--resume cannot change learner.hidden_sizes ([32, 32] -> [64, 64])",
+        "learner.symlog_q=false": "--resume cannot change learner.symlog_q",
+        "env.id=Pendulum-v1": "--resume cannot change env.id",
+        "replay.capacity=5000": "--resume cannot change replay.capacity (100000 -> 5000) while restoring the replay",
+    }
+    for override, message in refused.items():
+        code = main(["train", "--resume", str(run_dir), "--set", override, "--set", "train.total_env_steps=5000"])
+        assert code == 2, override
+        assert message in capsys.readouterr().err, override
+    assert before == {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}  # config.yaml included

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.distributions import AffineTransform, Normal, TanhTransform, TransformedDistribution
 
-from sacfleet.learner import (Actor, Batch, SACLearner, TwinCritic, actor_loss, alpha_loss, critic_loss,
+from sacfleet.learner import (Actor, Batch, LearnerDiverged, SACLearner, TwinCritic, actor_loss, alpha_loss, critic_loss,
                               critic_target, polyak_update, q_values, squashed_log_prob, symexp, symlog)
 
 
@@ -246,7 +246,7 @@ def test_symlog_critic_loss_is_taken_in_symlog_space_and_q_is_read_through_symex
     q_target = torch.tensor([-0.5, -2000.0])
     exact = ConstantCritic(0.0)
     exact.forward = lambda obs, action: symlog(q_target).expand(2, -1)
-    loss, td = critic_loss(exact, batch, q_target, symlog_q=True)
+    loss, td, _ = critic_loss(exact, batch, q_target, symlog_q=True)
     assert loss.item() == pytest.approx(0.0, abs=1e-10) and td.abs().max().item() < 1e-6
     # The same critic read as if it predicted Q directly is far off.
     assert critic_loss(exact, batch, q_target)[0].item() > 1e6
@@ -270,7 +270,7 @@ def _fit_relative_error_near_the_goal(symlog_q: bool, seed: int) -> float:
     a = torch.zeros_like(p)
     batch = Batch(obs=p, action=a, reward=q, next_obs=p, terminated=torch.ones_like(q))
     for _ in range(600):
-        loss, _ = critic_loss(critic, batch, q, symlog_q)
+        loss, _, _ = critic_loss(critic, batch, q, symlog_q)
         optim.zero_grad()
         loss.backward()
         optim.step()
@@ -287,3 +287,75 @@ def test_a_symlog_critic_resolves_small_values_next_to_huge_ones(seed):
     plain = _fit_relative_error_near_the_goal(False, seed)
     assert with_symlog < 0.25, with_symlog
     assert plain > 10 * with_symlog, (plain, with_symlog)
+
+
+def test_a_nan_batch_is_caught_and_named_at_the_update_where_it_happened():
+    learner = _learner()
+    for i in range(3):
+        learner.update(_random_batch(i))
+    learner.check_finite()  # healthy so far
+    weights_before = learner.policy_weights()
+    bad = _random_batch(3)
+    bad.reward[5] = float("nan")
+    learner.update(bad)
+    learner.update(_random_batch(4))  # later updates do not move the blame
+    with pytest.raises(LearnerDiverged, match=r"learner diverged at update 4: non-finite train/critic_loss") as info:
+        learner.check_finite()
+    assert info.value.update == 4 and "train/critic_grad_norm" in info.value.what
+    # Nothing diverged leaves the learner: no weights to publish, no state to checkpoint.
+    with pytest.raises(LearnerDiverged, match="update 4"):
+        learner.policy_weights()
+    with pytest.raises(LearnerDiverged, match="update 4"):
+        learner.state_dict()
+    assert all(np.isfinite(w).all() for w in weights_before.values())
+
+
+def test_overflow_from_huge_rewards_is_divergence_too():
+    learner = _learner(reward_scale=1e30)  # finite rewards whose squared TD errors overflow float32
+    learner.update(_random_batch(0))
+    with pytest.raises(LearnerDiverged, match=r"update 1: non-finite train/critic_loss"):
+        learner.check_finite()
+    with pytest.raises(LearnerDiverged):
+        learner.priorities(learner.update(_random_batch(1)))
+
+
+def test_a_nonfinite_parameter_is_refused_even_before_an_update_sees_it():
+    learner = _learner()
+    learner.update(_random_batch(0))
+    with torch.no_grad():
+        next(learner.actor.parameters())[0, 0] = float("inf")
+    with pytest.raises(LearnerDiverged, match=r"update 1: non-finite actor parameters \(trunk.0.weight\)"):
+        learner.policy_weights()
+    with pytest.raises(LearnerDiverged, match="actor.trunk.0.weight"):
+        learner.state_dict()
+
+
+def test_the_divergence_watch_survives_pickling_and_a_resume_restarts_its_count():
+    import pickle
+
+    exc = pickle.loads(pickle.dumps(LearnerDiverged(12, "train/actor_loss")))  # as Ray ships it
+    assert (exc.update, exc.what) == (12, "train/actor_loss") and "update 12" in str(exc)
+    a = _learner()
+    for i in range(5):
+        a.update(_random_batch(i))
+    b = _learner()
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    bad = _random_batch(9)
+    bad.obs[0, 0] = float("inf")
+    b.update(bad)
+    with pytest.raises(LearnerDiverged, match="update 6"):
+        b.check_finite()
+
+
+def test_loading_a_checkpoint_keeps_this_learners_configured_obs_clip():
+    """obs_clip lives in network buffers: a resume with another learner.obs_clip must apply it."""
+    unclipped = _learner()
+    unclipped.update(_random_batch(0))
+    resumed = _learner(obs_clip=5.0)
+    resumed.load_state_dict(copy.deepcopy(unclipped.state_dict()))
+    for module in (resumed.actor, resumed.critic, resumed.target_critic):
+        assert module.obs_clip.item() == 5.0
+    torch.testing.assert_close(resumed.actor.trunk[0].weight, unclipped.actor.trunk[0].weight)
+    far = np.full((1, 3), 100.0, np.float32)
+    assert np.allclose(resumed.actor.act(far, deterministic=True), resumed.actor.act(far / 20, deterministic=True))
+    assert resumed.policy_weights()["obs_clip"] == 5.0

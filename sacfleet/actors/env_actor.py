@@ -66,14 +66,15 @@ class EnvActor:
         self.finished: list[tuple[float, int]] = []
         self.policy_version = RANDOM_POLICY_VERSION
         self.seconds = {"env": 0.0, "inference": 0.0, "insert_wait": 0.0}
+        self.client: InsertClient | None = None
 
     def run(self, stream: int = 0) -> int:
         """Collect until `stop()`; `stream` picks the env seeds (new on each restart and resume)."""
         cfg = self.cfg
         rollout = Rollout(cfg.env, self.env_info, cfg.actors.envs_per_actor,
                           seed=cfg.train.seed, actor_index=stream)
-        client = InsertClient(self.shards, cfg.actors.max_in_flight, cfg.replay.rate_limit_timeout_s,
-                              first_shard=self.actor_index, should_stop=self.stopping.is_set)
+        client = self.client = InsertClient(self.shards, cfg.actors.max_in_flight, cfg.replay.rate_limit_timeout_s,
+                                            first_shard=self.actor_index, should_stop=self.stopping.is_set)
         puller = WeightPuller(self.learner)
         spec = TransitionSpec(self.env_info.obs_dim, self.env_info.act_dim)
         chunk: list[dict[str, np.ndarray]] = []
@@ -113,8 +114,10 @@ class EnvActor:
 
     def stats(self) -> dict:
         finished, self.finished = self.finished, []
+        client = self.client
         return {"steps": self.steps, "episodes": finished, "policy_version": self.policy_version,
-                "seconds": dict(self.seconds)}
+                "seconds": dict(self.seconds),
+                "insert_blocked_seconds": client.oldest_pending_seconds() if client is not None else 0.0}
 
     def ping(self) -> bool:
         return True

@@ -117,6 +117,31 @@ class CheckpointConfig:
 
 
 @dataclass
+class HealthConfig:
+    """Limits of the training-health checks (README, "Training health"); each warning names the key
+    that sets its limit, so a check that misfires for a task can be loosened."""
+
+    enabled: bool = _key(True, doc="run the health checks and report what they see")
+    q_bound_factor: float = _key(3.0, gt=0, doc="warn when |mean Q| exceeds this multiple of the largest value the "
+                                               "rewards, reward_scale, temperature and gamma allow")
+    critic_disagreement: float = _key(10.0, gt=1, doc="warn when one critic's mean |Q| is this many times the other's")
+    min_ent_coef: float = _key(0.01, gt=0, doc="warn when the learned temperature falls below this (and below a "
+                                             "hundredth of learner.init_alpha) early in training, before the "
+                                             "return improved")
+    early_steps: int = _key(10_000, ge=0, doc="env steps after train.learning_starts that count as early in training")
+    entropy_margin: float = _key(3.0, gt=0, doc="warn when the policy entropy is this many nats per action dimension "
+                                              "below learner.target_entropy")
+    stall_fraction: float = _key(0.5, gt=0, le=1, doc="warn when the return (or a success rate below 0.5) gains nothing "
+                                                     "over this share of the run's steps after learning starts")
+    ratio_tolerance: float = _key(0.2, gt=0, doc="warn when the measured samples per insert is off its target by "
+                                               "more than this fraction")
+    lag_factor: float = _key(4.0, gt=1, doc="warn when the policy lag exceeds this multiple of what the fleet's "
+                                          "settings imply (fleet runs)")
+    starved_seconds: float = _key(60.0, gt=0, doc="warn when actors are held back, or the learner waits for batches, "
+                                                "this long without a break (fleet runs)")
+
+
+@dataclass
 class Config:
     env: EnvConfig = field(default_factory=EnvConfig)
     actors: ActorsConfig = field(default_factory=ActorsConfig)
@@ -125,6 +150,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
 
 # --------------------------------------------------------------------------------------- keys

@@ -36,6 +36,11 @@ class EnvInfo:
     action_high: np.ndarray
     max_episode_steps: int | None
 
+    def to_dict(self) -> dict:
+        """Plain values, as checkpoints store them."""
+        return {"obs_dim": self.obs_dim, "act_dim": self.act_dim, "action_low": self.action_low.tolist(),
+                "action_high": self.action_high.tolist(), "max_episode_steps": self.max_episode_steps}
+
 
 def make_env(cfg: EnvConfig, **extra) -> gym.Env:
     if cfg.id not in gym.registry:

@@ -12,18 +12,27 @@ from typing import Iterable, Mapping
 
 
 class EpisodeStats:
-    """Mean return and length over the last `window` finished episodes."""
+    """Mean return and length over the last `window` finished episodes (Stable-Baselines3's
+    ep_rew_mean), and the mean return of the episodes finished since the last `recent_mean()`: a
+    100-episode mean lags the policy by 100 episodes, a whole run of 200-step point-mass episodes."""
 
     def __init__(self, window: int = 100):
         self.returns: deque[float] = deque(maxlen=window)
         self.lengths: deque[int] = deque(maxlen=window)
         self.count = 0
+        self.recent: list[float] = []
 
     def extend(self, episodes: Iterable[tuple[float, int]]) -> None:
         for ret, length in episodes:
             self.returns.append(ret)
             self.lengths.append(length)
+            self.recent.append(ret)
             self.count += 1
+
+    def recent_mean(self) -> dict[str, float]:
+        """{"rollout/ep_rew_recent": mean return of the episodes since the last call}, then forgets them."""
+        recent, self.recent = self.recent, []
+        return {"rollout/ep_rew_recent": sum(recent) / len(recent)} if recent else {}
 
     def summary(self) -> dict[str, float]:
         if not self.returns:

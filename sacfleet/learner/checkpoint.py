@@ -62,3 +62,16 @@ def read_replay_snapshots(directory: Path, num_shards: int) -> list[bytes] | Non
         raise CheckpointError(f"{directory} holds replay snapshots of {len(found)} shards, but "
                               f"replay.num_shards={num_shards}; resume with the same number of shards")
     return [replay_snapshot_path(directory, shard).read_bytes() for shard in range(num_shards)]
+
+
+def kept_checkpoint_note(directory: Path) -> str:
+    """What a failed run leaves to resume from, for its error message."""
+    path = Path(directory) / "checkpoint.pt"
+    if not path.is_file():
+        return "no checkpoint had been written (checkpoint.interval=0 saves one only at the end)"
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as exc:
+        return f"the checkpoint left in {directory} cannot be read ({exc})"
+    return (f"the last good checkpoint ({state['learner']['updates']:,} updates, {state['env_steps']:,} env steps) "
+            f"is kept in {directory}")

@@ -23,8 +23,27 @@ import torch
 
 from sacfleet.learner.networks import Actor, TwinCritic
 
+# What each update reports, averaged over a logging period. q_mean is the mean critic target;
+# q1_mean and q2_mean are each critic's mean Q on the batch; the gradient norms are taken before
+# the optimizer steps; reward_abs_max is the batch's largest |reward|, for the Q bound the health
+# checks compare q_mean with.
 METRIC_NAMES = ("train/critic_loss", "train/actor_loss", "train/ent_coef", "train/ent_coef_loss",
-                "train/entropy", "train/q_mean")
+                "train/entropy", "train/q_mean", "train/q1_mean", "train/q2_mean", "train/critic_grad_norm",
+                "train/actor_grad_norm", "train/reward_abs_max")
+
+
+class LearnerDiverged(RuntimeError):
+    """A loss, gradient norm, Q value or parameter became NaN or infinite; the message names the
+    update where it first happened and what was not finite."""
+
+    def __init__(self, update: int, what: str):
+        super().__init__(f"learner diverged at update {update}: non-finite {what} (usual causes: a learning rate "
+                         f"or learner.reward_scale too large, rewards or observations of huge magnitude; "
+                         f"try lower learning rates, learner.obs_clip or learner.symlog_q)")
+        self.update, self.what = update, what
+
+    def __reduce__(self):  # crosses process boundaries (Ray) with its fields
+        return type(self), (self.update, self.what)
 
 
 @dataclass
@@ -71,12 +90,14 @@ def critic_target(actor: Actor, target_critic: TwinCritic, batch: Batch, alpha: 
 
 
 def critic_loss(critic: TwinCritic, batch: Batch, q_target: torch.Tensor,
-                symlog_q: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss summed over the twin critics, and the per-sample |TD error| (for priorities), both in the
-    space the critics predict in."""
-    td = critic(batch.obs, batch.action) - (symlog(q_target) if symlog_q else q_target)
+                symlog_q: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss summed over the twin critics and the per-sample |TD error| (for priorities), both in the
+    space the critics predict in; and each critic's mean Q on the batch (for the health checks)."""
+    predicted = critic(batch.obs, batch.action)
+    td = predicted - (symlog(q_target) if symlog_q else q_target)
     squared = td.pow(2) if batch.weights is None else batch.weights * td.pow(2)
-    return squared.mean(-1).sum(), td.detach().abs().mean(0)
+    q_each = (symexp(predicted) if symlog_q else predicted).detach().mean(-1)
+    return squared.mean(-1).sum(), td.detach().abs().mean(0), q_each
 
 
 def actor_loss(actor: Actor, critic: TwinCritic, obs: torch.Tensor,
@@ -134,6 +155,46 @@ class MetricAccumulator:
         return dict(zip(self.names, means))
 
 
+class DivergenceWatch:
+    """Remembers, on the device, the first update whose metrics (losses, gradient norms, Q values)
+    were not all finite, and those metrics. Its tensors change in place, so a CUDA graph of the
+    update can hold it; `check()` is its one host sync, made where the learner syncs anyway."""
+
+    def __init__(self, names: tuple[str, ...], device: torch.device):
+        self.names = names
+        self.update = torch.zeros((), dtype=torch.int64, device=device)  # updates made, counted on the device
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_values = torch.zeros(len(names), device=device)
+
+    def observe(self, values: torch.Tensor) -> None:
+        self.update.add_(1)
+        newly = torch.logical_and(~torch.isfinite(values).all(), self.first_bad < 0)
+        self.first_bad.copy_(torch.where(newly, self.update, self.first_bad))
+        self.bad_values.copy_(torch.where(newly, values, self.bad_values))
+
+    def restart_at(self, updates: int) -> None:
+        self.update.fill_(updates)
+        self.first_bad.fill_(-1)
+
+    def check(self) -> None:
+        first = int(self.first_bad)
+        if first >= 0:
+            bad = [name for name, value in zip(self.names, self.bad_values.tolist()) if not math.isfinite(value)]
+            raise LearnerDiverged(first, ", ".join(bad))
+
+
+def nonfinite_tensors(state: Mapping, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a (nested) state dict that hold NaN or infinity."""
+    bad = []
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            bad += nonfinite_tensors(value, f"{name}.")
+        elif isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad.append(name)
+    return bad
+
+
 class SACLearner:
     """Owns the SAC state and performs updates; has no knowledge of replay, actors or Ray."""
 
@@ -159,6 +220,7 @@ class SACLearner:
         self.learning_rates = (actor_lr, critic_lr, alpha_lr)
         self.updates = 0
         self.metrics = MetricAccumulator(METRIC_NAMES, self.device)
+        self.divergence = DivergenceWatch(METRIC_NAMES, self.device)
         self._losses = Losses(critic_target, critic_loss, actor_loss)
         self._graph = None
         if self.compiled:
@@ -192,9 +254,10 @@ class SACLearner:
         alpha = self.alpha
         q_target = self._losses.critic_target(self.actor, self.target_critic, batch, alpha, self.gamma,
                                               self.reward_scale, self.symlog_q)
-        loss_q, td_error = self._losses.critic_loss(self.critic, batch, q_target, self.symlog_q)
+        loss_q, td_error, q_each = self._losses.critic_loss(self.critic, batch, q_target, self.symlog_q)
         self.critic_optim.zero_grad(set_to_none=True)
         loss_q.backward()
+        critic_grad_norm = _grad_norm(self.critic)
         self.critic_optim.step()
 
         # The critic is only evaluated for the actor loss; freezing it skips its weight gradients.
@@ -202,6 +265,7 @@ class SACLearner:
         loss_pi, log_prob = self._losses.actor_loss(self.actor, self.critic, batch.obs, alpha, self.symlog_q)
         self.actor_optim.zero_grad(set_to_none=True)
         loss_pi.backward()
+        actor_grad_norm = _grad_norm(self.actor)
         self.actor_optim.step()
         self.critic.requires_grad_(True)
 
@@ -213,30 +277,61 @@ class SACLearner:
 
         polyak_update(self.critic.parameters(), self.target_critic.parameters(), self.tau)
         values = torch.stack([loss_q.detach(), loss_pi.detach(), alpha, loss_alpha.detach(),
-                              -log_prob.detach().mean(), q_target.mean()])
+                              -log_prob.detach().mean(), q_target.mean(), q_each[0], q_each[1],
+                              critic_grad_norm, actor_grad_norm, batch.reward.abs().max()])
+        self.divergence.observe(values)
         return td_error, values
 
+    def check_finite(self) -> None:
+        """Raise LearnerDiverged if any update so far had a non-finite loss, gradient or Q value.
+        One host sync: call it where the learner syncs anyway (publishing, checkpoints, logging)."""
+        self.divergence.check()
+
+    def priorities(self, td_error: torch.Tensor) -> np.ndarray:
+        """An update's |TD errors| as numpy, for prioritized replay (which syncs here anyway); raises
+        LearnerDiverged rather than hand a replay shard priorities from a diverged learner."""
+        self.check_finite()
+        priorities = td_error.cpu().numpy()
+        if not np.isfinite(priorities).all():
+            raise LearnerDiverged(self.updates, "TD errors")
+        return priorities
+
     def policy_weights(self) -> dict[str, np.ndarray]:
-        """The actor's weights as numpy arrays: what actors need to act."""
-        return {name: tensor.detach().cpu().numpy() for name, tensor in self.actor.state_dict().items()}
+        """The actor's weights as numpy arrays: what actors need to act. Never non-finite ones:
+        raises LearnerDiverged instead, so that a diverged learner publishes nothing."""
+        self.check_finite()
+        # Copies: on the CPU .numpy() would share memory with parameters that the next update changes.
+        weights = {name: tensor.detach().to("cpu", copy=True).numpy() for name, tensor in self.actor.state_dict().items()}
+        bad = [name for name, array in weights.items() if not np.isfinite(array).all()]
+        if bad:
+            raise LearnerDiverged(self.updates, f"actor parameters ({', '.join(bad)})")
+        return weights
 
     def state_dict(self) -> dict:
-        """Everything a resume needs."""
-        return {"actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
-                "target_critic": self.target_critic.state_dict(), "log_alpha": self.log_alpha.detach().clone(),
-                "actor_optim": self.actor_optim.state_dict(), "critic_optim": self.critic_optim.state_dict(),
-                "alpha_optim": self.alpha_optim.state_dict(), "updates": self.updates}
+        """Everything a resume needs; raises LearnerDiverged rather than return non-finite state,
+        so that a diverged learner never overwrites the last good checkpoint."""
+        self.check_finite()
+        state = {"actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
+                 "target_critic": self.target_critic.state_dict(), "log_alpha": self.log_alpha.detach().clone(),
+                 "actor_optim": self.actor_optim.state_dict(), "critic_optim": self.critic_optim.state_dict(),
+                 "alpha_optim": self.alpha_optim.state_dict(), "updates": self.updates}
+        bad = nonfinite_tensors(state)
+        if bad:
+            raise LearnerDiverged(self.updates, f"parameters or optimizer state ({', '.join(bad[:5])})")
+        return state
 
     def load_state_dict(self, state: Mapping) -> None:
-        self.actor.load_state_dict(state["actor"])
-        self.critic.load_state_dict(state["critic"])
-        self.target_critic.load_state_dict(state["target_critic"])
+        # Buffers hold settings (obs_clip, action scale and bias), not learned values: this
+        # learner's configured ones win, so that `--resume DIR --set learner.obs_clip=5` takes effect.
+        for module, name in ((self.actor, "actor"), (self.critic, "critic"), (self.target_critic, "target_critic")):
+            module.load_state_dict({**state[name], **dict(module.named_buffers())})
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
         self.actor_optim.load_state_dict(state["actor_optim"])
         self.critic_optim.load_state_dict(state["critic_optim"])
         self.alpha_optim.load_state_dict(state["alpha_optim"])
         self.updates = int(state["updates"])
+        self.divergence.restart_at(self.updates)
         # Optimizer states carry their learning rates; the configured ones win, so that
         # `--resume DIR --set learner.actor_lr=...` takes effect.
         capturable = self._graph is not None
@@ -249,6 +344,11 @@ class SACLearner:
                 for state in optim.state.values():
                     state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=self.device)
             self._graph.reset()  # the optimizers' state tensors are new: capture again
+
+
+def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """L2 norm of all of a module's gradients, on the device (no sync)."""
+    return torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
 
 
 def resolve_compile(requested: str, device: torch.device) -> bool:

@@ -9,13 +9,14 @@ import time
 import traceback
 from typing import Mapping
 
+import numpy as np
 import ray
 import torch
 
 from sacfleet.common.codec import encode_weights
 from sacfleet.common.config import Config
 from sacfleet.learner.prefetch import Prefetcher
-from sacfleet.learner.sac import SACLearner, resolve_device
+from sacfleet.learner.sac import LearnerDiverged, SACLearner, resolve_device
 from sacfleet.replay_server.client import SampleClient
 
 
@@ -33,10 +34,20 @@ def _to_cpu(state):
     return state
 
 
+def learner_seed(seed: int, session: int) -> int:
+    """Torch seed of the learner process: train.seed itself in a run's first session, so the fleet
+    starts from the networks `--inline` starts from; a fresh stream for each resumed session."""
+    if session == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, session]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 class LearnerService:
     def __init__(self, cfg: Config, env_info, shards, state: Mapping | None = None,
-                 faults: Mapping | None = None, num_threads: int = 1):
+                 faults: Mapping | None = None, num_threads: int = 1, session: int = 0):
         torch.set_num_threads(max(1, num_threads))
+        # Network initialisation and the policy's sampling noise come from train.seed.
+        torch.manual_seed(learner_seed(cfg.train.seed, session))
         self.cfg = cfg
         self.device = resolve_device(cfg.learner.device)
         self.learner = SACLearner.from_config(cfg.learner, env_info, self.device)
@@ -52,6 +63,7 @@ class LearnerService:
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="sacfleet-update", daemon=True)
         self.error: str | None = None
+        self.diverged: dict | None = None  # {"update", "what", "message"} once the learner diverged
         self.published: tuple[int, list] | None = None  # (version, [ref]); the list keeps Ray from resolving it
         self.publishes = 0
         self.seconds_update = 0.0
@@ -83,8 +95,12 @@ class LearnerService:
                     if learner.updates % interval == 0:
                         self._publish()
                 if self.prioritized:
-                    self.sampler.update_priorities(item.shard, item.keys, td_error.cpu().numpy())
+                    self.sampler.update_priorities(item.shard, item.keys, learner.priorities(td_error))
                 self.seconds_update += time.monotonic() - t1
+        except LearnerDiverged as exc:
+            # Found before the weights were published: actors keep acting with the last good ones.
+            self.diverged = {"update": exc.update, "what": exc.what, "message": str(exc)}
+            self.error = f"LearnerDiverged: {exc}"
         except BaseException as exc:
             self.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
 
@@ -103,18 +119,21 @@ class LearnerService:
         return published
 
     def status(self, read_metrics: bool = False) -> dict:
-        status = {"updates": self.learner.updates, "error": self.error, "publishes": self.publishes,
-                  "device": str(self.device), "seconds_update": self.seconds_update,
+        starved_since = self.sampler.starved_since
+        status = {"updates": self.learner.updates, "error": self.error, "diverged": self.diverged,
+                  "publishes": self.publishes, "device": str(self.device), "seconds_update": self.seconds_update,
                   "seconds_waiting_for_data": self.seconds_waiting,
                   "seconds_sampling": self.prefetcher.seconds_sampling,
-                  "starved_reason": self.sampler.last_reason if self.sampler.starved_since is not None else ""}
-        if read_metrics:
+                  "starved_reason": self.sampler.last_reason if self.sampler.waiting_since is not None else "",
+                  "starved_seconds": time.monotonic() - starved_since if starved_since is not None else 0.0}
+        if read_metrics and self.diverged is None:
             with self.lock:
                 status["metrics"] = self.learner.metrics.read()
         return status
 
     def state(self) -> dict:
-        """Everything a resume needs, on the CPU, taken between two updates."""
+        """Everything a resume needs, on the CPU, taken between two updates. Raises LearnerDiverged
+        (and saves nothing) once the learner has diverged."""
         with self.lock:
             return _to_cpu(self.learner.state_dict())
 
@@ -125,7 +144,8 @@ class LearnerService:
             self.thread.join(timeout=30)
         self.prefetcher.stop()
         with self.lock:
-            if self.learner.updates > 0 and (self.published is None or self.published[0] != self.learner.updates):
+            fresh = self.published is None or self.published[0] != self.learner.updates
+            if self.learner.updates > 0 and fresh and self.diverged is None:
                 self._publish()
         return self.status()
 

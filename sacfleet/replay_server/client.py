@@ -22,6 +22,10 @@ class _Pending:
     since: float  # when the chunk was first sent
 
 
+PRIORITY_CHECK_EVERY = 16  # priority updates between checks of their results
+MAX_PRIORITY_UPDATES_IN_FLIGHT = 256
+
+
 class InsertClient:
     """Chunks go to the shards in turn; at most `max_in_flight` are unacknowledged, so a slow or
     rate-limited shard stalls the actor instead of queueing chunks in memory. A chunk the limiter
@@ -44,6 +48,14 @@ class InsertClient:
         shard = self.next_shard
         self.next_shard = (shard + 1) % len(self.shards)
         self.pending.append(_Pending(self.shards[shard].insert.remote(payload), shard, payload, time.monotonic()))
+
+    def oldest_pending_seconds(self) -> float:
+        """How long the oldest unacknowledged chunk has waited: long waits mean the rate limiter
+        holds this actor back because nothing samples."""
+        try:  # read from another thread while run() may pop it
+            return time.monotonic() - self.pending[0].since
+        except IndexError:
+            return 0.0
 
     def flush(self) -> None:
         """Wait for every chunk in flight; once `should_stop` is true, refused chunks are dropped."""
@@ -82,8 +94,11 @@ class SampleClient:
         self.timeout_s = timeout_s
         self.outstanding: dict[Any, int] = {}  # ref -> shard
         self.not_before = [0.0] * len(self.shards)
-        self.starved_since: float | None = None
+        self.waiting_since: float | None = None  # since when every shard has refused: for the timeout
+        self.starved_since: float | None = None  # the same, once a batch came: waits that are not the warm-up
+        self.sampled = False
         self.last_reason = ""
+        self.priority_updates: list = []  # refs of priority updates not yet seen to succeed
 
     def _request(self, now: float) -> None:
         busy = set(self.outstanding.values())
@@ -105,17 +120,29 @@ class SampleClient:
             shard = self.outstanding.pop(ready[0])
             result = ray.get(ready[0])
             if result["ok"]:
-                self.starved_since = None
+                self.waiting_since = self.starved_since = None
+                self.sampled = True
                 return result
             now = time.monotonic()
             self.not_before[shard] = now + result["retry_after"]
             self.last_reason = result["reason"]
-            if self.starved_since is None:
-                self.starved_since = now
-            elif now - self.starved_since > self.timeout_s:
+            if self.waiting_since is None:
+                self.waiting_since = now
+            elif now - self.waiting_since > self.timeout_s:
                 raise RateLimiterTimeout(f"sampling blocked for {self.timeout_s:g}s (replay.rate_limit_timeout_s): "
                                          f"{self.last_reason}")
+            if self.starved_since is None and self.sampled:
+                self.starved_since = now
         return None
 
     def update_priorities(self, shard: int, keys, priorities) -> None:
-        self.shards[shard].update_priorities.remote(keys, priorities)  # fire and forget: never wait
+        """Send new priorities without waiting for them; a shard's error surfaces here a few calls
+        later (as a RayTaskError naming its cause), never silently dropped."""
+        self.priority_updates.append(self.shards[shard].update_priorities.remote(keys, priorities))
+        if len(self.priority_updates) >= PRIORITY_CHECK_EVERY:
+            done, self.priority_updates = ray.wait(self.priority_updates, num_returns=len(self.priority_updates),
+                                                   timeout=0)
+            ray.get(done)
+            # A shard that answers none of them holds the learner back here rather than queue them forever.
+            while len(self.priority_updates) > MAX_PRIORITY_UPDATES_IN_FLIGHT:
+                ray.get(self.priority_updates.pop(0))

@@ -1,0 +1,119 @@
+"""What a run reports, for the fleet and the in-process trainer alike: progress lines, records in
+metrics.jsonl and TensorBoard, the health checks that watch those records, the evaluation curve,
+and summary.json."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from sacfleet.common.config import Config, to_dict
+from sacfleet.common.health import HealthMonitor, RunFacts
+from sacfleet.common.io import atomic_write_bytes
+from sacfleet.common.metrics import EpisodeStats, MetricsLogger
+
+
+@dataclass(frozen=True)
+class Point:
+    """Run totals at one moment; rates are computed between two of them."""
+
+    env_steps: int
+    updates: int
+    wall: float
+    inserts: int = 0
+    samples: int = 0
+
+
+class Reporter:
+    def __init__(self, cfg: Config, run_dir: Path, echo: Callable[[str], None], *, act_dim: int, fleet: bool,
+                 start: Point, evals: Sequence | None = None):
+        self.cfg, self.run_dir, self.echo = cfg, Path(run_dir), echo
+        self.metrics = MetricsLogger(run_dir)
+        self.episodes = EpisodeStats()
+        self.health = HealthMonitor(RunFacts.from_config(cfg, act_dim, fleet), cfg.health)
+        self.last = start
+        self.evals: list = [list(row) for row in evals or []]  # [env_steps, wall_seconds, mean return]
+
+    def progress(self, now: Point, values: Mapping[str, float], note: str = "") -> dict:
+        """Log one progress record (rates since the last one, episode returns, the trainer's `values`
+        and the health checks' readings), print its line, and any health warning that starts with it."""
+        last = self.last
+        span = max(now.wall - last.wall, 1e-9)
+        fps = (now.env_steps - last.env_steps) / span
+        record = {**values, **self.episodes.summary(), **self.episodes.recent_mean(),
+                  "train/n_updates": now.updates, "time/fps": fps,
+                  "actors/env_steps_per_s": fps, "learner/updates_per_s": (now.updates - last.updates) / span,
+                  "replay/inserts_per_s": (now.inserts - last.inserts) / span,
+                  "replay/samples_per_s": (now.samples - last.samples) / span}
+        started = self.health.observe(now.env_steps, record)
+        record.update(self.health.values())
+        self.metrics.log(now.env_steps, now.wall, record)
+        self.last = now
+        self.echo(self.progress_line(now, record) + note)
+        for warning in started:
+            self.echo(warning.line())
+        return record
+
+    def progress_line(self, now: Point, record: Mapping[str, float]) -> str:
+        total = self.cfg.train.total_env_steps
+        parts = [f"steps {now.env_steps:>9,}/{total:,}", f"updates {now.updates:>9,}"]
+        if "rollout/ep_rew_mean" in record:
+            parts.append(f"ep_rew_mean {record['rollout/ep_rew_mean']:9.1f}")
+        if self.evals:
+            parts.append(f"eval {self.evals[-1][2]:9.1f}")
+        fps = record["time/fps"]
+        parts += [f"{fps:6.0f} steps/s", f"{record['learner/updates_per_s']:6.0f} updates/s"]
+        if "replay/samples_per_insert" in record:
+            parts.append(f"ratio {record['replay/samples_per_insert']:6.1f}")
+        if "learner/policy_lag" in record:
+            parts.append(f"lag {record['learner/policy_lag']:5.1f}")
+        if record.get("actors/restarts"):
+            parts.append(f"restarts {record['actors/restarts']:.0f}")
+        parts.append(f"eta {(total - now.env_steps) / fps:5.0f}s" if fps > 0 else "eta     ?")
+        active = self.health.active()
+        if active:
+            parts.append(f"health: {', '.join(active)}")
+        return " | ".join(parts)
+
+    def watch(self, now: Point, values: Mapping[str, float]) -> None:
+        """Health checks between progress records (the fleet's stalls show up when no steps are made,
+        so no record would come); a warning that starts is printed and recorded at once."""
+        started = self.health.observe(now.env_steps, values)
+        if started:
+            self.metrics.log(now.env_steps, now.wall, self.health.values())
+            for warning in started:
+                self.echo(warning.line())
+
+    def evaluation(self, env_steps: int, wall: float, returns: Sequence[float]) -> tuple[float, float]:
+        """Record an evaluation's returns; returns their mean and standard deviation."""
+        mean = sum(returns) / len(returns)
+        std = math.sqrt(sum((r - mean) ** 2 for r in returns) / len(returns))
+        self.evals.append([env_steps, round(wall, 2), mean])
+        record = {"eval/mean_reward": mean, "eval/std_reward": std}
+        self.health.observe(env_steps, record)
+        self.metrics.log(env_steps, wall, record)
+        return mean, std
+
+    def diverged(self, now: Point, update: int, what: str) -> None:
+        self.health.diverged(update, what, now.env_steps)
+        self.metrics.log(now.env_steps, now.wall, {**self.health.values(), "health/diverged_at_update": update})
+
+    def write_summary(self, summary: dict) -> dict:
+        """summary.json: the trainer's `summary` with the health section added."""
+        summary = {**summary, "health": self.health.summary()}
+        atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+        return summary
+
+    def failure_summary(self, now: Point, reason: str, mode: str) -> dict:
+        """summary.json of a run that stopped without a final evaluation (a diverged learner)."""
+        return self.write_summary({
+            "env_steps": now.env_steps, "updates": now.updates, "wall_seconds": round(now.wall, 2),
+            "stop_reason": reason, "failed": True, "interrupted": False, "mode": mode,
+            "eval": {"return_mean": None, "return_std": None, "episodes": 0, "curve": self.evals},
+            "config": to_dict(self.cfg)})
+
+    def close(self) -> None:
+        self.metrics.close()

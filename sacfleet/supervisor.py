@@ -1,0 +1,285 @@
+"""Watches a running fleet from the driver: polls the learner and the replay shards, restarts failed
+env actors and counts them, gathers the actors' statistics, runs evaluations, and collects the
+state a checkpoint saves. Every failure it cannot handle becomes a FleetError naming the component."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import ray
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+
+from sacfleet.common.rundir import RunFailed
+from sacfleet.learner.sac import LearnerDiverged
+
+CALL_TIMEOUT = 120.0  # a status call unanswered this long means the component hangs
+RESTART_TIMEOUT = 120.0
+
+
+class FleetError(RunFailed):
+    """The fleet stopped because a component failed; the message names the component and the cause."""
+
+
+class FleetDiverged(FleetError):
+    """The learner's losses, gradients or parameters became non-finite; nothing of it was published
+    or checkpointed after that."""
+
+    def __init__(self, update: int, what: str, message: str):
+        super().__init__(message)
+        self.update, self.what = update, what
+
+
+def first_line(exc: BaseException) -> str:
+    """The cause of a Ray error without Ray's traceback banner."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(exc, RayTaskError) and cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
+
+@dataclass
+class ActorSlot:
+    """Supervision state of one env actor."""
+
+    handle: object
+    run_ref: object = None
+    restarts: int = 0
+    restarting_since: float | None = None
+    old_pid: int | None = None
+    ping_ref: object = None
+    stats_ref: object = None
+    last_error: str = ""
+    insert_blocked_seconds: float = 0.0
+    seconds: dict = field(default_factory=dict)  # stage seconds of the current process
+    seconds_before: dict = field(default_factory=dict)  # summed over processes that failed
+
+
+class FleetSupervisor:
+    """`fleet` holds the Ray handles (learner, shards, evaluator, actor slots); `stream(i, restarts)`
+    gives a restarted actor's env-seed stream; `episodes` receives finished episodes."""
+
+    def __init__(self, cfg, fleet, echo: Callable[[str], None], episodes, restarts_before: int = 0):
+        self.cfg, self.fleet, self.echo, self.episodes = cfg, fleet, echo, episodes
+        self.restarts_before = restarts_before
+        self.shard_stats: list[dict] = []
+        self.learner_status: dict = {"updates": 0}
+        self.stopping = False
+        self.eval_ref = None
+        self.pending: dict[str, tuple[object, float]] = {}  # call -> (refs in flight, when sent)
+
+    # -- what the fleet has done
+
+    @property
+    def inserts(self) -> int:
+        return sum(s["inserts"] for s in self.shard_stats)
+
+    @property
+    def samples(self) -> int:
+        return sum(s["samples"] for s in self.shard_stats)
+
+    @property
+    def updates(self) -> int:
+        return self.learner_status["updates"]
+
+    @property
+    def restarts(self) -> int:
+        return self.restarts_before + sum(slot.restarts for slot in self.fleet.actors)
+
+    def replay_ratio(self) -> float:
+        effective = sum(s["inserts"] - s["min_size_to_sample"] for s in self.shard_stats)
+        return self.samples / effective if effective > 0 else float("nan")
+
+    def policy_lag(self) -> float:
+        versions = [s["recent_policy_version"] for s in self.shard_stats if s["recent_policy_version"] >= 0]
+        return self.updates - sum(versions) / len(versions) if versions else float("nan")
+
+    def stall_values(self) -> dict[str, float]:
+        """How long inserts and samples have been held back without a break, for the health checks."""
+        blocked = [slot.insert_blocked_seconds for slot in self.fleet.actors if slot.restarting_since is None]
+        return {"actors/insert_blocked_s": max(blocked, default=0.0),
+                "learner/starved_s": self.learner_status.get("starved_seconds", 0.0)}
+
+    def stage_seconds(self) -> dict[str, float]:
+        actors: dict[str, float] = {}
+        for slot in self.fleet.actors:
+            for key in set(slot.seconds) | set(slot.seconds_before):
+                actors[key] = actors.get(key, 0.0) + slot.seconds.get(key, 0.0) + slot.seconds_before.get(key, 0.0)
+        s = self.learner_status
+        return {"actors: env step": actors.get("env", 0.0), "actors: policy inference": actors.get("inference", 0.0),
+                "actors: waiting on replay (back-pressure)": actors.get("insert_wait", 0.0),
+                "learner: sample + copy (prefetch thread)": s.get("seconds_sampling", 0.0),
+                "learner: SAC updates": s.get("seconds_update", 0.0),
+                "learner: waiting for batches": s.get("seconds_waiting_for_data", 0.0)}
+
+    # -- polling
+
+    def poll(self, read_metrics: bool = False, wait: bool = False) -> None:
+        """Refresh the learner's status and the shards' statistics, and look after the env actors.
+        Without `wait`, a component slow to answer keeps its last known values (so that the health
+        checks still see the rest of the fleet, e.g. actors held back by a stuck learner) until it
+        has been silent for CALL_TIMEOUT. `read_metrics` waits for a fresh status with the metrics."""
+        fleet = self.fleet
+        if read_metrics and "learner" in self.pending:  # an answer without metrics is in flight: drain it
+            self._answer("learner", "learner", lambda: None, wait=True)
+        status = self._answer("learner", "learner", lambda: fleet.learner.status.remote(read_metrics),
+                              wait=wait or read_metrics)
+        if status is not None:
+            self.learner_status = status
+            self._raise_learner_error(status)
+        stats = self._answer("shards", "replay shard", lambda: [s.stats.remote() for s in fleet.shards],
+                             wait=wait or read_metrics or not self.shard_stats)
+        if stats is not None:
+            self.shard_stats = stats
+        self._supervise_actors()
+        self._collect_actor_stats()
+
+    def _answer(self, call: str, what: str, send: Callable[[], object], wait: bool):
+        """The answer to `call` once it has come (sending it first if none is in flight), else None."""
+        if call not in self.pending:
+            self.pending[call] = (send(), time.monotonic())
+        refs, sent = self.pending[call]
+        many = isinstance(refs, list)
+        waiting = refs if many else [refs]
+        timeout = max(0.0, CALL_TIMEOUT - (time.monotonic() - sent)) if wait else 0.0
+        ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=timeout)
+        if len(ready) < len(waiting):
+            if time.monotonic() - sent >= CALL_TIMEOUT:
+                raise FleetError(f"{what} hangs: no answer to a status call within {CALL_TIMEOUT:g} s")
+            return None
+        del self.pending[call]
+        try:
+            return ray.get(refs)
+        except RayActorError as exc:
+            raise FleetError(f"{what} died: {first_line(exc)}") from None
+
+    @staticmethod
+    def _raise_learner_error(status: dict) -> None:
+        if status.get("diverged"):
+            d = status["diverged"]
+            raise FleetDiverged(d["update"], d["what"], d["message"])
+        if status["error"]:
+            raise FleetError(f"learner failed: {status['error']}")
+
+    def stop_learner(self) -> dict:
+        try:
+            status = ray.get(self.fleet.learner.stop.remote(), timeout=CALL_TIMEOUT)
+        except (RayActorError, GetTimeoutError) as exc:
+            raise FleetError(f"learner died or hangs while stopping: {first_line(exc)}") from None
+        self._raise_learner_error(status)
+        return status
+
+    def _supervise_actors(self) -> None:
+        if self.stopping:  # actors return from run() on purpose now
+            return
+        max_restarts = self.cfg.actors.max_restarts
+        for i, slot in enumerate(self.fleet.actors):
+            if slot.restarting_since is not None:
+                self._finish_restart(i, slot)
+                continue
+            ready, _ = ray.wait([slot.run_ref], timeout=0)
+            if not ready:
+                continue
+            try:
+                ray.get(slot.run_ref)
+                error, pid = "run() returned before the fleet stopped", None
+            except RayTaskError as exc:
+                error, pid = first_line(exc), getattr(exc, "pid", None)
+            except ActorUnavailableError:  # restarting already; try again when it answers
+                slot.restarting_since, slot.old_pid = time.monotonic(), None
+                continue
+            except RayActorError as exc:
+                error, pid = f"process died: {first_line(exc)}", None
+            slot.restarts += 1
+            slot.last_error = error
+            self._fold_seconds(slot)
+            if slot.restarts > max_restarts:
+                raise FleetError(f"env actor {i} failed {slot.restarts} times (actors.max_restarts={max_restarts}); "
+                                 f"last error: {error}")
+            self.echo(f"env actor {i} failed ({error}); restarting it ({slot.restarts}/{max_restarts})")
+            if pid is not None:  # the process is alive with broken state: replace it
+                ray.kill(slot.handle, no_restart=False)
+            slot.restarting_since, slot.old_pid, slot.ping_ref = time.monotonic(), pid, None
+
+    def _finish_restart(self, i: int, slot: ActorSlot) -> None:
+        if slot.ping_ref is None:
+            slot.ping_ref = slot.handle.pid.remote()
+        ready, _ = ray.wait([slot.ping_ref], timeout=0)
+        if ready:
+            ref, slot.ping_ref = slot.ping_ref, None
+            try:
+                pid = ray.get(ref)
+            except (RayActorError, RayTaskError):
+                pid = None
+            if pid is not None and pid != slot.old_pid:
+                slot.run_ref = slot.handle.run.remote(self.fleet.stream(i, slot.restarts))
+                slot.restarting_since = None
+                return
+        if time.monotonic() - slot.restarting_since > RESTART_TIMEOUT:
+            raise FleetError(f"env actor {i} did not come back within {RESTART_TIMEOUT:g} s after: {slot.last_error}")
+
+    @staticmethod
+    def _fold_seconds(slot: ActorSlot) -> None:
+        for key, value in slot.seconds.items():
+            slot.seconds_before[key] = slot.seconds_before.get(key, 0.0) + value
+        slot.seconds = {}
+
+    def _collect_actor_stats(self) -> None:
+        for slot in self.fleet.actors:
+            if slot.stats_ref is not None:
+                ready, _ = ray.wait([slot.stats_ref], timeout=0)
+                if not ready:
+                    continue
+                try:
+                    stats = ray.get(slot.stats_ref)
+                    self.episodes.extend(stats["episodes"])
+                    slot.seconds = stats["seconds"]
+                    slot.insert_blocked_seconds = stats["insert_blocked_seconds"]
+                except (RayActorError, RayTaskError):
+                    pass
+            slot.stats_ref = None if slot.restarting_since is not None else slot.handle.stats.remote()
+
+    def stop_actors(self, timeout: float = 60.0) -> None:
+        self.stopping = True
+        for slot in self.fleet.actors:
+            slot.handle.stop.remote()
+        ray.wait([slot.run_ref for slot in self.fleet.actors], num_returns=len(self.fleet.actors), timeout=timeout)
+
+    # -- evaluations and checkpoints
+
+    def start_eval(self, episodes: int) -> bool:
+        """Ask the eval actor for `episodes` of the newest policy; False if one is running already."""
+        if self.eval_ref is not None:
+            return False
+        self.eval_ref = self.fleet.evaluator.evaluate.remote(episodes)
+        return True
+
+    def eval_result(self, wait: bool = False) -> dict | None:
+        """The running evaluation's result ({"version", "returns", "seconds"}) once it is done."""
+        if self.eval_ref is None:
+            return None
+        ready, _ = ray.wait([self.eval_ref], timeout=None if wait else 0)
+        if not ready:
+            return None
+        ref, self.eval_ref = self.eval_ref, None
+        try:
+            return ray.get(ref)
+        except (RayActorError, RayTaskError) as exc:
+            raise FleetError(f"eval actor failed: {first_line(exc)}") from None
+
+    def checkpoint_state(self) -> tuple[dict, list[bytes] | None]:
+        """(learner state, replay snapshots or None)."""
+        fleet = self.fleet
+        try:
+            state = ray.get(fleet.learner.state.remote(), timeout=CALL_TIMEOUT)
+            snapshots = (ray.get([s.snapshot.remote() for s in fleet.shards], timeout=CALL_TIMEOUT)
+                         if self.cfg.checkpoint.replay else None)
+        except RayTaskError as exc:
+            if isinstance(exc.cause, LearnerDiverged):
+                raise FleetDiverged(exc.cause.update, exc.cause.what, str(exc.cause)) from None
+            raise FleetError(f"checkpoint failed: {first_line(exc)}") from None
+        except (RayActorError, GetTimeoutError) as exc:
+            raise FleetError(f"checkpoint failed: {first_line(exc)}") from None
+        return state, snapshots
