@@ -264,7 +264,8 @@ def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resum
             run.reporter.diverged(now, exc.update, exc.what)
             run.reporter.failure_summary(now, str(exc), mode="fleet")
             run.reporter.close()
-            raise FleetDiverged(exc.update, exc.what, f"{exc}; {kept_checkpoint_note(run_dir / 'checkpoints')}") from None
+            note = kept_checkpoint_note(run_dir / "checkpoints")
+            raise FleetDiverged(exc.update, exc.what, f"{exc}; {note}") from None
     finally:
         if fleet is not None:
             fleet.kill()

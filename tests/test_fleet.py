@@ -183,7 +183,33 @@ def test_a_diverging_fleet_learner_stops_the_run_named_and_keeps_the_last_good_c
     assert checkpoint.read_bytes() == kept
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["failed"] and summary["health"]["diverged"]["update"] == updates + 1
-    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["health/diverged_at_update"] == updates + 1
+    last_record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last_record["health/diverged_at_update"] == updates + 1
     # The diverged weights never reached an actor: no actor failed decoding them.
     assert not any("env actor" in line for line in lines), lines
     assert wait_for_released_resources()
+
+
+def test_a_failed_priority_update_surfaces_in_the_learner_instead_of_vanishing():
+    from ray.exceptions import RayTaskError
+
+    from sacfleet.replay_server.client import PRIORITY_CHECK_EVERY, SampleClient
+
+    cfg = load_config("pointmass", ["replay.capacity=1000", "learner.batch_size=8", "train.learning_starts=8",
+                                    "replay.sampler=prioritized"])
+    spec = TransitionSpec(2, 1)
+    shard = ray.remote(ReplayShard).remote(cfg, 2, 1, 0)
+    try:
+        ray.get(shard.insert.remote(encode_chunk(_chunk(spec, 20, 0), spec)))
+        client = SampleClient([shard], 1, 8, timeout_s=10)
+        keys = np.arange(8)
+        for _ in range(PRIORITY_CHECK_EVERY - 1):  # good ones go through without waiting
+            client.update_priorities(0, keys, np.ones(8))
+        ray.get(client.priority_updates)
+        client.update_priorities(0, keys, np.ones(5))  # a shard refuses 8 keys with 5 priorities
+        with pytest.raises(RayTaskError, match="8 keys but 5 priorities"):
+            for _ in range(PRIORITY_CHECK_EVERY):
+                client.update_priorities(0, keys, np.ones(8))
+                time.sleep(0.01)
+    finally:
+        ray.kill(shard)

@@ -96,7 +96,8 @@ def test_temperature_collapse_early_and_before_learning_warns():
 
 def test_entropy_collapse_warns():
     [warning] = feed(monitor(), [{**HEALTHY, "train/entropy": -6.0}] * 2)
-    assert warning.check == "entropy_collapse" and "5.0 nats per action dimension below its target -1" in warning.symptom
+    assert warning.check == "entropy_collapse"
+    assert "5.0 nats per action dimension below its target -1" in warning.symptom
 
 
 def test_a_flat_return_warns_only_after_its_stretch():

@@ -168,7 +168,8 @@ def test_a_diverging_learner_stops_the_run_named_and_keeps_the_last_good_checkpo
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["health/diverged_at_update"] == diverged_at
     # The command line says the same and exits 1.
-    assert main(["train", "--inline", "--run-dir", str(tmp_path / "cli"), *[a for kv in overrides for a in ("--set", kv)]]) == 1
+    flags = [a for kv in overrides for a in ("--set", kv)]
+    assert main(["train", "--inline", "--run-dir", str(tmp_path / "cli"), *flags]) == 1
     assert "sacfleet train: the run failed: learner diverged at update" in capsys.readouterr().err
 
 
@@ -188,7 +189,7 @@ def test_resume_refuses_what_it_cannot_apply_and_leaves_the_run_unchanged(run, c
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     refused = {
         "env.kwargs.action_limit=1.0": "--resume cannot change the action bounds",
-        "env.kwargs.dims=2": "the checkpoint is for another environment than sacfleet/PointMass-v0: obs_dim 2 there, 4 now",
+        "env.kwargs.dims=2": "another environment than sacfleet/PointMass-v0: obs_dim 2 there, 4 now",
         "learner.hidden_sizes=[64, 64]": "--resume cannot change learner.hidden_sizes ([32, 32] -> [64, 64])",
         "learner.symlog_q=false": "--resume cannot change learner.symlog_q",
         "env.id=Pendulum-v1": "--resume cannot change env.id",

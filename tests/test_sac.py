@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.distributions import AffineTransform, Normal, TanhTransform, TransformedDistribution
 
-from sacfleet.learner import (Actor, Batch, LearnerDiverged, SACLearner, TwinCritic, actor_loss, alpha_loss, critic_loss,
-                              critic_target, polyak_update, q_values, squashed_log_prob, symexp, symlog)
+from sacfleet.learner import (Actor, Batch, LearnerDiverged, SACLearner, TwinCritic, actor_loss, alpha_loss,
+                              critic_loss, critic_target, polyak_update, q_values, squashed_log_prob, symexp, symlog)
 
 
 def reference_log_prob(u, mean, log_std, low, high):
@@ -359,3 +359,14 @@ def test_loading_a_checkpoint_keeps_this_learners_configured_obs_clip():
     far = np.full((1, 3), 100.0, np.float32)
     assert np.allclose(resumed.actor.act(far, deterministic=True), resumed.actor.act(far / 20, deterministic=True))
     assert resumed.policy_weights()["obs_clip"] == 5.0
+
+
+def test_metrics_are_means_over_the_period_and_the_reward_scale_its_largest():
+    learner = _learner()
+    big = _random_batch(1)
+    big.reward[3] = -50.0
+    for batch in (_random_batch(0), big, _random_batch(2)):
+        learner.update(batch)
+    metrics = learner.metrics.read()
+    assert metrics["train/reward_abs_max"] == 50.0
+    assert learner.update(_random_batch(3)) is not None and learner.metrics.read()["train/reward_abs_max"] < 50.0

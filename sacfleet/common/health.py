@@ -302,30 +302,32 @@ class PolicyLag(Check):
                        f"policy lag {lag:.0f} updates is {ratio:.1f}x what the fleet's settings imply ({expected:.0f})")
 
 
-class ActorsStarved(Check):
-    name, limit_key = "actors_starved", "health.starved_seconds"
+class _Stall(Check):
+    """A wait without a break, in seconds, read from `key`."""
+
+    limit_key = "health.starved_seconds"
+    key = ""
+    symptom = ""  # formatted with {seconds}
+
+    def read(self, env_steps, values):
+        if not _have(values, self.key):
+            return None
+        seconds = values[self.key]
+        return Reading(seconds, seconds >= self.limits.starved_seconds, self.symptom.format(seconds=seconds))
+
+
+class ActorsStarved(_Stall):
+    name, key = "actors_starved", "actors/insert_blocked_s"
+    symptom = "an env actor's insert has been held back by the rate limiter for {seconds:.0f} s"
     cause = ("the rate limiter holds inserts back because the learner is not sampling: it may be stuck, failing, "
              "or far slower than collection (a GPU learner, fewer actors or a lower replay.samples_per_insert)")
 
-    def read(self, env_steps, values):
-        if not _have(values, "actors/insert_blocked_s"):
-            return None
-        blocked = values["actors/insert_blocked_s"]
-        return Reading(blocked, blocked >= self.limits.starved_seconds,
-                       f"an env actor's insert has been held back by the rate limiter for {blocked:.0f} s")
 
-
-class LearnerStarved(Check):
-    name, limit_key = "learner_starved", "health.starved_seconds"
+class LearnerStarved(_Stall):
+    name, key = "learner_starved", "learner/starved_s"
+    symptom = "the learner has waited {seconds:.0f} s for a batch the rate limiter would allow"
     cause = ("the rate limiter waits for inserts: actors are failing, stuck or too slow for the update rate; add "
              "actors or actors.envs_per_actor, or lower replay.samples_per_insert")
-
-    def read(self, env_steps, values):
-        if not _have(values, "learner/starved_s"):
-            return None
-        starved = values["learner/starved_s"]
-        return Reading(starved, starved >= self.limits.starved_seconds,
-                       f"the learner has waited {starved:.0f} s for a batch the rate limiter would allow")
 
 
 CHECKS = (QBlowup, CriticDisagreement, AlphaCollapse, EntropyCollapse, ReturnStalled, SuccessStalled,

@@ -25,8 +25,8 @@ from sacfleet.learner.networks import Actor, TwinCritic
 
 # What each update reports, averaged over a logging period. q_mean is the mean critic target;
 # q1_mean and q2_mean are each critic's mean Q on the batch; the gradient norms are taken before
-# the optimizer steps; reward_abs_max is the batch's largest |reward|, for the Q bound the health
-# checks compare q_mean with.
+# the optimizer steps; reward_abs_max is the largest |reward| of the period's batches, for the Q
+# bound the health checks compare q_mean with.
 METRIC_NAMES = ("train/critic_loss", "train/actor_loss", "train/ent_coef", "train/ent_coef_loss",
                 "train/entropy", "train/q_mean", "train/q1_mean", "train/q2_mean", "train/critic_grad_norm",
                 "train/actor_grad_norm", "train/reward_abs_max")
@@ -135,24 +135,29 @@ class Losses:
 
 
 class MetricAccumulator:
-    """Sums update metrics on the device; `read()` makes the single host sync per logging period."""
+    """Sums update metrics on the device; `read()` makes the single host sync per logging period and
+    gives each metric's mean over the period, or its largest value for the names in `maxima`."""
 
-    def __init__(self, names: tuple[str, ...], device: torch.device):
+    def __init__(self, names: tuple[str, ...], device: torch.device, maxima: tuple[str, ...] = ()):
         self.names = names
+        self.is_max = torch.tensor([name in maxima for name in names], device=device)
         self.sums = torch.zeros(len(names), device=device)
+        self.maxes = torch.full((len(names),), -math.inf, device=device)
         self.count = 0
 
     def add(self, values: torch.Tensor) -> None:
         self.sums += values
+        torch.maximum(self.maxes, values, out=self.maxes)
         self.count += 1
 
     def read(self) -> dict[str, float]:
         if self.count == 0:
             return {}
-        means = (self.sums / self.count).tolist()
+        values = torch.where(self.is_max, self.maxes, self.sums / self.count).tolist()
         self.sums.zero_()
+        self.maxes.fill_(-math.inf)
         self.count = 0
-        return dict(zip(self.names, means))
+        return dict(zip(self.names, values))
 
 
 class DivergenceWatch:
@@ -219,7 +224,7 @@ class SACLearner:
         self.alpha_optim = _adam([self.log_alpha], alpha_lr, self.device, cuda_graph)
         self.learning_rates = (actor_lr, critic_lr, alpha_lr)
         self.updates = 0
-        self.metrics = MetricAccumulator(METRIC_NAMES, self.device)
+        self.metrics = MetricAccumulator(METRIC_NAMES, self.device, maxima=("train/reward_abs_max",))
         self.divergence = DivergenceWatch(METRIC_NAMES, self.device)
         self._losses = Losses(critic_target, critic_loss, actor_loss)
         self._graph = None
@@ -301,7 +306,8 @@ class SACLearner:
         raises LearnerDiverged instead, so that a diverged learner publishes nothing."""
         self.check_finite()
         # Copies: on the CPU .numpy() would share memory with parameters that the next update changes.
-        weights = {name: tensor.detach().to("cpu", copy=True).numpy() for name, tensor in self.actor.state_dict().items()}
+        weights = {name: tensor.detach().to("cpu", copy=True).numpy()
+                   for name, tensor in self.actor.state_dict().items()}
         bad = [name for name, array in weights.items() if not np.isfinite(array).all()]
         if bad:
             raise LearnerDiverged(self.updates, f"actor parameters ({', '.join(bad)})")
