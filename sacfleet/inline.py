@@ -141,9 +141,7 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
         interrupted = True
         echo("interrupted: writing the final checkpoint and summary")
     except LearnerDiverged as exc:
-        reporter.diverged(point(), exc.update, exc.what)
-        reporter.failure_summary(point(), str(exc), mode="inline")
-        reporter.close()
+        reporter.diverged(point(), exc.update, exc.what, str(exc), mode="inline")
         raise RunFailed(f"{exc}; {kept_checkpoint_note(run_dir / 'checkpoints')}") from None
     finally:
         for rollout in rollouts:

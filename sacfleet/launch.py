@@ -260,10 +260,7 @@ def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resum
             return _supervise(run)
         except FleetDiverged as exc:
             # Stop at once: nothing diverged was published or saved; say so where the run's outputs are.
-            now = run.point()
-            run.reporter.diverged(now, exc.update, exc.what)
-            run.reporter.failure_summary(now, str(exc), mode="fleet")
-            run.reporter.close()
+            run.reporter.diverged(run.point(), exc.update, exc.what, str(exc), mode="fleet")
             note = kept_checkpoint_note(run_dir / "checkpoints")
             raise FleetDiverged(exc.update, exc.what, f"{exc}; {note}") from None
     finally:

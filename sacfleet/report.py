@@ -97,9 +97,12 @@ class Reporter:
         self.metrics.log(env_steps, wall, record)
         return mean, std
 
-    def diverged(self, now: Point, update: int, what: str) -> None:
+    def diverged(self, now: Point, update: int, what: str, reason: str, mode: str) -> None:
+        """A diverged learner ends the run: its record, then summary.json (no final evaluation)."""
         self.health.diverged(update, what, now.env_steps)
         self.metrics.log(now.env_steps, now.wall, {**self.health.values(), "health/diverged_at_update": update})
+        self.failure_summary(now, reason, mode)
+        self.close()
 
     def write_summary(self, summary: dict) -> dict:
         """summary.json: the trainer's `summary` with the health section added."""

@@ -95,8 +95,7 @@ class SampleClient:
         self.outstanding: dict[Any, int] = {}  # ref -> shard
         self.not_before = [0.0] * len(self.shards)
         self.waiting_since: float | None = None  # since when every shard has refused: for the timeout
-        self.starved_since: float | None = None  # the same, once a batch came: waits that are not the warm-up
-        self.sampled = False
+        self.sampled = False  # a batch has come: later waits are not the warm-up
         self.last_reason = ""
         self.priority_updates: list = []  # refs of priority updates not yet seen to succeed
 
@@ -120,7 +119,7 @@ class SampleClient:
             shard = self.outstanding.pop(ready[0])
             result = ray.get(ready[0])
             if result["ok"]:
-                self.waiting_since = self.starved_since = None
+                self.waiting_since = None
                 self.sampled = True
                 return result
             now = time.monotonic()
@@ -131,9 +130,12 @@ class SampleClient:
             elif now - self.waiting_since > self.timeout_s:
                 raise RateLimiterTimeout(f"sampling blocked for {self.timeout_s:g}s (replay.rate_limit_timeout_s): "
                                          f"{self.last_reason}")
-            if self.starved_since is None and self.sampled:
-                self.starved_since = now
         return None
+
+    @property
+    def starved_since(self) -> float | None:
+        """Since when the learner has waited for a batch without a break, once the warm-up is over."""
+        return self.waiting_since if self.sampled else None
 
     def update_priorities(self, shard: int, keys, priorities) -> None:
         """Send new priorities without waiting for them; a shard's error surfaces here a few calls
