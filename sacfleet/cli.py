@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
     bench.add_argument("--actors", type=_int_list, default=None, metavar="N,N,...",
                        help="actor counts of the actors and e2e suites (default 1,2,4,... up to the cores)")
+    bench.add_argument("--env", dest="env_id", metavar="ENV_ID",
+                       help="env of the env and actors suites (default: the env suite's list; HalfCheetah-v5 for actors)")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint with deterministic actions")
     ev.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file or run directory")
@@ -91,6 +93,8 @@ def _bench(args) -> int:
         options["batch_sizes"] = args.batch_sizes
     if args.actors:
         options["actors"] = args.actors
+    if args.env_id:
+        options["env_id"] = args.env_id
     header = (f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
               f"{os.cpu_count()} cores" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     echo(f"sacfleet bench: {header}")
@@ -190,8 +194,9 @@ def _eval(args) -> int:
     actor = Actor(info["obs_dim"], info["act_dim"], cfg.learner.hidden_sizes, info["action_low"], info["action_high"])
     actor.load_state_dict(state["learner"]["actor"])
     torch.set_num_threads(1)
-    returns = evaluate(actor, cfg.env, args.episodes, cfg.eval.seed if args.seed is None else args.seed)
-    print(f"{cfg.env.id}: eval return {returns.mean():.2f} +- {returns.std():.2f} over {returns.size} episodes "
+    returns, success_rate = evaluate(actor, cfg.env, args.episodes, cfg.eval.seed if args.seed is None else args.seed)
+    success = "" if success_rate is None else f", success rate {success_rate:.2f}"
+    print(f"{cfg.env.id}: eval return {returns.mean():.2f} +- {returns.std():.2f} over {returns.size} episodes{success} "
           f"(checkpoint at {state['env_steps']:,} env steps, {state['learner']['updates']:,} updates)")
     return 0
 

@@ -23,7 +23,8 @@ import torch
 from sacfleet.actors.evaluate import evaluate
 from sacfleet.actors.rollout import Rollout
 from sacfleet.common.config import Config, save_config, to_dict
-from sacfleet.common.envs import EnvInfo, describe_env
+from sacfleet.common.envs import EnvInfo, check_env_config, describe_env
+from sacfleet.common.plots import write_plots
 from sacfleet.common.rundir import RunFailed, check_run_dir, echo_flush
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.learner.checkpoint import kept_checkpoint_note, write_run_checkpoint
@@ -64,13 +65,14 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
     run_dir = Path(run_dir)
     check_run_dir(run_dir)
     env_info = describe_env(cfg.env)
+    check_env_config(cfg, env_info)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     seed_everything(cfg.train.seed)
     if cfg.learner.num_threads:
         torch.set_num_threads(cfg.learner.num_threads)
 
-    spec = TransitionSpec(env_info.obs_dim, env_info.act_dim)
+    spec = TransitionSpec.for_env(env_info)
     device = resolve_device(cfg.learner.device)
     learner = SACLearner.from_config(cfg.learner, env_info, device)
     tables = build_tables(cfg, spec, insert_size=cfg.actors.envs_per_actor)
@@ -96,8 +98,10 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
             if cfg.train.max_wall_seconds and timers.wall > cfg.train.max_wall_seconds:
                 echo(f"stopping: train.max_wall_seconds={cfg.train.max_wall_seconds:g} reached")
                 break
-            rollout = rollouts[turn % len(rollouts)]
-            table = tables[turn % len(tables)]
+            index = turn % len(rollouts)
+            rollout = rollouts[index]
+            # Relabeling needs each actor's episodes in one shard; otherwise turns spread evenly.
+            table = tables[index % len(tables) if cfg.replay.her != "off" else turn % len(tables)]
             turn += 1
 
             # Weights are "published" every publish_interval updates; a rollout picks up the newest
@@ -147,27 +151,29 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
         for rollout in rollouts:
             rollout.close()
 
-    returns = _evaluate(cfg, learner, reporter, timers, env_steps, cfg.eval.final_episodes)
+    returns, success_rate = _evaluate(cfg, learner, reporter, timers, env_steps, cfg.eval.final_episodes)
     _checkpoint(cfg, run_dir, learner, tables, env_steps, env_info)
     reporter.close()
-    summary = reporter.write_summary(_summary(cfg, learner, tables, timers, env_steps, returns, reporter.evals,
-                                              interrupted))
+    summary = reporter.write_summary(_summary(cfg, learner, tables, timers, env_steps, returns, success_rate,
+                                              reporter.evals, interrupted))
+    write_plots(run_dir, reporter.evals, {"env": timers.env, "replay and update": timers.update,
+                                          "eval": timers.eval}, cfg.env.id)
     echo(f"done: {env_steps:,} env steps, {learner.updates:,} updates in {timers.wall:.1f}s; "
          f"eval return {summary['eval']['return_mean']:.1f} +- {summary['eval']['return_std']:.1f} "
-         f"over {len(returns)} episodes; health {summary['health']['status']}; summary: {run_dir / 'summary.json'}")
+         f"over {len(returns)} episodes{'' if success_rate is None else f', success rate {success_rate:.2f}'}; health {summary['health']['status']}; summary: {run_dir / 'summary.json'}")
     return summary
 
 
 def _evaluate(cfg: Config, learner: SACLearner, reporter: Reporter, timers: Timers, env_steps: int,
-              episodes: int) -> np.ndarray:
+              episodes: int) -> tuple[np.ndarray, float | None]:
     t0 = time.monotonic()
     policy = learner.actor
     if learner.device.type != "cpu":
         policy = copy.deepcopy(policy).cpu()
-    returns = evaluate(policy, cfg.env, episodes, cfg.eval.seed)
+    returns, success_rate = evaluate(policy, cfg.env, episodes, cfg.eval.seed)
     timers.eval += time.monotonic() - t0
-    reporter.evaluation(env_steps, timers.wall, returns.tolist())
-    return returns
+    reporter.evaluation(env_steps, timers.wall, returns.tolist(), success_rate)
+    return returns, success_rate
 
 
 def _ratio(tables: list[ReplayTable]) -> float:
@@ -183,7 +189,7 @@ def _checkpoint(cfg, run_dir, learner, tables, env_steps: int, env_info: EnvInfo
                          [table.snapshot() for table in tables] if cfg.checkpoint.replay else None)
 
 
-def _summary(cfg, learner, tables, timers, env_steps, final, evals, interrupted) -> dict:
+def _summary(cfg, learner, tables, timers, env_steps, final, success_rate, evals, interrupted) -> dict:
     wall = timers.wall
     return {
         "env_steps": env_steps,
@@ -192,6 +198,7 @@ def _summary(cfg, learner, tables, timers, env_steps, final, evals, interrupted)
         "interrupted": interrupted,
         "mode": "inline",
         "eval": {"return_mean": float(final.mean()), "return_std": float(final.std()), "episodes": int(final.size),
+                 "success_rate": success_rate,
                  "curve": evals},
         "throughput": {"env_steps_per_s": env_steps / wall, "updates_per_s": learner.updates / wall,
                        "seconds_env": round(timers.env, 2), "seconds_replay_and_update": round(timers.update, 2),

@@ -24,9 +24,10 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from sacfleet.actors.env_actor import EnvActor, EvalActor
 from sacfleet.common.config import Config, save_config, to_dict
-from sacfleet.common.envs import EnvInfo, describe_env
+from sacfleet.common.envs import EnvInfo, check_env_config, describe_env
 from sacfleet.common.plots import write_plots
 from sacfleet.common.rundir import check_run_dir, echo_flush
+from sacfleet.common.transitions import TransitionSpec
 from sacfleet.learner.checkpoint import kept_checkpoint_note, write_run_checkpoint
 from sacfleet.learner.service import LearnerService
 from sacfleet.replay_server.shard import ReplayShard
@@ -92,7 +93,7 @@ class Fleet:
         self.cfg, self.session = cfg, session
         self.handles: list = []
         shard_cls = ray.remote(ReplayShard).options(num_cpus=res.shard_cpus, max_restarts=0)
-        self.shards = [self._keep(shard_cls.remote(cfg, env_info.obs_dim, env_info.act_dim, i))
+        self.shards = [self._keep(shard_cls.remote(cfg, TransitionSpec.for_env(env_info), i))
                        for i in range(cfg.replay.num_shards)]
         self._ready(self.shards, "replay shard")
         if snapshots:
@@ -207,7 +208,7 @@ class FleetRun:
         result = self.supervisor.eval_result(wait)
         if result is None:
             return None
-        mean, std = self.reporter.evaluation(*self.eval_at, result["returns"])
+        mean, std = self.reporter.evaluation(*self.eval_at, result["returns"], result.get("success_rate"))
         return {**result, "mean": mean, "std": std}
 
     def checkpoint(self) -> None:
@@ -232,6 +233,7 @@ def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resum
     echo = echo or echo_flush
     run_dir = Path(run_dir)
     env_info = describe_env(cfg.env)
+    check_env_config(cfg, env_info)
     # Everything a resume needs is checked before the run directory changes.
     point = load_resume(run_dir, cfg, env_info) if resume else None
     if not resume:
@@ -333,7 +335,8 @@ def _finish(run: FleetRun, stop_reason: str, restored: int) -> dict:
         "interrupted": stop_reason == "interrupted",
         "mode": "fleet",
         "eval": {"return_mean": final["mean"], "return_std": final["std"], "episodes": len(final["returns"]),
-                 "policy_version": final["version"], "curve": run.reporter.evals},
+                 "success_rate": final.get("success_rate"), "policy_version": final["version"],
+                 "curve": run.reporter.evals},
         "throughput": {"env_steps_per_s": session_steps / session_wall,
                        "updates_per_s": (sup.updates - start.updates) / session_wall,
                        "inserts_per_s": (sup.inserts - start.inserts) / session_wall,
@@ -359,7 +362,11 @@ def _finish(run: FleetRun, stop_reason: str, restored: int) -> dict:
              f"({summary['throughput']['env_steps_per_s']:.0f} steps/s, {summary['throughput']['updates_per_s']:.0f} "
              f"updates/s, replay ratio {summary['replay']['samples_per_insert']:.1f} of "
              f"{cfg.replay.samples_per_insert:g}); eval return {final['mean']:.1f} +- {final['std']:.1f} over "
-             f"{len(final['returns'])} episodes; health {health['status']}"
+             f"{len(final['returns'])} episodes{_success_note(final.get('success_rate'))}; health {health['status']}"
              f"{' (' + ', '.join(w['check'] for w in health['warnings']) + ')' if health['warnings'] else ''}; "
              f"summary {run.run_dir / 'summary.json'}{'; plots ' + ', '.join(p.name for p in plots) if plots else ''}")
     return summary
+
+
+def _success_note(success_rate: float | None) -> str:
+    return "" if success_rate is None else f", success rate {success_rate:.2f}"

@@ -35,7 +35,8 @@ class Reporter:
         self.episodes = EpisodeStats()
         self.health = HealthMonitor(RunFacts.from_config(cfg, act_dim, fleet), cfg.health)
         self.last = start
-        self.evals: list = [list(row) for row in evals or []]  # [env_steps, wall_seconds, mean return]
+        # [env_steps, wall_seconds, mean return] or, for envs reporting is_success, [..., success rate]
+        self.evals: list = [list(row) for row in evals or []]
 
     def progress(self, now: Point, values: Mapping[str, float], note: str = "") -> dict:
         """Log one progress record (rates since the last one, episode returns, the trainer's `values`
@@ -62,8 +63,11 @@ class Reporter:
         parts = [f"steps {now.env_steps:>9,}/{total:,}", f"updates {now.updates:>9,}"]
         if "rollout/ep_rew_mean" in record:
             parts.append(f"ep_rew_mean {record['rollout/ep_rew_mean']:9.1f}")
+        if "rollout/success_rate" in record:
+            parts.append(f"success {record['rollout/success_rate']:4.2f}")
         if self.evals:
-            parts.append(f"eval {self.evals[-1][2]:9.1f}")
+            last = self.evals[-1]
+            parts.append(f"eval {last[2]:9.1f}" + (f" success {last[3]:4.2f}" if len(last) > 3 else ""))
         fps = record["time/fps"]
         parts += [f"{fps:6.0f} steps/s", f"{record['learner/updates_per_s']:6.0f} updates/s"]
         if "replay/samples_per_insert" in record:
@@ -87,12 +91,16 @@ class Reporter:
             for warning in started:
                 self.echo(warning.line())
 
-    def evaluation(self, env_steps: int, wall: float, returns: Sequence[float]) -> tuple[float, float]:
-        """Record an evaluation's returns; returns their mean and standard deviation."""
+    def evaluation(self, env_steps: int, wall: float, returns: Sequence[float],
+                   success_rate: float | None = None) -> tuple[float, float]:
+        """Record an evaluation's returns (and success rate, for envs that report one); returns the
+        returns' mean and standard deviation."""
         mean = sum(returns) / len(returns)
         std = math.sqrt(sum((r - mean) ** 2 for r in returns) / len(returns))
-        self.evals.append([env_steps, round(wall, 2), mean])
+        self.evals.append([env_steps, round(wall, 2), mean] + ([success_rate] if success_rate is not None else []))
         record = {"eval/mean_reward": mean, "eval/std_reward": std}
+        if success_rate is not None:
+            record["eval/success_rate"] = success_rate
         self.health.observe(env_steps, record)
         self.metrics.log(env_steps, wall, record)
         return mean, std

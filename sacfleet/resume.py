@@ -91,6 +91,10 @@ def _check_env(saved: dict, env_info: EnvInfo, env_id: str) -> None:
         if saved.get(key) != getattr(env_info, key):
             raise CheckpointError(f"the checkpoint is for another environment than {env_id}: {key} "
                                   f"{saved.get(key)} there, {getattr(env_info, key)} now")
+    saved_keys = [tuple(pair) for pair in saved.get("obs_keys", [])]
+    if saved_keys != list(env_info.obs_keys):
+        raise CheckpointError(f"the checkpoint is for another observation layout than {env_id} has: keys "
+                              f"{saved_keys or 'none (flat)'} there, {list(env_info.obs_keys) or 'none (flat)'} now")
     low, high = np.asarray(saved.get("action_low"), np.float32), np.asarray(saved.get("action_high"), np.float32)
     if low.shape != env_info.action_low.shape or not (np.array_equal(low, env_info.action_low)
                                                       and np.array_equal(high, env_info.action_high)):

@@ -123,7 +123,7 @@ def test_rollout_never_links_two_episodes():
     assert not np.allclose(batches[5]["obs"], batches[4]["next_obs"])
     np.testing.assert_allclose(batches[6]["obs"], batches[5]["next_obs"])
     finished = rollout.pop_finished()
-    assert len(finished) == 6 and all(length == 5 for _, length in finished)
+    assert len(finished) == 6 and all(length == 5 and success is None for _, length, success in finished)
     assert rollout.pop_finished() == []
     assert (batches[0]["policy_version"] == RANDOM_POLICY_VERSION).all()
     rollout.close()
@@ -150,8 +150,8 @@ def test_zero_policy_evaluation_matches_the_zero_action_baseline():
     with torch.no_grad():
         for p in actor.parameters():
             p.zero_()  # mean 0 -> action 0
-    returns = evaluate(actor, EnvConfig(), episodes=100, seed=0)
-    assert returns.shape == (100,)
+    returns, success_rate = evaluate(actor, EnvConfig(), episodes=100, seed=0)
+    assert returns.shape == (100,) and success_rate is None  # the point mass reports no success
     # The measurement of the zero action over 100 episodes: -2,335.
     assert -2800 < returns.mean() < -1900
-    np.testing.assert_array_equal(returns, evaluate(actor, EnvConfig(), episodes=100, seed=0))
+    np.testing.assert_array_equal(returns, evaluate(actor, EnvConfig(), episodes=100, seed=0)[0])

@@ -99,7 +99,7 @@ def _chunk(spec: TransitionSpec, n: int, seed: int) -> dict:
 def test_malformed_chunk_is_rejected_and_the_shard_is_unchanged():
     cfg = load_config("pointmass", ["replay.capacity=1000", "learner.batch_size=8", "train.learning_starts=1000"])
     spec = TransitionSpec(2, 1)
-    shard = ray.remote(ReplayShard).remote(cfg, 2, 1, 0)
+    shard = ray.remote(ReplayShard).remote(cfg, TransitionSpec(2, 1), 0)
     try:
         assert ray.get(shard.insert.remote(encode_chunk(_chunk(spec, 20, 0), spec)))["ok"]
         before_stats, before = ray.get([shard.stats.remote(), shard.snapshot.remote()])
@@ -198,7 +198,7 @@ def test_a_failed_priority_update_surfaces_in_the_learner_instead_of_vanishing()
     cfg = load_config("pointmass", ["replay.capacity=1000", "learner.batch_size=8", "train.learning_starts=8",
                                     "replay.sampler=prioritized"])
     spec = TransitionSpec(2, 1)
-    shard = ray.remote(ReplayShard).remote(cfg, 2, 1, 0)
+    shard = ray.remote(ReplayShard).remote(cfg, TransitionSpec(2, 1), 0)
     try:
         ray.get(shard.insert.remote(encode_chunk(_chunk(spec, 20, 0), spec)))
         client = SampleClient([shard], 1, 8, timeout_s=10)

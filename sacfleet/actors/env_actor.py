@@ -74,9 +74,10 @@ class EnvActor:
         rollout = Rollout(cfg.env, self.env_info, cfg.actors.envs_per_actor,
                           seed=cfg.train.seed, actor_index=stream)
         client = self.client = InsertClient(self.shards, cfg.actors.max_in_flight, cfg.replay.rate_limit_timeout_s,
-                                            first_shard=self.actor_index, should_stop=self.stopping.is_set)
+                                            first_shard=self.actor_index, rotate=cfg.replay.her == "off",
+                                            should_stop=self.stopping.is_set)
         puller = WeightPuller(self.learner)
-        spec = TransitionSpec(self.env_info.obs_dim, self.env_info.act_dim)
+        spec = TransitionSpec.for_env(self.env_info)
         chunk: list[dict[str, np.ndarray]] = []
         try:
             while not self.stopping.is_set():
@@ -141,8 +142,9 @@ class EvalActor:
             weights, self.version = fresh
             self.policy.load_state_dict({name: torch.as_tensor(np.array(a)) for name, a in weights.items()})
         t0 = time.monotonic()
-        returns = evaluate(self.policy, self.cfg.env, episodes, self.cfg.eval.seed)
-        return {"version": self.version, "returns": returns.tolist(), "seconds": time.monotonic() - t0}
+        returns, success_rate = evaluate(self.policy, self.cfg.env, episodes, self.cfg.eval.seed)
+        return {"version": self.version, "returns": returns.tolist(), "success_rate": success_rate,
+                "seconds": time.monotonic() - t0}
 
     def ping(self) -> bool:
         return True

@@ -70,13 +70,14 @@ def collect_rate(env_id: str, num_actors: int, envs_per_actor: int, seconds: flo
 
     from sacfleet.actors.env_actor import EnvActor
     from sacfleet.common.envs import describe_env
+    from sacfleet.common.transitions import TransitionSpec
     from sacfleet.replay_server.shard import ReplayShard
 
     cfg = collection_config(env_id, num_actors, envs_per_actor)
     env_info = describe_env(cfg.env)
     handles = []
     try:
-        shard = ray.remote(ReplayShard).options(num_cpus=0.01).remote(cfg, env_info.obs_dim, env_info.act_dim, 0)
+        shard = ray.remote(ReplayShard).options(num_cpus=0.01).remote(cfg, TransitionSpec.for_env(env_info), 0)
         source = ray.remote(StaticWeights).options(num_cpus=0.01).remote(cfg, env_info)
         handles += [shard, source]
         peers = {"shards": [shard], "learner": source}

@@ -10,8 +10,8 @@ import numpy as np
 
 from sacfleet.bench import Record
 
-ENV_IDS = ("sacfleet/PointMass-v0", "Pendulum-v1", "HalfCheetah-v5", "Hopper-v5", "Walker2d-v5", "Ant-v5",
-           "Humanoid-v5")
+ENV_IDS = ("sacfleet/PointMass-v0", "sacfleet/PointMassGoal-v0", "Pendulum-v1", "HalfCheetah-v5", "Hopper-v5",
+           "Walker2d-v5", "Ant-v5", "Humanoid-v5", "Pusher-v5", "FetchReach-v4", "FetchPush-v4")
 
 
 def env_steps_per_s(env_id: str, seconds: float, seed: int = 0) -> float:
@@ -41,7 +41,8 @@ def env_steps_per_s(env_id: str, seconds: float, seed: int = 0) -> float:
 
 
 def run(seconds: float = 2.0, env_ids: Sequence[str] = ENV_IDS, echo: Callable[[str], None] = print,
-        **_) -> list[Record]:
+        env_id: str | None = None, **_) -> list[Record]:
+    env_ids = (env_id,) if env_id else env_ids
     records = []
     for env_id in env_ids:
         value = env_steps_per_s(env_id, seconds)

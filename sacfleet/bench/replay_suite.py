@@ -1,6 +1,7 @@
 """The replay suite: insert and sample transitions/s for capacities 1e4 to 1e6, uniform and
 prioritized, directly on a shard's table and through the Ray shard API (encoded chunks in,
-multi-batch samples out), with HalfCheetah-sized transitions."""
+multi-batch samples out), with HalfCheetah-sized transitions; and FetchReach's Dict layout against a
+flat layout of the same width, with and without hindsight relabeling."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def _timed(step: Callable[[], int], seconds: float) -> float:
 def direct(capacity: int, sampler: str, seconds: float) -> tuple[float, float]:
     from sacfleet.replay_server.shard import ReplayShard
 
-    shard = ReplayShard(_config(capacity, sampler), SPEC.obs_dim, SPEC.act_dim, 0)
+    shard = ReplayShard(_config(capacity, sampler), SPEC, 0)
     chunk = random_chunk(CHUNK)
     insert_rate = _timed(lambda: shard.table.insert(chunk), seconds)
     while shard.table.size < capacity:  # sample from a full buffer
@@ -73,8 +74,7 @@ def through_ray(capacity: int, sampler: str, seconds: float) -> tuple[float, flo
 
     from sacfleet.replay_server.shard import ReplayShard
 
-    shard = ray.remote(ReplayShard).options(num_cpus=0.1).remote(_config(capacity, sampler), SPEC.obs_dim,
-                                                                  SPEC.act_dim, 0)
+    shard = ray.remote(ReplayShard).options(num_cpus=0.1).remote(_config(capacity, sampler), SPEC, 0)
     try:
         ray.get(shard.ping.remote())  # allocated, so that start-up is not timed as inserts
         payload = encode_chunk(random_chunk(CHUNK), SPEC)
@@ -101,6 +101,47 @@ def through_ray(capacity: int, sampler: str, seconds: float) -> tuple[float, flo
         ray.kill(shard)
 
 
+GOAL_SPEC = TransitionSpec(16, 4, (("achieved_goal", 3), ("desired_goal", 3), ("observation", 10)))
+GOAL_CAPACITY, EPISODE = 100_000, 50
+
+
+def goal_layouts(seconds: float) -> dict[str, tuple[float, float]]:
+    """(insert, sample) transitions/s on a table of FetchReach's shapes: flat (one 16-wide obs), Dict
+    (each key its own field, concatenated for the learner), and Dict with HER `future`, k = 4."""
+    from sacfleet.replay_server.rate_limiter import RateLimiter
+    from sacfleet.replay_server.table import ReplayTable
+
+    def reward(achieved, desired, info):
+        return -(np.linalg.norm(achieved - desired, axis=-1) > 0.05).astype(np.float32)
+
+    figures = {}
+    for name, spec, her in (("flat", TransitionSpec(16, 4), None), ("dict", GOAL_SPEC, None),
+                            ("dict + her future", GOAL_SPEC, ("future", 4, reward))):
+        limiter = RateLimiter(samples_per_insert=1.0, min_size_to_sample=1, error_buffer=1e15)
+        table = ReplayTable(spec, GOAL_CAPACITY, limiter, her=her)
+        rng = np.random.default_rng(0)
+        chunk = spec.empty(CHUNK)
+        for field, array in chunk.items():
+            if array.dtype == np.float32:
+                array[...] = rng.standard_normal(array.shape)
+        # 10 envs' 50-step episodes, interleaved step by step as an actor's chunks are.
+        if "episode" in chunk:
+            chunk["episode"][:] = np.arange(CHUNK) % 10 + 10 * (np.arange(CHUNK) // (10 * EPISODE))
+        chunk["truncated"][:] = (np.arange(CHUNK) // 10) % EPISODE == EPISODE - 1
+
+        def insert() -> int:
+            if "episode" in chunk:  # new episode ids for each chunk's episodes
+                chunk["episode"] += 1000
+            return table.insert(chunk)
+
+        inserts = _timed(insert, seconds)
+        while table.size < GOAL_CAPACITY:
+            insert()
+        samples = _timed(lambda: table.sample(BATCHES, BATCH).data["reward"].size, seconds)
+        figures[name] = (inserts, samples)
+    return figures
+
+
 def run(seconds: float = 2.0, capacities: Sequence[int] = CAPACITIES, samplers: Sequence[str] = SAMPLERS,
         echo: Callable[[str], None] = print, **_) -> list[Record]:
     records = []
@@ -125,4 +166,15 @@ def run(seconds: float = 2.0, capacities: Sequence[int] = CAPACITIES, samplers: 
                     records.append(Record(suite="replay", name=f"{path} {sampler} {large:.0e} vs {small:.0e}",
                                           metric="sample_rate_ratio", value=ratio, unit="ratio", device="cpu",
                                           batch_size=BATCH * BATCHES))
+    layouts = goal_layouts(seconds / 2)
+    flat_insert, flat_sample = layouts["flat"]
+    for name, (inserts, samples) in layouts.items():
+        echo(f"replay FetchReach shapes, {name}: insert {inserts:,.0f}/s ({inserts / flat_insert:.2f}x flat), "
+             f"sample {samples:,.0f}/s ({samples / flat_sample:.2f}x flat) transitions, capacity {GOAL_CAPACITY:.0e}")
+        records += [Record(suite="replay", name=f"goal shapes {name}", metric="insert_per_s", value=inserts,
+                           unit="transitions/s", device="cpu", batch_size=CHUNK),
+                    Record(suite="replay", name=f"goal shapes {name}", metric="sample_per_s", value=samples,
+                           unit="transitions/s", device="cpu", batch_size=BATCH * BATCHES),
+                    Record(suite="replay", name=f"goal shapes {name} vs flat", metric="sample_rate_ratio",
+                           value=samples / flat_sample, unit="ratio", device="cpu", batch_size=BATCH * BATCHES)]
     return records

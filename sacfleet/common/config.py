@@ -67,6 +67,11 @@ class ReplayConfig:
     rate_limit_timeout_s: float = _key(300.0, gt=0,
                                        doc="longest an insert or sample may wait on the rate limiter before the run fails naming what is starved")
     num_cpus: float = _key(0.1, gt=0, doc="Ray CPUs reserved per shard")
+    her: str = _key("off", choices=("off", "future", "final", "episode"),
+                    doc="hindsight experience replay for goal envs: relabel sampled transitions with goals "
+                        "achieved later in (future), at the end of (final) or anywhere in (episode) their episode")
+    her_k: int = _key(4, ge=1, doc="relabeled goals per real one: a sampled transition is relabeled with "
+                                   "probability her_k / (her_k + 1)")
 
 
 @dataclass
@@ -215,7 +220,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return number
     if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads a bare on/off as a boolean
+            return "on" if value else "off"
+        if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     if origin is list:
@@ -286,6 +293,14 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(
             f"replay.capacity: {config.replay.capacity} is smaller than learner.batch_size "
             f"({config.learner.batch_size}); the buffer could never fill one batch")
+    if config.replay.her != "off" and config.replay.sampler == "prioritized":
+        raise ConfigError("replay.her: relabeling cannot be combined with replay.sampler=prioritized (a stored "
+                          "transition's TD error depends on the goal each sample draws for it); choose "
+                          "replay.sampler=uniform or replay.her=off")
+    if config.replay.her != "off" and config.replay.num_shards > config.actors.num:
+        raise ConfigError(f"replay.num_shards: {config.replay.num_shards} shards with replay.her on need at least "
+                          f"as many env actors (actors.num={config.actors.num}): each actor's episodes go to one "
+                          f"shard, so that relabeled goals stay within their episode")
     if config.replay.capacity < config.replay.num_shards:
         raise ConfigError(f"replay.capacity: {config.replay.capacity} is less than one slot per shard "
                           f"(replay.num_shards={config.replay.num_shards})")

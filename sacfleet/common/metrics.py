@@ -8,7 +8,7 @@ import math
 import warnings
 from collections import deque
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 
 class EpisodeStats:
@@ -19,13 +19,17 @@ class EpisodeStats:
     def __init__(self, window: int = 100):
         self.returns: deque[float] = deque(maxlen=window)
         self.lengths: deque[int] = deque(maxlen=window)
+        self.successes: deque[float] = deque(maxlen=window)  # of the episodes whose env reports is_success
         self.count = 0
         self.recent: list[float] = []
 
-    def extend(self, episodes: Iterable[tuple[float, int]]) -> None:
-        for ret, length in episodes:
+    def extend(self, episodes: Iterable[Sequence]) -> None:
+        """(return, length) or (return, length, success or None) per finished episode."""
+        for ret, length, *success in episodes:
             self.returns.append(ret)
             self.lengths.append(length)
+            if success and success[0] is not None:
+                self.successes.append(float(success[0]))
             self.recent.append(ret)
             self.count += 1
 
@@ -37,8 +41,11 @@ class EpisodeStats:
     def summary(self) -> dict[str, float]:
         if not self.returns:
             return {}
-        return {"rollout/ep_rew_mean": sum(self.returns) / len(self.returns),
-                "rollout/ep_len_mean": sum(self.lengths) / len(self.lengths)}
+        summary = {"rollout/ep_rew_mean": sum(self.returns) / len(self.returns),
+                   "rollout/ep_len_mean": sum(self.lengths) / len(self.lengths)}
+        if self.successes:
+            summary["rollout/success_rate"] = sum(self.successes) / len(self.successes)
+        return summary
 
 
 class MetricsLogger:

@@ -26,7 +26,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 def write_plots(run_dir: Path, evals: Sequence[Sequence[float]], stage_seconds: Mapping[str, float],
                 title: str) -> list[Path]:
-    """`evals`: (env_steps, wall_seconds, mean return) rows. Returns the files written."""
+    """`evals`: (env_steps, wall_seconds, mean return[, success rate]) rows. Returns the files written."""
     try:
         import matplotlib
 
@@ -38,9 +38,11 @@ def write_plots(run_dir: Path, evals: Sequence[Sequence[float]], stage_seconds: 
     run_dir = Path(run_dir)
     written = []
 
-    fig, (by_steps, by_time) = plt.subplots(1, 2, figsize=(11, 4))
+    successes = [row for row in evals if len(row) > 3]
+    fig, axes = plt.subplots(1, 3 if successes else 2, figsize=(16 if successes else 11, 4))
+    by_steps, by_time = axes[0], axes[1]
     if evals:
-        steps, wall, returns = zip(*evals)
+        steps, wall, returns = zip(*[row[:3] for row in evals])
         by_steps.plot(steps, returns, marker="o")
         by_time.plot(wall, returns, marker="o")
     by_steps.set_xlabel("env steps")
@@ -48,6 +50,12 @@ def write_plots(run_dir: Path, evals: Sequence[Sequence[float]], stage_seconds: 
     for ax in (by_steps, by_time):
         ax.set_ylabel("eval mean return")
         ax.grid(alpha=0.3)
+    if successes:
+        axes[2].plot([row[0] for row in successes], [row[3] for row in successes], marker="o")
+        axes[2].set_xlabel("env steps")
+        axes[2].set_ylabel("eval success rate")
+        axes[2].set_ylim(-0.05, 1.05)
+        axes[2].grid(alpha=0.3)
     fig.suptitle(f"{title}: deterministic evaluation")
     fig.tight_layout()
     written.append(run_dir / "eval_return.png")

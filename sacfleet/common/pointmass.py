@@ -50,3 +50,53 @@ class PointMassEnv(gym.Env):
         reward = -float(np.sum(pos * pos + 0.1 * vel * vel + 0.001 * a * a))
         self._t += 1
         return self._state.copy(), reward, False, self._t >= self.max_steps, {}
+
+
+class PointMassGoalEnv(gym.Env):
+    """The same point mass, goal-conditioned in gymnasium-robotics' layout: reach a sampled goal.
+
+    Dict observation: `observation` [position (n), velocity (n)], `achieved_goal` = position,
+    `desired_goal` = goal, both drawn uniformly from [-1, 1]^n at reset (the mass starts at rest).
+    Sparse reward: 0 within `tolerance` of the goal, -1 elsewhere, computed by the vectorized
+    `compute_reward` that hindsight relabeling calls; `info["is_success"]` says whether it is within
+    the tolerance. Never terminates; the registered env truncates after 50 steps."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, dims: int = 2, dt: float = 0.05, action_limit: float = 2.0, tolerance: float = 0.1):
+        if int(dims) < 1:
+            raise ValueError(f"dims must be >= 1, got {dims}")
+        self.dims, self.dt = int(dims), float(dt)
+        self.action_limit, self.tolerance = float(action_limit), float(tolerance)
+        self.action_space = spaces.Box(-self.action_limit, self.action_limit, (self.dims,), np.float32)
+        goal = spaces.Box(-np.inf, np.inf, (self.dims,), np.float32)
+        self.observation_space = spaces.Dict({
+            "observation": spaces.Box(-np.inf, np.inf, (2 * self.dims,), np.float32),
+            "achieved_goal": goal, "desired_goal": goal})
+        self._pos = np.zeros(self.dims, np.float32)
+        self._vel = np.zeros(self.dims, np.float32)
+        self._goal = np.zeros(self.dims, np.float32)
+
+    def compute_reward(self, achieved_goal, desired_goal, info=None) -> np.ndarray:
+        """0 where the achieved goal is within the tolerance of the desired one, else -1; works on
+        single goals and on batches [..., dims]."""
+        distance = np.linalg.norm(np.asarray(achieved_goal) - np.asarray(desired_goal), axis=-1)
+        return (distance <= self.tolerance).astype(np.float32) - 1.0
+
+    def _obs(self) -> dict:
+        return {"observation": np.concatenate([self._pos, self._vel]), "achieved_goal": self._pos.copy(),
+                "desired_goal": self._goal.copy()}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._pos = self.np_random.uniform(-1.0, 1.0, size=self.dims).astype(np.float32)
+        self._vel = np.zeros(self.dims, np.float32)
+        self._goal = self.np_random.uniform(-1.0, 1.0, size=self.dims).astype(np.float32)
+        return self._obs(), {"is_success": float(self.compute_reward(self._pos, self._goal) == 0.0)}
+
+    def step(self, action):
+        a = np.clip(np.asarray(action, dtype=np.float32).reshape(self.dims), -self.action_limit, self.action_limit)
+        self._vel = (self._vel + self.dt * a).astype(np.float32)
+        self._pos = (self._pos + self.dt * self._vel).astype(np.float32)
+        reward = float(self.compute_reward(self._pos, self._goal))
+        return self._obs(), reward, False, False, {"is_success": float(reward == 0.0)}

@@ -1,5 +1,10 @@
 """The transition schema: field names, dtypes and shapes, and the check every batch passes
-before it may touch a replay buffer."""
+before it may touch a replay buffer.
+
+A flat observation is stored as `obs` and `next_obs`. A Dict observation stores each key as its own
+field, `obs/<key>` and `next_obs/<key>`, plus `episode`, an id shared by the transitions of one
+episode (hindsight relabeling draws goals within it); the learner sees them concatenated
+(`learner_view`)."""
 
 from __future__ import annotations
 
@@ -19,19 +24,43 @@ class InvalidTransitions(ValueError):
 class TransitionSpec:
     obs_dim: int
     act_dim: int
+    obs_keys: tuple[tuple[str, int], ...] = ()  # (key, width) of a Dict observation, in network order
+
+    def __post_init__(self):
+        if self.obs_keys and sum(width for _, width in self.obs_keys) != self.obs_dim:
+            raise ValueError(f"obs_keys {self.obs_keys} do not add up to obs_dim={self.obs_dim}")
+
+    @classmethod
+    def for_env(cls, env_info) -> "TransitionSpec":
+        return cls(env_info.obs_dim, env_info.act_dim, tuple(tuple(pair) for pair in env_info.obs_keys))
+
+    def obs_fields(self, prefix: str) -> dict[str, int]:
+        """Stored field name -> width for `prefix` ("obs" or "next_obs")."""
+        if not self.obs_keys:
+            return {prefix: self.obs_dim}
+        return {f"{prefix}/{key}": width for key, width in self.obs_keys}
 
     def fields(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         """name -> (dtype, shape of one transition)."""
-        f32, obs, act = np.dtype(np.float32), (self.obs_dim,), (self.act_dim,)
-        return {
-            "obs": (f32, obs),
-            "action": (f32, act),
-            "reward": (f32, ()),
-            "next_obs": (f32, obs),
-            "terminated": (np.dtype(np.bool_), ()),
-            "truncated": (np.dtype(np.bool_), ()),
-            "policy_version": (np.dtype(np.int64), ()),
-        }
+        f32, i64, act = np.dtype(np.float32), np.dtype(np.int64), (self.act_dim,)
+        fields = {name: (f32, (width,)) for name, width in self.obs_fields("obs").items()}
+        fields.update({"action": (f32, act), "reward": (f32, ())})
+        fields.update({name: (f32, (width,)) for name, width in self.obs_fields("next_obs").items()})
+        fields.update({"terminated": (np.dtype(np.bool_), ()), "truncated": (np.dtype(np.bool_), ()),
+                       "policy_version": (i64, ())})
+        if self.obs_keys:
+            fields["episode"] = (i64, ())
+        return fields
+
+    def learner_view(self, data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The fields as the learner reads them: a Dict observation's keys concatenated into `obs`
+        and `next_obs` (in `obs_keys` order); flat observations pass through."""
+        if not self.obs_keys:
+            return dict(data)
+        view = {name: array for name, array in data.items() if "/" not in name and name != "episode"}
+        for prefix in ("obs", "next_obs"):
+            view[prefix] = np.concatenate([data[name] for name in self.obs_fields(prefix)], axis=-1)
+        return view
 
     def bytes_per_transition(self) -> int:
         return sum(dtype.itemsize * int(np.prod(shape)) for dtype, shape in self.fields().values())

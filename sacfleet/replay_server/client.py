@@ -29,11 +29,13 @@ MAX_PRIORITY_UPDATES_IN_FLIGHT = 256
 class InsertClient:
     """Chunks go to the shards in turn; at most `max_in_flight` are unacknowledged, so a slow or
     rate-limited shard stalls the actor instead of queueing chunks in memory. A chunk the limiter
-    refuses is re-sent to the same shard after the delay the shard suggests."""
+    refuses is re-sent to the same shard after the delay the shard suggests. With `rotate=False` every
+    chunk goes to `first_shard`, so that whole episodes stay in one shard (hindsight relabeling)."""
 
     def __init__(self, shards: Sequence, max_in_flight: int, timeout_s: float, *, first_shard: int = 0,
-                 should_stop: Callable[[], bool] = lambda: False):
+                 rotate: bool = True, should_stop: Callable[[], bool] = lambda: False):
         self.shards = list(shards)
+        self.rotate = rotate
         self.max_in_flight = max_in_flight
         self.timeout_s = timeout_s
         self.should_stop = should_stop
@@ -46,7 +48,8 @@ class InsertClient:
         while len(self.pending) >= self.max_in_flight and not self.should_stop():
             self._settle_oldest()
         shard = self.next_shard
-        self.next_shard = (shard + 1) % len(self.shards)
+        if self.rotate:
+            self.next_shard = (shard + 1) % len(self.shards)
         self.pending.append(_Pending(self.shards[shard].insert.remote(payload), shard, payload, time.monotonic()))
 
     def oldest_pending_seconds(self) -> float:

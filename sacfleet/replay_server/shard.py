@@ -14,23 +14,30 @@ import numpy as np
 from sacfleet.common.codec import decode_chunk
 from sacfleet.common.config import Config
 from sacfleet.common.transitions import TransitionSpec
+from sacfleet.replay_server.her import env_reward_function
 from sacfleet.replay_server.rate_limiter import RateLimiter, Verdict
 from sacfleet.replay_server.storage import keep_freed_memory
 from sacfleet.replay_server.table import ReplayTable
 
 
-def make_table(cfg: Config, spec: TransitionSpec, shard: int, insert_size: int, sample_size: int) -> ReplayTable:
+def make_table(cfg: Config, spec: TransitionSpec, shard: int, insert_size: int, sample_size: int,
+               compute_reward=None) -> ReplayTable:
     """Shard `shard` of cfg.replay.num_shards: capacity and the sampling threshold are split evenly,
-    and the limiter's error buffer is sized for the largest insert and sample requests."""
+    and the limiter's error buffer is sized for the largest insert and sample requests. With
+    replay.her on, sampled goals are relabeled and rewards recomputed by `compute_reward` (by
+    default the env's own)."""
     shards = cfg.replay.num_shards
     min_size = math.ceil(max(cfg.train.learning_starts, cfg.learner.batch_size) / shards)
+    her = None
+    if cfg.replay.her != "off":
+        her = (cfg.replay.her, cfg.replay.her_k, compute_reward or env_reward_function(cfg.env))
     limiter = RateLimiter.for_requests(cfg.replay.samples_per_insert, min_size, insert_size, sample_size,
                                        cfg.replay.error_buffer)
     return ReplayTable(
         spec, cfg.replay.capacity // shards, limiter, sampler=cfg.replay.sampler,
         seed=cfg.train.seed * 1000 + shard, priority_alpha=cfg.replay.priority_alpha,
         priority_beta=cfg.replay.priority_beta, priority_eps=cfg.replay.priority_eps,
-        max_memory_fraction=cfg.replay.max_memory_fraction / shards)
+        max_memory_fraction=cfg.replay.max_memory_fraction / shards, her=her)
 
 
 def fleet_request_sizes(cfg: Config) -> tuple[int, int]:
@@ -44,9 +51,9 @@ def _refused(verdict: Verdict) -> dict:
 
 
 class ReplayShard:
-    def __init__(self, cfg: Config, obs_dim: int, act_dim: int, shard: int):
+    def __init__(self, cfg: Config, spec: TransitionSpec, shard: int):
         keep_freed_memory()  # the process serves samples: reuse their memory rather than map it anew
-        self.spec = TransitionSpec(obs_dim, act_dim)
+        self.spec = spec
         self.shard = shard
         insert_size, sample_size = fleet_request_sizes(cfg)
         self.table = make_table(cfg, self.spec, shard, insert_size, sample_size)
