@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--actors", type=_int_list, default=None, metavar="N,N,...",
                        help="actor counts of the actors and e2e suites (default 1,2,4,... up to the cores)")
     bench.add_argument("--env", dest="env_id", metavar="ENV_ID",
-                       help="env of the env and actors suites (default: the env suite's list; HalfCheetah-v5 for actors)")
+                       help="env of the env and actors suites (default: the env suite's list; HalfCheetah-v5 "
+                            "for actors)")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint with deterministic actions")
     ev.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file or run directory")
@@ -185,6 +186,7 @@ def _eval(args) -> int:
     from sacfleet.common.config import from_dict
     from sacfleet.learner.checkpoint import load_checkpoint
     from sacfleet.learner.networks import Actor
+    from sacfleet.report import success_note
 
     if args.episodes < 1:
         print("sacfleet eval: --episodes must be >= 1", file=sys.stderr)
@@ -195,8 +197,8 @@ def _eval(args) -> int:
     actor.load_state_dict(state["learner"]["actor"])
     torch.set_num_threads(1)
     returns, success_rate = evaluate(actor, cfg.env, args.episodes, cfg.eval.seed if args.seed is None else args.seed)
-    success = "" if success_rate is None else f", success rate {success_rate:.2f}"
-    print(f"{cfg.env.id}: eval return {returns.mean():.2f} +- {returns.std():.2f} over {returns.size} episodes{success} "
+    print(f"{cfg.env.id}: eval return {returns.mean():.2f} +- {returns.std():.2f} over {returns.size} episodes"
+          f"{success_note(success_rate)} "
           f"(checkpoint at {state['env_steps']:,} env steps, {state['learner']['updates']:,} updates)")
     return 0
 

@@ -31,7 +31,7 @@ from sacfleet.learner.checkpoint import kept_checkpoint_note, write_run_checkpoi
 from sacfleet.learner.sac import Batch, LearnerDiverged, SACLearner, resolve_device
 from sacfleet.replay_server.shard import make_table
 from sacfleet.replay_server.table import ReplayTable
-from sacfleet.report import Point, Reporter
+from sacfleet.report import Point, Reporter, success_note
 
 
 def build_tables(cfg: Config, spec: TransitionSpec, insert_size: int) -> list[ReplayTable]:
@@ -136,7 +136,7 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
                 next_log += cfg.train.log_interval
                 learner.check_finite()
                 reporter.progress(point(), {**learner.metrics.read(), "replay/size": sum(t.size for t in tables),
-                                            "replay/samples_per_insert": _ratio(tables)})
+                                            "replay/samples_per_insert": _ratio(tables), **_her_values(tables)})
             if cfg.checkpoint.interval and learner.updates >= next_ckpt:
                 next_ckpt += cfg.checkpoint.interval
                 _checkpoint(cfg, run_dir, learner, tables, env_steps, env_info)
@@ -160,7 +160,8 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
                                           "eval": timers.eval}, cfg.env.id)
     echo(f"done: {env_steps:,} env steps, {learner.updates:,} updates in {timers.wall:.1f}s; "
          f"eval return {summary['eval']['return_mean']:.1f} +- {summary['eval']['return_std']:.1f} "
-         f"over {len(returns)} episodes{'' if success_rate is None else f', success rate {success_rate:.2f}'}; health {summary['health']['status']}; summary: {run_dir / 'summary.json'}")
+         f"over {len(returns)} episodes{success_note(success_rate)}; health {summary['health']['status']}; "
+         f"summary: {run_dir / 'summary.json'}")
     return summary
 
 
@@ -174,6 +175,11 @@ def _evaluate(cfg: Config, learner: SACLearner, reporter: Reporter, timers: Time
     timers.eval += time.monotonic() - t0
     reporter.evaluation(env_steps, timers.wall, returns.tolist(), success_rate)
     return returns, success_rate
+
+
+def _her_values(tables: list[ReplayTable]) -> dict:
+    sampled = sum(t.her.sampled for t in tables if t.her)
+    return {"replay/her_relabeled_fraction": sum(t.her.relabeled for t in tables if t.her) / sampled} if sampled else {}
 
 
 def _ratio(tables: list[ReplayTable]) -> float:

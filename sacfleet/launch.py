@@ -31,7 +31,7 @@ from sacfleet.common.transitions import TransitionSpec
 from sacfleet.learner.checkpoint import kept_checkpoint_note, write_run_checkpoint
 from sacfleet.learner.service import LearnerService
 from sacfleet.replay_server.shard import ReplayShard
-from sacfleet.report import Point, Reporter
+from sacfleet.report import Point, Reporter, success_note
 from sacfleet.resume import ResumePoint, load_resume
 from sacfleet.supervisor import ActorSlot, FleetDiverged, FleetError, FleetSupervisor, first_line
 
@@ -196,6 +196,9 @@ class FleetRun:
                   "replay/size": sum(s["size"] for s in sup.shard_stats),
                   "replay/samples_per_insert": sup.replay_ratio(), "learner/policy_lag": lag,
                   "actors/restarts": sup.restarts, **sup.stall_values()}
+        her_sampled = sum(s.get("her_sampled", 0) for s in sup.shard_stats)
+        if her_sampled:
+            values["replay/her_relabeled_fraction"] = sum(s["her_relabeled"] for s in sup.shard_stats) / her_sampled
         starved = sup.learner_status.get("starved_reason")
         note = f"\n  waiting: {starved}" if starved and now.updates == self.reporter.last.updates else ""
         self.reporter.progress(now, values, note)
@@ -362,11 +365,7 @@ def _finish(run: FleetRun, stop_reason: str, restored: int) -> dict:
              f"({summary['throughput']['env_steps_per_s']:.0f} steps/s, {summary['throughput']['updates_per_s']:.0f} "
              f"updates/s, replay ratio {summary['replay']['samples_per_insert']:.1f} of "
              f"{cfg.replay.samples_per_insert:g}); eval return {final['mean']:.1f} +- {final['std']:.1f} over "
-             f"{len(final['returns'])} episodes{_success_note(final.get('success_rate'))}; health {health['status']}"
+             f"{len(final['returns'])} episodes{success_note(final.get('success_rate'))}; health {health['status']}"
              f"{' (' + ', '.join(w['check'] for w in health['warnings']) + ')' if health['warnings'] else ''}; "
              f"summary {run.run_dir / 'summary.json'}{'; plots ' + ', '.join(p.name for p in plots) if plots else ''}")
     return summary
-
-
-def _success_note(success_rate: float | None) -> str:
-    return "" if success_rate is None else f", success rate {success_rate:.2f}"

@@ -16,6 +16,11 @@ from sacfleet.common.io import atomic_write_bytes
 from sacfleet.common.metrics import EpisodeStats, MetricsLogger
 
 
+def success_note(success_rate: float | None) -> str:
+    """", success rate 0.97" for a final line, or nothing for envs without a success flag."""
+    return "" if success_rate is None else f", success rate {success_rate:.2f}"
+
+
 @dataclass(frozen=True)
 class Point:
     """Run totals at one moment; rates are computed between two of them."""

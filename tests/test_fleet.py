@@ -17,7 +17,7 @@ from sacfleet.launch import FleetError, plan_resources, train_fleet
 from sacfleet.learner.checkpoint import load_checkpoint
 from sacfleet.learner.sac import SACLearner
 from sacfleet.learner.service import LearnerService
-from sacfleet.replay_server.shard import ReplayShard
+from sacfleet.replay_server.shard import ReplayShard, make_table
 
 # Small networks and half an update per env step (samples_per_insert 32 < batch 64) keep runs short
 # and check a ratio other than one update per step.
@@ -61,6 +61,29 @@ def test_replay_ratio_held_within_10_percent(tmp_path, actors):
     # One periodic evaluation, then the final one; none doubles it at the last step.
     steps = [point[0] for point in summary["eval"]["curve"]]
     assert len(steps) == 2 and 1250 <= steps[0] < 2500 and steps[1] == summary["env_steps"], steps
+    assert wait_for_released_resources()
+
+
+def test_goal_env_fleet_keeps_episodes_in_one_shard_and_relabels_there(tmp_path):
+    cfg = load_config(None, [*SHORT, "env.id=sacfleet/PointMassGoal-v0", "actors.num=2", "replay.num_shards=2",
+                             "replay.her=future", "replay.her_k=4", "checkpoint.replay=true"])
+    summary = train_fleet(cfg, tmp_path / "run", echo=lambda line: None)
+    assert summary["env_steps"] >= 2500 and summary["actors"]["restarts"] == 0
+    assert 0.0 <= summary["eval"]["success_rate"] <= 1.0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    fractions = [r["replay/her_relabeled_fraction"] for r in records if "replay/her_relabeled_fraction" in r]
+    assert fractions and fractions[-1] == pytest.approx(0.8, abs=0.03)  # k = 4, relabeled in the shards
+    assert any("rollout/success_rate" in r for r in records)
+    # Each actor's episodes went whole to its own shard: no episode id is in both shards.
+    spec = TransitionSpec.for_env(describe_env(cfg.env))
+    episodes = []
+    for shard in range(2):
+        table = make_table(cfg, spec, shard, 10, 64)
+        table.restore((tmp_path / "run" / "checkpoints" / f"replay_shard{shard}.msgpack").read_bytes())
+        stored = table.storage.data["episode"][:table.size]
+        assert table.size > 500 and len(table.her.index.episodes) == len(set(stored.tolist()))
+        episodes.append(set(stored.tolist()))
+    assert not episodes[0] & episodes[1]
     assert wait_for_released_resources()
 
 

@@ -162,7 +162,8 @@ def run(seconds: float = 2.0, capacities: Sequence[int] = CAPACITIES, samplers: 
                 small, large = min(capacities), max(capacities)
                 if large > small:
                     ratio = sampled[large] / sampled[small]
-                    echo(f"replay {path} {sampler}: sampling at capacity {large:.0e} is {ratio:.2f}x that at {small:.0e}")
+                    echo(f"replay {path} {sampler}: sampling at capacity {large:.0e} is {ratio:.2f}x that at "
+                         f"{small:.0e}")
                     records.append(Record(suite="replay", name=f"{path} {sampler} {large:.0e} vs {small:.0e}",
                                           metric="sample_rate_ratio", value=ratio, unit="ratio", device="cpu",
                                           batch_size=BATCH * BATCHES))

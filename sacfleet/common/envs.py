@@ -3,7 +3,9 @@ shape facts (`EnvInfo`) every component needs, for flat and Dict (goal-condition
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import io
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -33,7 +35,10 @@ def _register_robotics() -> bool:
     """Register gymnasium-robotics' envs (Fetch, ...) on first need: importing it loads MuJoCo models'
     registrations and prints a warning, which flat-env runs should not pay for."""
     try:
-        import gymnasium_robotics
+        # Its import prints a Farama notice about the Adroit hand envs' rewards to stderr, in every
+        # Ray worker that makes an env; it does not concern the tasks sacfleet runs.
+        with contextlib.redirect_stderr(io.StringIO()):
+            import gymnasium_robotics
     except ImportError:
         return False
     gym.register_envs(gymnasium_robotics)

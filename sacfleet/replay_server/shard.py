@@ -97,7 +97,9 @@ class ReplayShard:
         return {"shard": self.shard, "size": self.table.size, "capacity": self.table.storage.capacity,
                 "inserts": limiter.inserts, "samples": limiter.samples,
                 "min_size_to_sample": limiter.min_size_to_sample, "error_buffer": limiter.error_buffer,
-                "recent_policy_version": self.recent_policy_version, "restored_size": self.restored_size}
+                "recent_policy_version": self.recent_policy_version, "restored_size": self.restored_size,
+                "her_sampled": self.table.her.sampled if self.table.her else 0,
+                "her_relabeled": self.table.her.relabeled if self.table.her else 0}
 
     def snapshot(self) -> bytes:
         return self.table.snapshot()
