@@ -2,6 +2,8 @@
 env; success rates; hindsight relabeling inside a shard; and HER learning what plain replay does not."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +14,6 @@ from sacfleet.common.config import ConfigError, EnvConfig, load_config
 from sacfleet.common.envs import POINTMASS_GOAL_ID, check_env_config, describe_env, make_env
 from sacfleet.common.metrics import EpisodeStats
 from sacfleet.common.transitions import InvalidTransitions, TransitionSpec
-from sacfleet.inline import train_inline
 from sacfleet.replay_server.rate_limiter import RateLimiter
 from sacfleet.replay_server.table import ReplayTable
 
@@ -267,15 +268,23 @@ GOAL_RUN = ["env.id=sacfleet/PointMassGoal-v0", "actors.num=1", "learner.hidden_
 
 
 def test_her_reaches_goals_that_the_same_run_without_her_does_not(tmp_path):
-    with_her = train_inline(load_config(None, [*GOAL_RUN, "replay.her=future"]), tmp_path / "her",
-                            echo=lambda line: None)
-    without = train_inline(load_config(None, [*GOAL_RUN, "replay.her=off"]), tmp_path / "plain",
-                           echo=lambda line: None)
+    # The two runs go side by side, one core each (their networks use one thread).
+    runs = {}
+    for her in ("future", "off"):
+        command = [sys.executable, "-m", "sacfleet", "train", "--inline", "--run-dir", str(tmp_path / her)]
+        for override in [*GOAL_RUN, f"replay.her={her}"]:
+            command += ["--set", override]
+        runs[her] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for her, process in runs.items():
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output
+    with_her, without = (json.loads((tmp_path / her / "summary.json").read_text()) for her in ("future", "off"))
     assert with_her["eval"]["success_rate"] >= 0.6
     assert without["eval"]["success_rate"] <= 0.1
     # The success rates are reported where users read them.
-    records = [json.loads(line) for line in (tmp_path / "her" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "future" / "metrics.jsonl").read_text().splitlines()]
     assert any("rollout/success_rate" in r for r in records)
     assert any(r.get("eval/success_rate") == with_her["eval"]["success_rate"] for r in records)
+    assert any(r.get("replay/her_relabeled_fraction", 0) > 0.75 for r in records)
     assert len(with_her["eval"]["curve"][-1]) == 4  # [env steps, wall, return, success rate]
-    assert (tmp_path / "her" / "eval_return.png").is_file()
+    assert (tmp_path / "future" / "eval_return.png").is_file()
