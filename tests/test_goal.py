@@ -223,6 +223,20 @@ def test_goals_never_cross_an_episode_or_reach_overwritten_slots_after_ring_wrap
     assert relabeled.mean() == pytest.approx(0.75, abs=3 * np.sqrt(0.75 * 0.25 / 3000))
 
 
+def test_the_index_forgets_overwritten_episodes_finished_or_not():
+    tab = table(16, her=("future", 4, sum_distance_reward))
+    rng = np.random.default_rng(3)
+    tab.insert(goal_batch(10, rng, episode=np.full(10, 7), steps=np.arange(10)))  # never finishes
+    tab.insert(goal_batch(10, rng, episode=np.full(10, 8), steps=np.arange(10)))
+    assert tab.her.index.episodes[7].first == 4  # its first 4 steps overwritten
+    finished = goal_batch(10, rng, episode=np.full(10, 8), steps=np.arange(10, 20))
+    finished["truncated"][-1] = True
+    tab.insert(finished)
+    assert set(tab.her.index.episodes) == {8} and tab.her.index.episodes[8].first == 4
+    rows = sample_goals(tab, n=400, batch=40)
+    assert np.all(rows[rows[:, 4] == 1, 2] == 8) and np.all(rows[rows[:, 4] == 1, 3] - 1 >= 4)
+
+
 def test_final_goals_are_the_last_step_and_unfinished_episodes_keep_their_own_goal():
     tab = table(1000, her=("final", 4, sum_distance_reward))
     insert_episodes(tab, [[20, 20], [20, 20]])

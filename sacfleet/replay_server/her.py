@@ -42,7 +42,9 @@ class EpisodeIndex:
         for ep, count in zip(ids.tolist(), counts.tolist()):
             record = self.episodes[ep]
             record.first += count
-            if record.first >= len(record.slots) and record.done:
+            # Gone from the ring: forget it, finished or not (an actor that stopped mid-episode
+            # never finishes it; one that goes on starts a fresh record, numbered from there).
+            if record.first >= len(record.slots):
                 del self.episodes[ep]
         for slot, ep, end in zip(slots.tolist(), episode.tolist(), done.tolist()):
             record = self.episodes.get(ep)
