@@ -15,6 +15,7 @@ from sacfleet.common.envs import POINTMASS_GOAL_ID, check_env_config, describe_e
 from sacfleet.common.metrics import EpisodeStats
 from sacfleet.common.transitions import InvalidTransitions, TransitionSpec
 from sacfleet.replay_server.rate_limiter import RateLimiter
+from sacfleet.replay_server.shard import make_table
 from sacfleet.replay_server.table import ReplayTable
 
 GOAL_ENV = EnvConfig(id=POINTMASS_GOAL_ID)
@@ -221,6 +222,24 @@ def test_goals_never_cross_an_episode_or_reach_overwritten_slots_after_ring_wrap
     assert np.all(goal_episode[relabeled] == episode[relabeled])
     assert all((e, s - 1) in alive for e, s in zip(goal_episode[relabeled], goal_step[relabeled]))
     assert relabeled.mean() == pytest.approx(0.75, abs=3 * np.sqrt(0.75 * 0.25 / 3000))
+
+
+def test_a_goal_env_shard_relabels_with_the_envs_own_compute_reward():
+    cfg = load_config(None, ["env.id=sacfleet/PointMassGoal-v0", "replay.her=future", "replay.capacity=5000",
+                             "train.learning_starts=0", "learner.batch_size=256", "replay.error_buffer=1e12"])
+    info = describe_env(cfg.env)
+    tab = make_table(cfg, TransitionSpec.for_env(info), 0, 4, 256)
+    rollout = Rollout(cfg.env, info, 4, seed=1)
+    for _ in range(300):
+        tab.insert(rollout.step(random_actions=True))
+    rollout.close()
+    out = tab.sample(4, 256)
+    env = make_env(cfg.env).unwrapped
+    achieved, desired = out.data["next_obs"][..., 0:2], out.data["next_obs"][..., 2:4]
+    # Real and relabeled rewards alike are what the env gives for the (possibly new) goal.
+    np.testing.assert_array_equal(out.data["reward"], env.compute_reward(achieved, desired, None))
+    assert (out.data["reward"] == 0).mean() > 0.1  # relabeling made successes out of random play
+    assert tab.her.relabeled / tab.her.sampled == pytest.approx(0.8, abs=0.05)
 
 
 def test_the_index_forgets_overwritten_episodes_finished_or_not():
