@@ -48,6 +48,7 @@ class ActorSlot:
     run_ref: object = None
     restarts: int = 0
     restarting_since: float | None = None
+    pid: int | None = None  # of the process running now, once its statistics have said
     old_pid: int | None = None
     ping_ref: object = None
     stats_ref: object = None
@@ -187,9 +188,8 @@ class FleetSupervisor:
                 error, pid = "run() returned before the fleet stopped", None
             except RayTaskError as exc:
                 error, pid = first_line(exc), getattr(exc, "pid", None)
-            except ActorUnavailableError:  # restarting already; try again when it answers
-                slot.restarting_since, slot.old_pid = time.monotonic(), None
-                continue
+            except ActorUnavailableError as exc:  # its process died (a kill, a lost node) and Ray restarts it
+                error, pid = f"process died, Ray is restarting it: {first_line(exc)}", None
             except RayActorError as exc:
                 error, pid = f"process died: {first_line(exc)}", None
             slot.restarts += 1
@@ -201,7 +201,9 @@ class FleetSupervisor:
             self.echo(f"env actor {i} failed ({error}); restarting it ({slot.restarts}/{max_restarts})")
             if pid is not None:  # the process is alive with broken state: replace it
                 ray.kill(slot.handle, no_restart=False)
-            slot.restarting_since, slot.old_pid, slot.ping_ref = time.monotonic(), pid, None
+            # The new process is the one that answers with another pid than the failed one; it gets
+            # an env-seed stream of its own (fleet.stream counts restarts).
+            slot.restarting_since, slot.old_pid, slot.ping_ref = time.monotonic(), pid or slot.pid, None
 
     def _finish_restart(self, i: int, slot: ActorSlot) -> None:
         if slot.ping_ref is None:
@@ -211,7 +213,7 @@ class FleetSupervisor:
             ref, slot.ping_ref = slot.ping_ref, None
             try:
                 pid = ray.get(ref)
-            except (RayActorError, RayTaskError):
+            except (RayActorError, RayTaskError):  # not back yet (ActorUnavailableError is a RayActorError)
                 pid = None
             if pid is not None and pid != slot.old_pid:
                 slot.run_ref = slot.handle.run.remote(self.fleet.stream(i, slot.restarts))
@@ -236,6 +238,7 @@ class FleetSupervisor:
                     stats = ray.get(slot.stats_ref)
                     self.episodes.extend(stats["episodes"])
                     slot.seconds = stats["seconds"]
+                    slot.pid = stats.get("pid")
                     slot.insert_blocked_seconds = stats["insert_blocked_seconds"]
                 except (RayActorError, RayTaskError):
                     pass

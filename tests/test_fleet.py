@@ -1,6 +1,9 @@
 """The Ray fleet on one shared local Ray with 2 CPUs: replay ratio, supervision, shard input checks."""
 
 import json
+import os
+import signal
+import threading
 import time
 
 import numpy as np
@@ -102,6 +105,47 @@ def test_failed_env_actor_is_restarted_and_counted(tmp_path):
     assert summary["env_steps"] >= 1500
     assert any("env actor 1 failed (InjectedFault: injected fault in env actor 1 at step 200)" in line
                for line in lines)
+    assert wait_for_released_resources()
+
+
+def _ray_worker_pids(name: str) -> list[int]:
+    """Pids of this machine's Ray workers whose process title is `ray::<name>...`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    if handle.read().startswith(f"ray::{name}".encode()):
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def test_env_actor_killed_with_sigkill_is_counted_and_reported(tmp_path):
+    lines = []
+    cfg = load_config("pointmass", [*SHORT, "actors.num=2", "train.total_env_steps=4000"])
+    killed = []
+
+    def kill_one_actor():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any("steps" in line and "1,000/" not in line for line in lines[1:]):
+            time.sleep(0.2)  # until the fleet has made progress
+        pids = _ray_worker_pids("EnvActor")
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    killer = threading.Thread(target=kill_one_actor)
+    killer.start()
+    summary = train_fleet(cfg, tmp_path / "run", echo=lines.append)
+    killer.join()
+    assert killed, "no env actor process was found to kill"
+    assert summary["actors"]["restarts"] == 1 and summary["env_steps"] >= 4000
+    reported = [line for line in lines if line.startswith("env actor") and "process died" in line
+                and "restarting it (1/3)" in line]
+    assert len(reported) == 1, lines
+    assert killed[0] not in _ray_worker_pids("EnvActor")
     assert wait_for_released_resources()
 
 

@@ -116,7 +116,7 @@ class EnvActor:
     def stats(self) -> dict:
         finished, self.finished = self.finished, []
         client = self.client
-        return {"steps": self.steps, "episodes": finished, "policy_version": self.policy_version,
+        return {"steps": self.steps, "episodes": finished, "policy_version": self.policy_version, "pid": os.getpid(),
                 "seconds": dict(self.seconds),
                 "insert_blocked_seconds": client.oldest_pending_seconds() if client is not None else 0.0}
 
