@@ -31,7 +31,7 @@ from sacfleet.learner.checkpoint import kept_checkpoint_note, write_run_checkpoi
 from sacfleet.learner.sac import Batch, LearnerDiverged, SACLearner, resolve_device
 from sacfleet.replay_server.shard import make_table
 from sacfleet.replay_server.table import ReplayTable
-from sacfleet.report import Point, Reporter, success_note
+from sacfleet.report import Point, Reporter, her_values, success_note
 
 
 def build_tables(cfg: Config, spec: TransitionSpec, insert_size: int) -> list[ReplayTable]:
@@ -136,7 +136,8 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
                 next_log += cfg.train.log_interval
                 learner.check_finite()
                 reporter.progress(point(), {**learner.metrics.read(), "replay/size": sum(t.size for t in tables),
-                                            "replay/samples_per_insert": _ratio(tables), **_her_values(tables)})
+                                            "replay/samples_per_insert": _ratio(tables),
+                                            **her_values([t.stats() for t in tables])})
             if cfg.checkpoint.interval and learner.updates >= next_ckpt:
                 next_ckpt += cfg.checkpoint.interval
                 _checkpoint(cfg, run_dir, learner, tables, env_steps, env_info)
@@ -175,11 +176,6 @@ def _evaluate(cfg: Config, learner: SACLearner, reporter: Reporter, timers: Time
     timers.eval += time.monotonic() - t0
     reporter.evaluation(env_steps, timers.wall, returns.tolist(), success_rate)
     return returns, success_rate
-
-
-def _her_values(tables: list[ReplayTable]) -> dict:
-    sampled = sum(t.her.sampled for t in tables if t.her)
-    return {"replay/her_relabeled_fraction": sum(t.her.relabeled for t in tables if t.her) / sampled} if sampled else {}
 
 
 def _ratio(tables: list[ReplayTable]) -> float:

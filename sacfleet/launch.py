@@ -31,7 +31,7 @@ from sacfleet.common.transitions import TransitionSpec
 from sacfleet.learner.checkpoint import kept_checkpoint_note, write_run_checkpoint
 from sacfleet.learner.service import LearnerService
 from sacfleet.replay_server.shard import ReplayShard
-from sacfleet.report import Point, Reporter, success_note
+from sacfleet.report import Point, Reporter, her_values, success_note
 from sacfleet.resume import ResumePoint, load_resume
 from sacfleet.supervisor import ActorSlot, FleetDiverged, FleetError, FleetSupervisor, first_line
 
@@ -195,10 +195,7 @@ class FleetRun:
         values = {**sup.learner_status.get("metrics", {}),
                   "replay/size": sum(s["size"] for s in sup.shard_stats),
                   "replay/samples_per_insert": sup.replay_ratio(), "learner/policy_lag": lag,
-                  "actors/restarts": sup.restarts, **sup.stall_values()}
-        her_sampled = sum(s.get("her_sampled", 0) for s in sup.shard_stats)
-        if her_sampled:
-            values["replay/her_relabeled_fraction"] = sum(s["her_relabeled"] for s in sup.shard_stats) / her_sampled
+                  "actors/restarts": sup.restarts, **sup.stall_values(), **her_values(sup.shard_stats)}
         starved = sup.learner_status.get("starved_reason")
         note = f"\n  waiting: {starved}" if starved and now.updates == self.reporter.last.updates else ""
         self.reporter.progress(now, values, note)

@@ -16,6 +16,13 @@ from sacfleet.common.io import atomic_write_bytes
 from sacfleet.common.metrics import EpisodeStats, MetricsLogger
 
 
+def her_values(shard_stats: Sequence[Mapping]) -> dict[str, float]:
+    """The share of sampled transitions the shards relabeled (`stats()` of tables or shards); nothing
+    without hindsight relabeling."""
+    sampled = sum(s["her_sampled"] for s in shard_stats)
+    return {"replay/her_relabeled_fraction": sum(s["her_relabeled"] for s in shard_stats) / sampled} if sampled else {}
+
+
 def success_note(success_rate: float | None) -> str:
     """", success rate 0.97" for a final line, or nothing for envs without a success flag."""
     return "" if success_rate is None else f", success rate {success_rate:.2f}"

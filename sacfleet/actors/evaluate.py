@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from sacfleet.common.config import EnvConfig
-from sacfleet.common.envs import STREAM_EVAL, env_seeds, episode_successes, flatten_obs, make_vector_env
+from sacfleet.common.envs import STREAM_EVAL, env_seeds, episode_successes, flatten_obs, make_vector_env, obs_names
 from sacfleet.learner.networks import Actor
 
 MAX_PARALLEL_EPISODES = 20
@@ -24,9 +24,9 @@ def evaluate(policy: Actor, env_cfg: EnvConfig, episodes: int, seed: int) -> tup
             obs, _ = envs.reset(seed=group)
             total = np.zeros(len(group))
             running = np.ones(len(group), dtype=bool)
-            keys = tuple((key, 0) for key in obs) if isinstance(obs, dict) else ()
+            names = obs_names(envs.single_observation_space)
             while running.any():
-                action = policy.act(flatten_obs(obs, keys), deterministic=True)
+                action = policy.act(flatten_obs(obs, names), deterministic=True)
                 obs, reward, terminated, truncated, info = envs.step(action)
                 total += np.where(running, reward, 0.0)
                 ended = running & (terminated | truncated)

@@ -13,7 +13,7 @@ import numpy as np
 from sacfleet.actors.policy import ActingPolicy
 from sacfleet.common.config import EnvConfig
 from sacfleet.common.envs import (STREAM_TRAIN, EnvInfo, env_seeds, episode_successes, final_observations,
-                                  flatten_obs, make_vector_env)
+                                  flatten_obs, make_vector_env, obs_names)
 
 RANDOM_POLICY_VERSION = -1  # tags transitions from uniform random warm-up actions
 
@@ -21,8 +21,8 @@ RANDOM_POLICY_VERSION = -1  # tags transitions from uniform random warm-up actio
 class Rollout:
     def __init__(self, env_cfg: EnvConfig, env_info: EnvInfo, num_envs: int, *, seed: int, actor_index: int = 0):
         self.num_envs = num_envs
-        self.obs_keys = env_info.obs_keys
         self.envs = make_vector_env(env_cfg, num_envs)
+        self.obs_names = obs_names(self.envs.single_observation_space)
         seeds = env_seeds(seed, STREAM_TRAIN, actor_index, num_envs + 2)
         self.obs, _ = self.envs.reset(seed=seeds[:num_envs])
         self.envs.action_space.seed(seeds[num_envs])
@@ -55,7 +55,7 @@ class Rollout:
             action = self.rng.uniform(self.low, self.high, size=(self.num_envs, len(self.low))).astype(np.float32)
             version = RANDOM_POLICY_VERSION
         else:
-            action = self.policy(flatten_obs(self.obs, self.obs_keys), self.policy_rng)
+            action = self.policy(flatten_obs(self.obs, self.obs_names), self.policy_rng)
             version = self.policy_version
         t1 = time.perf_counter()
         next_obs, reward, terminated, truncated, info = self.envs.step(action)
@@ -64,13 +64,13 @@ class Rollout:
         done = terminated | truncated
         # Same-step autoreset: next_obs of a finished env already starts a new episode; the
         # transition must end at the episode's own last observation.
-        finals = final_observations(info, done, self.obs_keys) if done.any() else {}
+        finals = final_observations(info, done) if done.any() else {}
         transitions = self._observations(self.obs, "obs", {})
         transitions.update({"action": action, "reward": reward.astype(np.float32)})
         transitions.update(self._observations(next_obs, "next_obs", finals))
         transitions.update({"terminated": terminated.astype(np.bool_), "truncated": truncated.astype(np.bool_),
                             "policy_version": np.full(self.num_envs, version, dtype=np.int64)})
-        if self.obs_keys:
+        if self.obs_names:
             transitions["episode"] = self.episode_id.copy()
         self.episode_return += reward
         self.episode_length += 1
@@ -85,13 +85,13 @@ class Rollout:
     def _observations(self, obs, prefix: str, finals: Mapping[int, object]) -> dict[str, np.ndarray]:
         """Stored fields of a batch of observations, with `finals` (env index -> last observation)
         put in place of the rows of finished envs."""
-        if not self.obs_keys:
+        if not self.obs_names:
             out = np.array(obs, dtype=np.float32) if finals else obs.astype(np.float32, copy=False)
             for i, final in finals.items():
                 out[i] = final
             return {prefix: out}
         fields = {}
-        for key, _ in self.obs_keys:
+        for key in self.obs_names:
             out = np.array(obs[key], dtype=np.float32)
             for i, final in finals.items():
                 out[i] = final[key]

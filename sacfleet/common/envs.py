@@ -131,20 +131,25 @@ def episode_successes(info: dict, done: np.ndarray) -> list[float | None]:
     return [float(flags[i]) if flags is not None and mask[i] else None for i in np.flatnonzero(done)]
 
 
-def final_observations(info: dict, done: np.ndarray, obs_keys) -> dict[int, object]:
-    """The true last observation of each finished env (a dict for Dict observations)."""
+def final_observations(info: dict, done: np.ndarray) -> dict[int, object]:
+    """The true last observation of each finished env (a dict for Dict observations): the vector
+    env keeps them in an object array, one entry per env."""
     final = info["final_obs"]
-    if obs_keys and isinstance(final, dict):  # merged per key by the vector env's info handling
-        return {int(i): {key: final[key][i] for key, _ in obs_keys} for i in np.flatnonzero(done)}
     return {int(i): final[i] for i in np.flatnonzero(done)}
 
 
-def flatten_obs(obs, obs_keys) -> np.ndarray:
-    """What the networks see: a Dict observation's arrays concatenated along the last axis in
-    `obs_keys` order, as float32; a flat observation as float32."""
-    if not obs_keys:
+def obs_names(space: gym.Space) -> tuple[str, ...]:
+    """A Dict observation space's keys in the order the networks see them (the space's own, which
+    gymnasium sorts by name); empty for a flat Box."""
+    return tuple(space.spaces) if isinstance(space, gym.spaces.Dict) else ()
+
+
+def flatten_obs(obs, names: tuple[str, ...]) -> np.ndarray:
+    """What the networks see: a Dict observation's arrays concatenated along the last axis in the
+    order of `names`, as float32; a flat observation (`names` empty) as float32."""
+    if not names:
         return np.asarray(obs, dtype=np.float32)
-    return np.concatenate([np.asarray(obs[key], dtype=np.float32) for key, _ in obs_keys], axis=-1)
+    return np.concatenate([np.asarray(obs[key], dtype=np.float32) for key in names], axis=-1)
 
 
 def make_vector_env(cfg: EnvConfig, num_envs: int) -> SyncVectorEnv:
@@ -159,8 +164,7 @@ def describe_env(cfg: EnvConfig) -> EnvInfo:
     env = make_env(cfg)
     try:
         space = env.observation_space
-        keys = (tuple((name, int(sub.shape[0])) for name, sub in space.spaces.items())
-                if isinstance(space, gym.spaces.Dict) else ())
+        keys = tuple((name, int(space.spaces[name].shape[0])) for name in obs_names(space))
         return EnvInfo(
             obs_dim=sum(width for _, width in keys) if keys else int(space.shape[0]),
             act_dim=int(env.action_space.shape[0]),

@@ -94,12 +94,9 @@ class ReplayShard:
 
     def stats(self) -> dict:
         limiter = self.table.limiter
-        return {"shard": self.shard, "size": self.table.size, "capacity": self.table.storage.capacity,
-                "inserts": limiter.inserts, "samples": limiter.samples,
+        return {**self.table.stats(), "shard": self.shard, "capacity": self.table.storage.capacity,
                 "min_size_to_sample": limiter.min_size_to_sample, "error_buffer": limiter.error_buffer,
-                "recent_policy_version": self.recent_policy_version, "restored_size": self.restored_size,
-                "her_sampled": self.table.her.sampled if self.table.her else 0,
-                "her_relabeled": self.table.her.relabeled if self.table.her else 0}
+                "recent_policy_version": self.recent_policy_version, "restored_size": self.restored_size}
 
     def snapshot(self) -> bytes:
         return self.table.snapshot()

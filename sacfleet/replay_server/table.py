@@ -99,7 +99,9 @@ class ReplayTable:
 
     def stats(self) -> dict:
         return {"size": self.size, "inserts": self.limiter.inserts, "samples": self.limiter.samples,
-                "samples_per_insert": self.limiter.ratio()}
+                "samples_per_insert": self.limiter.ratio(),
+                "her_sampled": self.her.sampled if self.her else 0,
+                "her_relabeled": self.her.relabeled if self.her else 0}
 
     def snapshot(self) -> bytes:
         arrays, meta = self.storage.state_dict()
