@@ -98,8 +98,8 @@ class ReplayTable:
         return int(fresh.sum())
 
     def stats(self) -> dict:
+        """Counters only (the measured ratio follows from them and the limiter's min_size_to_sample)."""
         return {"size": self.size, "inserts": self.limiter.inserts, "samples": self.limiter.samples,
-                "samples_per_insert": self.limiter.ratio(),
                 "her_sampled": self.her.sampled if self.her else 0,
                 "her_relabeled": self.her.relabeled if self.her else 0}
 
