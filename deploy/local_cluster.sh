@@ -3,9 +3,11 @@
 # nodes, each its own raylet, so that `sacfleet train --address 127.0.0.1:PORT` can be tried and tested
 # without a second host.
 #
-#   deploy/local_cluster.sh start [--workers K] [--cpus-per-node C] [--port P]
+#   deploy/local_cluster.sh start [--workers K] [--cpus-per-node C] [--head-cpus H] [--port P]
 #   deploy/local_cluster.sh status [--port P]
 #   deploy/local_cluster.sh stop [--port P]
+#   deploy/local_cluster.sh kill-node --node N [--port P]   SIGKILL worker node N (1..K) and all its processes,
+#                                                          as a lost machine: for fault-recovery drills
 #
 # Environment: RAY (the ray executable; default .venv/bin/ray when present, else ray on PATH),
 # SACFLEET_CLUSTER_PORT (default 6390). `stop` stops only this cluster's processes, never another
@@ -21,9 +23,13 @@ command="${1:-}"
 [[ $# -gt 0 ]] && shift
 workers=1
 cpus=1
+head_cpus=""
 port="${SACFLEET_CLUSTER_PORT:-6390}"
+node=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
+    --node) node="$2"; shift 2 ;;
+    --head-cpus) head_cpus="$2"; shift 2 ;;
     --workers) workers="$2"; shift 2 ;;
     --cpus-per-node) cpus="$2"; shift 2 ;;
     --port) port="$2"; shift 2 ;;
@@ -43,9 +49,17 @@ node_pids() {  # every process of this cluster: its command lines name our temp 
   pgrep -f -- "$state/" || true
 }
 
+tree() {  # $1 and all its descendants
+  local pid="$1" child
+  echo "$pid"
+  for child in $(pgrep -P "$pid" || true); do tree "$child"; done
+}
+
 start_node() {  # $1: node number (0 is the head)
   local n="$1" base=$((port + 100 + 10 * $1))
-  local common=(--node-ip-address=127.0.0.1 --num-cpus="$cpus" --disable-usage-stats
+  local node_cpus="$cpus"
+  [[ "$n" == 0 && -n "$head_cpus" ]] && node_cpus="$head_cpus"  # 0: the head holds no actors
+  local common=(--node-ip-address=127.0.0.1 --num-cpus="$node_cpus" --disable-usage-stats
                 --dashboard-agent-listen-port=$((base)) --dashboard-agent-grpc-port=$((base + 1))
                 --runtime-env-agent-port=$((base + 2)) --metrics-export-port=$((base + 3))
                 --node-manager-port=$((base + 4)) --object-manager-port=$((base + 5)))
@@ -81,7 +95,7 @@ case "$command" in
       echo "local_cluster.sh: only $nodes of $((workers + 1)) nodes registered within 60 s; see $state.log" >&2
       exit 1
     fi
-    echo "local Ray cluster: head + $workers worker node(s), $cpus CPU each, at $address"
+    echo "local Ray cluster: head (${head_cpus:-$cpus} CPU) + $workers worker node(s) ($cpus CPU each) at $address"
     echo "train on it:  sacfleet train --address $address ...      stop it:  $0 stop --port $port"
     ;;
   status)
@@ -99,8 +113,17 @@ case "$command" in
     rm -rf "$state" "$state.log"
     echo "stopped the local cluster on port $port"
     ;;
+  kill-node)
+    [[ "$node" =~ ^[1-9][0-9]*$ ]] || { echo "local_cluster.sh: kill-node needs --node N, a worker node (1, 2, ...), got '$node'" >&2; exit 2; }
+    raylet="$(pgrep -f -- "raylet.*$state/.*--node_manager_port=$((port + 100 + 10 * node + 4))( |$)" || true)"
+    if [[ -z "$raylet" ]]; then echo "local_cluster.sh: no worker node $node in the cluster on port $port" >&2; exit 1; fi
+    pids="$(tree "$raylet")"
+    kill -9 $pids 2>/dev/null || true
+    echo "killed worker node $node of the cluster on port $port ($(echo $pids | wc -w) processes)"
+    ;;
   *)
-    echo "usage: $0 start [--workers K] [--cpus-per-node C] [--port P] | status [--port P] | stop [--port P]" >&2
+    echo "usage: $0 start [--workers K] [--cpus-per-node C] [--head-cpus H] [--port P] | status [--port P] | stop [--port P]" \
+         "| kill-node --node N [--port P]" >&2
     exit 2
     ;;
 esac

@@ -52,6 +52,24 @@ def _parser() -> argparse.ArgumentParser:
                        help="env of the env and actors suites (default: the env suite's list; HalfCheetah-v5 "
                             "for actors)")
 
+    chaos = sub.add_parser("chaos", help="a run during which a random fleet process is SIGKILLed every N seconds; "
+                                         "checks that it finishes and counts every failure")
+    chaos.add_argument("--every", type=float, default=15.0, help="seconds between kills (default 15)")
+    chaos.add_argument("--targets", type=lambda s: s.split(","), default=["EnvActor", "ReplayShard", "LearnerService"],
+                       metavar="CLASS,...", help="Ray actor classes to kill (default EnvActor,ReplayShard,"
+                                                 "LearnerService; EvalActor too)")
+    chaos.add_argument("--seed", type=int, default=0, help="picks the victims (default 0)")
+    soak = sub.add_parser("soak", help="a long run at full load sampling the memory of every process")
+    soak.add_argument("--minutes", type=float, default=60.0, help="run length (default 60)")
+    soak.add_argument("--warmup-minutes", type=float, default=10.0, help="growth is measured after this (default 10)")
+    soak.add_argument("--sample-every", type=float, default=30.0, help="seconds between memory samples (default 30)")
+    for drill in (chaos, soak):
+        drill.add_argument("--config", default="pointmass", help="preset or YAML file (default pointmass)")
+        drill.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a config key of the run (repeatable)")
+        drill.add_argument("--run-dir", type=Path, help="the run's directory; default runs/<drill>-<time>")
+        drill.add_argument("--num-cpus", type=int, help="CPUs of the run's embedded Ray")
+
     ev = sub.add_parser("eval", help="evaluate a checkpoint with deterministic actions")
     ev.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file or run directory")
     ev.add_argument("--episodes", type=int, default=20)
@@ -203,10 +221,44 @@ def _eval(args) -> int:
     return 0
 
 
+def _drill(args) -> int:
+    from sacfleet import drills
+
+    run_dir = args.run_dir or Path("runs") / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if run_dir.exists():
+        return _usage(f"--run-dir {run_dir} exists; choose a new one")
+    train_args = ["--config", args.config, *[f"--set={o}" for o in args.overrides]]
+    if args.num_cpus:
+        train_args += ["--num-cpus", str(args.num_cpus)]
+    echo = lambda line: print(line, flush=True)  # noqa: E731
+    if args.command == "chaos":
+        unknown = sorted(set(args.targets) - set(drills.TARGETS))
+        if unknown:
+            return _usage(f"--targets: unknown {unknown}; choose from {', '.join(drills.TARGETS)}")
+        report = drills.chaos(train_args, run_dir, args.every, args.targets, args.seed, echo)
+        print(f"chaos: {len(report['kills'])} processes killed every {args.every:g}s; run "
+              f"{'finished' if report['finished'] else 'FAILED (exit ' + str(report['exit_code']) + ')'}"
+              + (f"; killed {report['killed']}, counted {report['counted']} "
+                 f"({'exact' if report['exact'] else 'MISMATCH'});"
+                 f" eval return {report['eval_return']:.1f}; lost {report['lost_transitions']:,} transitions, "
+                 f"{report['lost_updates']:,} updates" if "killed" in report else "")
+              + f"; report {run_dir / 'chaos.json'}", flush=True)
+        return 0 if report["finished"] and report.get("exact") else EXIT_FAILED
+    report = drills.soak(train_args, run_dir, args.minutes, args.warmup_minutes, args.sample_every, echo)
+    for row in report["processes"]:
+        print(f"  {row['process']:<24} pid {row['pid']:>7}  {row['rss_at_warmup_mb']:8.1f} MB at warm-up, "
+              f"max {row['rss_max_after_mb']:8.1f} MB after ({100 * row['growth']:+.1f}%)")
+    print(f"soak: {args.minutes:g} min, exit {report['exit_code']}; largest growth after warm-up "
+          f"{100 * (report['max_growth'] or 0):+.1f}%; report {run_dir / 'soak.json'}", flush=True)
+    return 0 if report["exit_code"] == 0 and report["within_5_percent"] else EXIT_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "bench":
         return _bench(args)
+    if args.command in ("chaos", "soak"):
+        return _drill(args)
     from sacfleet.common.config import ConfigError
     from sacfleet.common.rundir import RunDirInUse
     from sacfleet.learner.checkpoint import CheckpointError

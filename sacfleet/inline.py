@@ -30,6 +30,7 @@ from sacfleet.common.transitions import TransitionSpec
 from sacfleet.learner.checkpoint import kept_checkpoint_note, write_run_checkpoint
 from sacfleet.learner.sac import Batch, LearnerDiverged, SACLearner, resolve_device
 from sacfleet.replay_server.shard import make_table
+from sacfleet.replay_server.snapshot_files import SnapshotWriter
 from sacfleet.replay_server.table import ReplayTable
 from sacfleet.report import Point, Reporter, her_values, success_note
 
@@ -86,6 +87,8 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
     batch_size = cfg.learner.batch_size
     prioritized = cfg.replay.sampler == "prioritized"
     next_log, next_eval, next_ckpt = cfg.train.log_interval, cfg.eval.interval, cfg.checkpoint.interval
+    next_ckpt_wall = cfg.checkpoint.interval_s
+    snapshots = SnapshotWriter(run_dir / "checkpoints", len(tables))
     published: tuple = ({}, -1)  # the newest published weights and their version
 
     echo(f"sacfleet inline: {cfg.env.id} obs_dim={env_info.obs_dim} act_dim={env_info.act_dim} "
@@ -138,9 +141,12 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
                 reporter.progress(point(), {**learner.metrics.read(), "replay/size": sum(t.size for t in tables),
                                             "replay/samples_per_insert": _ratio(tables),
                                             **her_values([t.stats() for t in tables])})
-            if cfg.checkpoint.interval and learner.updates >= next_ckpt:
-                next_ckpt += cfg.checkpoint.interval
-                _checkpoint(cfg, run_dir, learner, tables, env_steps, env_info)
+            if (cfg.checkpoint.interval and learner.updates >= next_ckpt) or (
+                    cfg.checkpoint.interval_s and timers.wall >= next_ckpt_wall):
+                next_ckpt = (learner.updates // cfg.checkpoint.interval + 1) * cfg.checkpoint.interval \
+                    if cfg.checkpoint.interval else 0
+                next_ckpt_wall = timers.wall + cfg.checkpoint.interval_s
+                _checkpoint(cfg, run_dir, learner, tables, snapshots, env_steps, env_info)
         learner.check_finite()
     except KeyboardInterrupt:
         interrupted = True
@@ -152,8 +158,9 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
         for rollout in rollouts:
             rollout.close()
 
+    # The learner's state is saved before the final evaluation, which could fail or be interrupted.
+    _checkpoint(cfg, run_dir, learner, tables, snapshots, env_steps, env_info)
     returns, success_rate = _evaluate(cfg, learner, reporter, timers, env_steps, cfg.eval.final_episodes)
-    _checkpoint(cfg, run_dir, learner, tables, env_steps, env_info)
     reporter.close()
     summary = reporter.write_summary(_summary(cfg, learner, tables, timers, env_steps, returns, success_rate,
                                               reporter.evals, interrupted))
@@ -184,11 +191,21 @@ def _ratio(tables: list[ReplayTable]) -> float:
     return samples / effective if effective > 0 else float("nan")
 
 
-def _checkpoint(cfg, run_dir, learner, tables, env_steps: int, env_info: EnvInfo) -> None:
+def _checkpoint(cfg, run_dir, learner, tables, snapshots: SnapshotWriter, env_steps: int, env_info: EnvInfo) -> None:
     # state_dict() refuses a diverged learner's state, so the last good checkpoint stays in place.
-    write_run_checkpoint(Path(run_dir) / "checkpoints", learner.state_dict(),
+    state = learner.state_dict()
+    if cfg.checkpoint.replay:
+        snapshots.next_generation()
+        for shard, table in enumerate(tables):
+            start = table.begin_snapshot()
+            try:
+                snapshots.write_shard(shard, start, table.snapshot_segment)
+            except BaseException:
+                table.mark_dirty(start["dirty"])
+                raise
+    write_run_checkpoint(Path(run_dir) / "checkpoints", state,
                          {"env_steps": env_steps, "config": to_dict(cfg), "env_info": env_info.to_dict()},
-                         [table.snapshot() for table in tables] if cfg.checkpoint.replay else None)
+                         snapshots.manifest() if cfg.checkpoint.replay else None)
 
 
 def _summary(cfg, learner, tables, timers, env_steps, final, success_rate, evals, interrupted) -> dict:

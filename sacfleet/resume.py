@@ -13,7 +13,7 @@ import torch
 
 from sacfleet.common.config import Config, to_dict
 from sacfleet.common.envs import EnvInfo
-from sacfleet.learner.checkpoint import CheckpointError, load_checkpoint, read_replay_snapshots
+from sacfleet.learner.checkpoint import CheckpointError, load_checkpoint, replay_manifest
 
 # Keys a resumed run cannot change, and why.
 FIXED_KEYS = {
@@ -39,8 +39,9 @@ class ResumePoint:
     wall_seconds: float = 0.0
     evals: list = field(default_factory=list)
     restarts: int = 0
+    recoveries: list = field(default_factory=list)  # shard and learner recoveries of earlier sessions
     lags: list = field(default_factory=list)
-    snapshots: list[bytes] | None = None
+    replay: dict | None = None  # the checkpoint set's replay manifest, its files checked
     applied: list[str] = field(default_factory=list)  # 'key old -> new' for each key the resume changes
 
 
@@ -65,8 +66,8 @@ def load_resume(run_dir: Path, cfg: Config, env_info: EnvInfo) -> ResumePoint:
         raise CheckpointError(f"the run in {run_dir} already has {env_steps:,} env steps, "
                               f"train.total_env_steps={cfg.train.total_env_steps:,}; raise it to continue, "
                               f"e.g. --set train.total_env_steps={2 * cfg.train.total_env_steps}")
-    snapshots = read_replay_snapshots(checkpoint_dir, cfg.replay.num_shards) if cfg.checkpoint.replay else None
-    if snapshots:
+    replay = replay_manifest(state, checkpoint_dir, cfg.replay.num_shards) if cfg.checkpoint.replay else None
+    if replay:
         for key, why in FIXED_WITH_REPLAY.items():
             if key in changed:
                 raise CheckpointError(f"--resume cannot change {key} ({changed[key][0]!r} -> {changed[key][1]!r}) "
@@ -83,7 +84,8 @@ def load_resume(run_dir: Path, cfg: Config, env_info: EnvInfo) -> ResumePoint:
     return ResumePoint(learner_state=learner_state, env_steps=env_steps, session=int(prior.get("session", 0)) + 1,
                        wall_seconds=float(prior.get("wall_seconds", 0.0)), evals=list(prior.get("evals", [])),
                        restarts=int(prior.get("restarts", 0)), lags=list(prior.get("lags", [])),
-                       snapshots=snapshots, applied=applied)
+                       recoveries=list(prior.get("recoveries", [])),
+                       replay=replay, applied=applied)
 
 
 def _check_env(saved: dict, env_info: EnvInfo, env_id: str) -> None:

@@ -1,6 +1,6 @@
-"""Watches a running fleet from the driver: polls the learner and the replay shards, restarts failed
-env actors and counts them, gathers the actors' statistics, runs evaluations, and collects the
-state a checkpoint saves. Every failure it cannot handle becomes a FleetError naming the component."""
+"""Watches a running fleet from the driver: polls the learner and the replay shards (and has a dead one
+recovered), restarts failed env actors and counts them, gathers the actors' statistics, and runs
+evaluations. Every failure it cannot handle becomes a FleetError naming the component."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from sacfleet.common.rundir import RunFailed
-from sacfleet.learner.sac import LearnerDiverged
 
 CALL_TIMEOUT = 120.0  # a status call unanswered this long means the component hangs
 RESTART_TIMEOUT = 120.0
+EVAL_TIMEOUT = 1800.0  # longest wait for an evaluation (Humanoid's 100 final episodes fit)
 
 
 class FleetError(RunFailed):
@@ -58,20 +58,37 @@ class ActorSlot:
     seconds_before: dict = field(default_factory=dict)  # summed over processes that failed
 
 
+@dataclass
+class Lost:
+    """A component's process died while a call was in flight."""
+
+    cause: str
+
+
 class FleetSupervisor:
     """`fleet` holds the Ray handles (learner, shards, evaluator, actor slots); `stream(i, restarts)`
-    gives a restarted actor's env-seed stream; `episodes` receives finished episodes."""
+    gives a restarted actor's env-seed stream; `episodes` receives finished episodes; `recovery`
+    (recovery.FleetRecovery) brings back a dead learner or shard; `env_steps()` is the run's count."""
 
-    def __init__(self, cfg, fleet, echo: Callable[[str], None], episodes, restarts_before: int = 0):
+    def __init__(self, cfg, fleet, echo: Callable[[str], None], episodes, recovery, env_steps: Callable[[], int],
+                 restarts_before: int = 0):
         self.cfg, self.fleet, self.echo, self.episodes = cfg, fleet, echo, episodes
+        self.recovery, self.env_steps = recovery, env_steps
         self.restarts_before = restarts_before
-        self.shard_stats: list[dict] = []
+        self._shard_stats: dict[int, dict] = {}
+        self.lost_inserts = 0  # transitions the recovered shards had after their last snapshot
+        self.lost_updates = 0  # updates the recovered learner had made after the last checkpoint
         self.learner_status: dict = {"updates": 0}
         self.stopping = False
         self.eval_ref = None
+        self.eval_episodes = 0
         self.pending: dict[str, tuple[object, float]] = {}  # call -> (refs in flight, when sent)
 
     # -- what the fleet has done
+
+    @property
+    def shard_stats(self) -> list[dict]:
+        return [self._shard_stats[i] for i in sorted(self._shard_stats)]
 
     @property
     def inserts(self) -> int:
@@ -121,40 +138,62 @@ class FleetSupervisor:
         """Refresh the learner's status and the shards' statistics, and look after the env actors.
         Without `wait`, a component slow to answer keeps its last known values (so that the health
         checks still see the rest of the fleet, e.g. actors held back by a stuck learner) until it
-        has been silent for CALL_TIMEOUT. `read_metrics` waits for a fresh status with the metrics."""
+        has been silent for CALL_TIMEOUT. `read_metrics` waits for a fresh status with the metrics.
+        A learner or shard whose process died is recovered here (see recovery.py)."""
         fleet = self.fleet
         if read_metrics and "learner" in self.pending:  # an answer without metrics is in flight: drain it
             self._answer("learner", "learner", lambda: None, wait=True)
         status = self._answer("learner", "learner", lambda: fleet.learner.status.remote(read_metrics),
                               wait=wait or read_metrics)
-        if status is not None:
+        if isinstance(status, Lost) or (status is not None and status["awaiting_restore"]):
+            self._recover_learner(status.cause if isinstance(status, Lost) else "its process was restarted")
+        elif status is not None:
             self.learner_status = status
             self._raise_learner_error(status)
-        stats = self._answer("shards", "replay shard", lambda: [s.stats.remote() for s in fleet.shards],
-                             wait=wait or read_metrics or not self.shard_stats)
-        if stats is not None:
-            self.shard_stats = stats
+        for i, shard in enumerate(fleet.shards):
+            stats = self._answer(f"shard{i}", f"replay shard {i}", shard.stats.remote,
+                                 wait=wait or read_metrics or i not in self._shard_stats)
+            if isinstance(stats, Lost) or (stats is not None and stats["awaiting_restore"]):
+                self._recover_shard(i, stats.cause if isinstance(stats, Lost) else "its process was restarted")
+            elif stats is not None:
+                self._shard_stats[i] = stats
         self._supervise_actors()
         self._collect_actor_stats()
 
+    def _recover_learner(self, cause: str) -> None:
+        self.pending.pop("learner", None)
+        done = self.recovery.learner(cause, self.updates, self.env_steps())
+        if done is not None:
+            event, updates = done
+            self.lost_updates += event.lost_updates
+            self.learner_status = {**self.learner_status, "updates": updates}
+
+    def _recover_shard(self, i: int, cause: str) -> None:
+        self.pending.pop(f"shard{i}", None)
+        last = self._shard_stats.get(i, {}).get("inserts", 0)
+        done = self.recovery.shard(i, cause, last, self.env_steps())
+        if done is not None:
+            event, stats = done
+            self.lost_inserts += event.lost_transitions
+            self._shard_stats[i] = stats
+
     def _answer(self, call: str, what: str, send: Callable[[], object], wait: bool):
-        """The answer to `call` once it has come (sending it first if none is in flight), else None."""
+        """The answer to `call` once it has come (sending it first if none is in flight), Lost if the
+        component's process died, else None."""
         if call not in self.pending:
             self.pending[call] = (send(), time.monotonic())
-        refs, sent = self.pending[call]
-        many = isinstance(refs, list)
-        waiting = refs if many else [refs]
+        ref, sent = self.pending[call]
         timeout = max(0.0, CALL_TIMEOUT - (time.monotonic() - sent)) if wait else 0.0
-        ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=timeout)
-        if len(ready) < len(waiting):
+        ready, _ = ray.wait([ref], timeout=timeout)
+        if not ready:
             if time.monotonic() - sent >= CALL_TIMEOUT:
                 raise FleetError(f"{what} hangs: no answer to a status call within {CALL_TIMEOUT:g} s")
             return None
         del self.pending[call]
         try:
-            return ray.get(refs)
+            return ray.get(ref)
         except RayActorError as exc:
-            raise FleetError(f"{what} died: {first_line(exc)}") from None
+            return Lost(f"process died: {type(exc).__name__}")
 
     @staticmethod
     def _raise_learner_error(status: dict) -> None:
@@ -256,33 +295,26 @@ class FleetSupervisor:
         """Ask the eval actor for `episodes` of the newest policy; False if one is running already."""
         if self.eval_ref is not None:
             return False
-        self.eval_ref = self.fleet.evaluator.evaluate.remote(episodes)
+        self.eval_ref, self.eval_episodes = self.fleet.evaluator.evaluate.remote(episodes), episodes
         return True
 
     def eval_result(self, wait: bool = False) -> dict | None:
-        """The running evaluation's result ({"version", "returns", "seconds"}) once it is done."""
+        """The running evaluation's result ({"version", "returns", "seconds"}) once it is done; waiting
+        at most EVAL_TIMEOUT."""
         if self.eval_ref is None:
             return None
-        ready, _ = ray.wait([self.eval_ref], timeout=None if wait else 0)
+        ready, _ = ray.wait([self.eval_ref], timeout=EVAL_TIMEOUT if wait else 0)
         if not ready:
+            if wait:
+                raise FleetError(f"eval actor hangs: an evaluation did not finish within {EVAL_TIMEOUT:g} s")
             return None
         ref, self.eval_ref = self.eval_ref, None
         try:
             return ray.get(ref)
-        except (RayActorError, RayTaskError) as exc:
-            raise FleetError(f"eval actor failed: {first_line(exc)}") from None
-
-    def checkpoint_state(self) -> tuple[dict, list[bytes] | None]:
-        """(learner state, replay snapshots or None)."""
-        fleet = self.fleet
-        try:
-            state = ray.get(fleet.learner.state.remote(), timeout=CALL_TIMEOUT)
-            snapshots = (ray.get([s.snapshot.remote() for s in fleet.shards], timeout=CALL_TIMEOUT)
-                         if self.cfg.checkpoint.replay else None)
+        except RayActorError as exc:
+            # Its process died: Ray restarts it (it holds nothing to restore) and the evaluation runs again.
+            self.recovery.evaluator(f"process died: {type(exc).__name__}", self.env_steps())
+            self.start_eval(self.eval_episodes)
+            return self.eval_result(wait) if wait else None
         except RayTaskError as exc:
-            if isinstance(exc.cause, LearnerDiverged):
-                raise FleetDiverged(exc.cause.update, exc.cause.what, str(exc.cause)) from None
-            raise FleetError(f"checkpoint failed: {first_line(exc)}") from None
-        except (RayActorError, GetTimeoutError) as exc:
-            raise FleetError(f"checkpoint failed: {first_line(exc)}") from None
-        return state, snapshots
+            raise FleetError(f"eval actor failed: {first_line(exc)}") from None

@@ -81,3 +81,81 @@ def test_cluster_script_stops_only_its_own_cluster(local_cluster):
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert subprocess.run(["pgrep", "-f", f"/tmp/sfc-{port}/"], capture_output=True).returncode == 1
     assert cluster("status", port=port).returncode == 1
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(proc.name))
+    return tree
+
+
+def fleet_processes_of_node(port: int, node: int) -> list[str]:
+    """Titles (ray::EnvActor, ...) of the fleet's actor processes on worker node `node` of the cluster."""
+    flag = f"--node_manager_port={port + 100 + 10 * node + 4}"
+    raylets = [pid for pid in (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
+               if "/raylet " in _cmdline(pid) and flag in _cmdline(pid).split()]
+    assert len(raylets) == 1, f"worker node {node}'s raylet not found"
+    tree, stack, titles = _children(), list(raylets), []
+    while stack:
+        pid = stack.pop()
+        stack.extend(tree.get(pid, []))
+        title = _cmdline(pid).split(" ")[0]
+        if title in ("ray::EnvActor", "ray::ReplayShard", "ray::LearnerService"):
+            titles.append(title)
+    return titles
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+    except OSError:
+        return ""
+
+
+def test_a_lost_worker_node_is_recovered_on_the_others_and_the_run_finishes(tmp_path):
+    port = free_port()
+    # No actors on the head; two workers of 2 CPUs, and a fleet of 1.9 CPUs that fits on either alone.
+    started = cluster("start", "--workers", "2", "--cpus-per-node", "2", "--head-cpus", "0", port=port)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        run_dir = tmp_path / "run"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sacfleet", "train", "--config", "pointmass", "--address", f"127.0.0.1:{port}",
+             "--run-dir", str(run_dir), "--set", "train.total_env_steps=6000", "--set", "train.learning_starts=400",
+             "--set", "learner.hidden_sizes=[32, 32]", "--set", "learner.batch_size=64",
+             "--set", "replay.samples_per_insert=64", "--set", "eval.interval=0", "--set", "eval.final_episodes=2",
+             "--set", "train.log_interval=500", "--set", "checkpoint.interval=150", "--set", "actors.num=2",
+             "--set", "replay.num_shards=2", "--set", "actors.num_cpus=0.25", "--set", "replay.num_cpus=0.1",
+             "--set", "learner.num_cpus=1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in proc.stdout:  # until it learns and has committed a checkpoint set
+            lines.append(line)
+            if (line.startswith("steps") and "updates         0 " not in line
+                    and (run_dir / "checkpoints" / "checkpoint.pt").exists()):
+                break
+        on_node = {n: fleet_processes_of_node(port, n) for n in (1, 2)}
+        node = max(on_node, key=lambda n: len(on_node[n]))
+        assert on_node[node], on_node
+        killed = cluster("kill-node", "--node", str(node), port=port)
+        assert killed.returncode == 0, killed.stdout + killed.stderr
+        rest, _ = proc.communicate(timeout=400)
+        output = "".join(lines) + rest
+        assert proc.returncode == 0, output
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["env_steps"] >= 6000
+        # Every fleet process the node held was counted: env actors as restarts, shards and the learner
+        # as recoveries.
+        lost = on_node[node]
+        events = [event["component"] for event in summary["recovery"]["events"]]
+        assert summary["actors"]["restarts"] == lost.count("ray::EnvActor"), (on_node, output)
+        assert sum(e.startswith("replay shard") for e in events) == lost.count("ray::ReplayShard"), (on_node, output)
+        assert events.count("learner") == lost.count("ray::LearnerService"), (on_node, output)
+    finally:
+        cluster("stop", port=port)

@@ -21,6 +21,7 @@ from sacfleet.learner.checkpoint import load_checkpoint
 from sacfleet.learner.sac import SACLearner
 from sacfleet.learner.service import LearnerService
 from sacfleet.replay_server.shard import ReplayShard, make_table
+from sacfleet.replay_server.snapshot_files import read_shard
 
 # Small networks and half an update per env step (samples_per_insert 32 < batch 64) keep runs short
 # and check a ratio other than one update per step.
@@ -80,9 +81,10 @@ def test_goal_env_fleet_keeps_episodes_in_one_shard_and_relabels_there(tmp_path)
     # Each actor's episodes went whole to its own shard: no episode id is in both shards.
     spec = TransitionSpec.for_env(describe_env(cfg.env))
     episodes = []
-    for shard in range(2):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for shard, entry in enumerate(load_checkpoint(checkpoints)["replay"]["shards"]):
         table = make_table(cfg, spec, shard, 10, 64)
-        table.restore((tmp_path / "run" / "checkpoints" / f"replay_shard{shard}.msgpack").read_bytes())
+        table.restore(*read_shard(checkpoints, entry))
         stored = table.storage.data["episode"][:table.size]
         assert table.size > 500 and len(table.her.index.episodes) == len(set(stored.tolist()))
         episodes.append(set(stored.tolist()))
@@ -149,9 +151,88 @@ def test_env_actor_killed_with_sigkill_is_counted_and_reported(tmp_path):
     assert wait_for_released_resources()
 
 
-def test_env_actor_failing_too_often_stops_the_run(tmp_path):
-    with pytest.raises(FleetError, match=r"env actor 0 failed 1 times \(actors.max_restarts=0\)"):
-        run(tmp_path, "actors.num=2", "actors.max_restarts=0", faults={"env_actor_step": (0, 50)})
+def kill_when(name: str, ready, timeout: float = 120.0) -> tuple[threading.Thread, list[int]]:
+    """A thread that SIGKILLs one `ray::<name>` process once `ready()`; the pid killed lands in the list."""
+    killed: list[int] = []
+
+    def kill():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not ready():
+            time.sleep(0.1)
+        pids = _ray_worker_pids(name)
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    thread = threading.Thread(target=kill)
+    thread.start()
+    return thread, killed
+
+
+def learning_with_a_checkpoint(run_dir, lines):
+    """True once the run is updating and has committed a checkpoint set."""
+    return (run_dir / "checkpoints" / "checkpoint.pt").exists() and any(
+        line.startswith("steps") and "updates         0" not in line for line in lines[1:])
+
+
+@pytest.mark.parametrize("component, process", [("replay shard 0", "ReplayShard"), ("learner", "LearnerService")])
+def test_a_killed_shard_or_learner_is_recovered_in_place_and_the_run_finishes(tmp_path, component, process):
+    lines = []
+    run_dir = tmp_path / "run"
+    cfg = load_config("pointmass", [*SHORT, "actors.num=2", "train.total_env_steps=5000", "checkpoint.interval=150"])
+    thread, killed = kill_when(process, lambda: learning_with_a_checkpoint(run_dir, lines))
+    summary = train_fleet(cfg, run_dir, echo=lines.append)
+    thread.join()
+    assert killed, f"no {process} process was found to kill"
+    recovery = summary["recovery"]
+    assert recovery["failures"] == 1 and summary["actors"]["restarts"] == 0, lines
+    [event] = recovery["events"]
+    assert event["component"] == component and "process died" in event["cause"]
+    assert [line for line in lines if line.startswith(f"{component} failed (process died")], lines
+    assert [line for line in lines if line.startswith(f"{component} recovered in")], lines
+    assert killed[0] not in _ray_worker_pids(process)
+    # The run ends as planned, and its counters add up: what the shards hold is what was collected
+    # less what the recovered shard lost (the capacity is not reached).
+    assert summary["env_steps"] >= 5000 and summary["stop_reason"] == "train.total_env_steps reached"
+    assert summary["replay"]["size"] == summary["env_steps"] - recovery["lost_transitions"]
+    if component == "learner":
+        assert recovery["lost_transitions"] == 0 and event["lost_updates"] >= 0
+    else:
+        assert recovery["lost_updates"] == 0 and event["lost_transitions"] >= 0
+    # Learning went on after the recovery at the configured ratio.
+    assert summary["replay"]["samples_per_insert"] == pytest.approx(32, rel=0.15)
+    state = load_checkpoint(run_dir)
+    assert state["learner"]["updates"] == summary["updates"] and state["env_steps"] == summary["env_steps"]
+    assert state["fleet"]["recoveries"] == recovery["events"]
+    assert wait_for_released_resources()
+
+
+def test_recovery_gives_up_after_max_failures_with_the_learners_state_saved(tmp_path):
+    lines = []
+    run_dir = tmp_path / "run"
+    cfg = load_config("pointmass", [*SHORT, "actors.num=2", "train.total_env_steps=100000", "train.max_failures=0",
+                                    "checkpoint.interval=150"])
+    thread, killed = kill_when("ReplayShard", lambda: learning_with_a_checkpoint(run_dir, lines))
+    with pytest.raises(FleetError) as info:
+        train_fleet(cfg, run_dir, echo=lines.append)
+    thread.join()
+    assert killed
+    message = str(info.value)
+    assert "replay shard 0 failed (process died" in message and "train.max_failures=0" in message, message
+    assert "the learner's state" in message and "were saved" in message, message
+    state = load_checkpoint(run_dir)
+    assert state["learner"]["updates"] > 0 and state["env_steps"] < 100000
+    assert not (run_dir / "summary.json").exists()
+    assert wait_for_released_resources()
+
+
+def test_env_actor_failing_too_often_stops_the_run_with_the_learners_state_saved(tmp_path):
+    # Actor 0 fails at its step 700, when the fleet (two actors) is past learning_starts=400.
+    with pytest.raises(FleetError, match=r"env actor 0 failed 1 times \(actors.max_restarts=0\)") as info:
+        run(tmp_path, "actors.num=2", "actors.max_restarts=0", faults={"env_actor_step": (0, 700)})
+    assert "the learner's state" in str(info.value) and "were saved" in str(info.value)
+    state = load_checkpoint(tmp_path / "run")
+    assert state["learner"]["updates"] > 0 and 1000 <= state["env_steps"] < 2500
     assert wait_for_released_resources()
 
 
@@ -169,7 +250,7 @@ def test_malformed_chunk_is_rejected_and_the_shard_is_unchanged():
     shard = ray.remote(ReplayShard).remote(cfg, TransitionSpec(2, 1), 0)
     try:
         assert ray.get(shard.insert.remote(encode_chunk(_chunk(spec, 20, 0), spec)))["ok"]
-        before_stats, before = ray.get([shard.stats.remote(), shard.snapshot.remote()])
+        before_stats, before = ray.get(shard.stats.remote()), shard_contents(shard)
 
         wrong_dims = TransitionSpec(3, 1)
         bad_payloads = {
@@ -189,11 +270,19 @@ def test_malformed_chunk_is_rejected_and_the_shard_is_unchanged():
         with pytest.raises(CodecError, match="NaN"):
             ray.get(shard.insert.remote(bad_payloads["NaN reward"]))
 
-        after_stats, after = ray.get([shard.stats.remote(), shard.snapshot.remote()])
+        after_stats, after = ray.get(shard.stats.remote()), shard_contents(shard)
         assert after_stats == before_stats and after == before
         assert ray.get(shard.insert.remote(encode_chunk(_chunk(spec, 4, 4), spec)))["inserted"] == 4
     finally:
         ray.kill(shard)
+
+
+def shard_contents(shard) -> tuple:
+    """A whole snapshot of a shard actor (header and every segment)."""
+    start = ray.get(shard.snapshot_begin.remote())
+    segments = ray.get([shard.snapshot_segment.remote(j) for j in range(start["num_segments"])])
+    ray.get(shard.snapshot_end.remote())
+    return start["header"], segments
 
 
 def test_resources_fit_two_cpus_for_any_actor_count():
@@ -212,8 +301,7 @@ def test_resources_fit_two_cpus_for_any_actor_count():
 def _initial_learner_state(seed: int, session: int = 0) -> dict:
     """The learner's state right after it starts in its own Ray worker process, as a fleet builds it."""
     cfg = load_config("pointmass", [*SHORT, f"train.seed={seed}"])
-    learner = ray.remote(LearnerService).options(num_cpus=0.1).remote(cfg, describe_env(cfg.env), [], None, None,
-                                                                       1, session)
+    learner = ray.remote(LearnerService).options(num_cpus=0.1).remote(cfg, describe_env(cfg.env), {}, None, 1, session)
     try:
         return ray.get(learner.state.remote())
     finally:

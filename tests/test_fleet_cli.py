@@ -167,6 +167,19 @@ def test_ctrl_c_then_resume_continues_the_run(tmp_path, ray_tmp):
     assert no_ray_left(ray_tmp) == []
 
 
+def test_driver_killed_with_sigkill_leaves_no_process_behind(tmp_path, ray_tmp):
+    proc = sacfleet("train", "--config", "pointmass", "--set", "train.total_env_steps=100000",
+                    "--set", "learner.hidden_sizes=[32, 32]", "--set", "train.log_interval=500",
+                    "--num-cpus", "2", "--run-dir", str(tmp_path / "run"), ray_tmp=ray_tmp)
+    lines = Lines(proc)
+    lines.wait_for(lambda line: line.startswith("steps") and "updates         0 " not in line, timeout=180)
+    kinds = {Path(cmdline.split()[0]).name for _, cmdline in pids_of(f"RAY_TMPDIR={ray_tmp}")}
+    assert {"ray::LearnerService", "ray::ReplayShard", "ray::EnvActor", "raylet", "gcs_server"} <= kinds, kinds
+    os.kill(proc.pid, signal.SIGKILL)  # the driver alone, as the OOM killer or `kill -9` would
+    proc.wait(timeout=10)
+    assert no_ray_left(ray_tmp, timeout=10) == []
+
+
 def test_resume_refuses_a_finished_run_and_a_missing_one(tmp_path, ray_tmp):
     proc = sacfleet("train", "--resume", str(tmp_path / "nothing"), ray_tmp=ray_tmp)
     output, _ = proc.communicate(timeout=60)

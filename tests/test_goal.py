@@ -16,7 +16,7 @@ from sacfleet.common.metrics import EpisodeStats
 from sacfleet.common.transitions import InvalidTransitions, TransitionSpec
 from sacfleet.replay_server.rate_limiter import RateLimiter
 from sacfleet.replay_server.shard import make_table
-from sacfleet.replay_server.table import ReplayTable
+from sacfleet.replay_server.table import ReplayTable, snapshot_parts
 
 GOAL_ENV = EnvConfig(id=POINTMASS_GOAL_ID)
 # achieved_goal, desired_goal (2 each), observation (4): the goal point mass's layout.
@@ -92,7 +92,7 @@ def test_dict_transitions_round_trip_through_codec_storage_and_snapshot():
     tab = table(64)
     tab.insert(decoded)
     restored = table(64)
-    restored.restore(tab.snapshot())
+    restored.restore(*snapshot_parts(tab))
     for name in batch:
         np.testing.assert_array_equal(restored.storage.data[name][:40], batch[name])
     # The learner sees the keys concatenated in obs_keys order.
@@ -132,7 +132,7 @@ def test_a_snapshot_of_another_observation_layout_is_refused():
     limiter = RateLimiter(samples_per_insert=1.0, min_size_to_sample=1, error_buffer=1e12)
     source = ReplayTable(other, 16, limiter)
     with pytest.raises(ValueError, match="obs_keys"):
-        table(16).restore(source.snapshot())
+        table(16).restore(*snapshot_parts(source))
 
 
 def test_rollout_stores_each_key_with_true_last_observations_episode_ids_and_success():
@@ -271,7 +271,7 @@ def test_snapshot_and_restore_keep_the_episode_index():
     tab = table(64, her=("future", 4, sum_distance_reward), seed=5)
     insert_episodes(tab, [[30, 30, 30], [25, 25, 25]], chunk=4)
     restored = table(64, her=("future", 4, sum_distance_reward), seed=5)
-    restored.restore(tab.snapshot())
+    restored.restore(*snapshot_parts(tab))
     for _ in range(5):
         a, b = tab.sample(1, 128), restored.sample(1, 128)
         for name in a.data:

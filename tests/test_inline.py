@@ -61,7 +61,10 @@ def test_metrics_tensorboard_config_and_checkpoint_are_written(run):
     assert state["env_steps"] == 1200 and state["learner"]["updates"] == summary["updates"]
     assert set(state["learner"]) >= {"actor", "critic", "target_critic", "log_alpha", "actor_optim",
                                      "critic_optim", "alpha_optim"}
-    assert (run_dir / "checkpoints" / "replay_shard0.msgpack").stat().st_size > 1200 * 30
+    [entry] = state["replay"]["shards"]
+    assert entry["inserts"] == 1200 and entry["size"] == 1200
+    assert sum(ref["bytes"] for ref in entry["segments"]) > 1200 * 30
+    assert all((run_dir / "checkpoints" / ref["file"]).is_file() for ref in [entry["header"], *entry["segments"]])
 
 
 def test_same_seed_same_run_other_seed_other_run(run, tmp_path):
@@ -200,3 +203,39 @@ def test_resume_refuses_what_it_cannot_apply_and_leaves_the_run_unchanged(run, c
         assert code == 2, override
         assert message in capsys.readouterr().err, override
     assert before == {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}  # config.yaml included
+
+
+def _copy_run(run, tmp_path):
+    import shutil
+
+    run_dir, _ = run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def test_a_resume_refuses_snapshot_files_that_do_not_belong_to_the_checkpoint(run, tmp_path):
+    from sacfleet.common.envs import describe_env
+    from sacfleet.learner.checkpoint import CheckpointError
+    from sacfleet.resume import load_resume
+
+    cfg = load_config("pointmass", [*SHORT, "checkpoint.replay=true", "train.total_env_steps=5000"])
+    info = describe_env(cfg.env)
+    copy = _copy_run(run, tmp_path)
+    assert load_resume(copy, cfg, info).replay["shards"][0]["inserts"] == 1200  # the set as written loads
+
+    # Another run's segment under this run's file name: same name, other contents.
+    other = tmp_path / "other"
+    short_run(other, "checkpoint.replay=true", "train.seed=1")
+    [entry] = load_checkpoint(copy)["replay"]["shards"]
+    [other_entry] = load_checkpoint(other)["replay"]["shards"]
+    name = entry["segments"][0]["file"]
+    (copy / "checkpoints" / name).write_bytes((other / "checkpoints" / other_entry["segments"][0]["file"]).read_bytes())
+    with pytest.raises(CheckpointError, match=f"{re.escape(name)} does not belong to this checkpoint"):
+        load_resume(copy, cfg, info)
+    (copy / "checkpoints" / name).unlink()
+    with pytest.raises(CheckpointError, match=f"{re.escape(name)} cannot be read"):
+        load_resume(copy, cfg, info)
+    # Without the replay, the learner's state alone still resumes.
+    plain = load_config("pointmass", [*SHORT, "checkpoint.replay=false", "train.total_env_steps=5000"])
+    assert load_resume(copy, plain, info).replay is None

@@ -9,6 +9,9 @@ from sacfleet.replay_server import (RateLimited, RateLimiter, RateLimiterTimeout
                                     RingStorage, estimate_bytes, wait_until_allowed)
 from sacfleet.replay_server.storage import check_fits
 from sacfleet.replay_server.sum_tree import SumTree
+from sacfleet.learner.checkpoint import load_checkpoint, write_run_checkpoint
+from sacfleet.replay_server.snapshot_files import SnapshotWriter, entry_files, read_shard
+from sacfleet.replay_server.table import snapshot_parts
 
 SPEC = TransitionSpec(obs_dim=3, act_dim=2)
 
@@ -222,14 +225,15 @@ def test_table_raises_rate_limited_and_stores_nothing():
 
 @pytest.mark.parametrize("sampler", ["uniform", "prioritized"])
 def test_snapshot_round_trip(sampler):
-    table = ReplayTable(SPEC, capacity=8, limiter=free_limiter(), sampler=sampler, seed=0)
+    table = ReplayTable(SPEC, capacity=8, limiter=free_limiter(), sampler=sampler, seed=0, segment_slots=3)
     table.insert(chunk(0, 11))  # wrapped
     if sampler == "prioritized":
         table.update_priorities(np.array([8, 9]), np.array([3.0, 9.0]))
     table.sample(2, 4)
-    payload = table.snapshot()
-    restored = ReplayTable(SPEC, capacity=8, limiter=free_limiter(), sampler=sampler, seed=1)
-    restored.restore(payload)
+    header, segments = snapshot_parts(table)
+    assert len(segments) == 3  # 8 slots in segments of 3
+    restored = ReplayTable(SPEC, capacity=8, limiter=free_limiter(), sampler=sampler, seed=1, segment_slots=3)
+    restored.restore(header, iter(segments))
     for k, v in table.storage.data.items():
         np.testing.assert_array_equal(restored.storage.data[k], v)
     np.testing.assert_array_equal(restored.storage.keys, table.storage.keys)
@@ -244,15 +248,50 @@ def test_snapshot_round_trip(sampler):
 def test_snapshot_for_other_shapes_is_refused_and_contents_kept():
     table = ReplayTable(SPEC, capacity=8, limiter=free_limiter())
     table.insert(chunk(0, 3))
+    with pytest.raises(ValueError, match="restore needs an empty table; this one holds 3"):
+        table.restore(*snapshot_parts(table))
+    assert table.size == 3 and table.storage.data["reward"][:3].tolist() == [0, 1, 2]
+
+    empty = ReplayTable(SPEC, capacity=8, limiter=free_limiter())
     other = ReplayTable(TransitionSpec(4, 2), capacity=8, limiter=free_limiter())
     other.insert(chunk(0, 5, TransitionSpec(4, 2)))
     with pytest.raises(ValueError, match="obs_dim=4"):
-        table.restore(other.snapshot())
+        empty.restore(*snapshot_parts(other))
     with pytest.raises(CodecError):
-        table.restore(b"garbage")
+        empty.restore(b"garbage", [])
     with pytest.raises(ValueError, match="capacity"):
-        table.restore(ReplayTable(SPEC, capacity=16, limiter=free_limiter()).snapshot())
-    assert table.size == 3 and table.storage.data["reward"][:3].tolist() == [0, 1, 2]
+        empty.restore(*snapshot_parts(ReplayTable(SPEC, capacity=16, limiter=free_limiter())))
+    header, segments = snapshot_parts(table)
+    with pytest.raises(ValueError, match=r"segments \[0\] are missing"):
+        empty.restore(header, [])
+    with pytest.raises(CodecError):
+        empty.restore(header, [segments[0][:-5]])
+    assert empty.size == 0
+    empty.restore(header, segments)  # still usable after the refusals
+    assert empty.storage.data["reward"][:3].tolist() == [0, 1, 2]
+
+
+def test_snapshots_take_only_the_segments_changed_since_the_last():
+    table = ReplayTable(SPEC, capacity=10, limiter=free_limiter(), segment_slots=4)
+    table.insert(chunk(0, 6))
+    first = table.begin_snapshot()
+    assert first["dirty"] == [0, 1] and first["num_segments"] == 2 and first["inserts"] == 6
+    files = {j: table.snapshot_segment(j) for j in first["dirty"]}
+    table.insert(chunk(6, 1))  # slot 6: segment 1 only
+    second = table.begin_snapshot()
+    assert second["dirty"] == [1] and table.begin_snapshot()["dirty"] == []
+    files[1] = table.snapshot_segment(1)
+    table.insert(chunk(7, 5))  # slots 7..9 then 0..1: wraps into segment 0; segment 2 is new
+    third = table.begin_snapshot()
+    assert third["dirty"] == [0, 1, 2] and third["num_segments"] == 3
+    files.update({j: table.snapshot_segment(j) for j in third["dirty"]})
+    table.mark_dirty([2])  # a failed save: taken again next time
+    assert table.begin_snapshot()["dirty"] == [2]
+
+    restored = ReplayTable(SPEC, capacity=10, limiter=free_limiter(), segment_slots=4)
+    restored.restore(third["header"], (files[j] for j in range(3)))
+    np.testing.assert_array_equal(restored.storage.data["reward"], table.storage.data["reward"])
+    assert restored.storage.inserted == 12 and restored.begin_snapshot()["dirty"] == []
 
 
 def test_memory_estimate_refuses_a_capacity_that_does_not_fit():
@@ -273,3 +312,31 @@ def test_keep_freed_memory_tunes_glibc_malloc():
 
     # CI and the development machine run glibc; elsewhere the call must be a harmless no-op.
     assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_snapshot_writer_writes_changed_segments_and_commits_sets_whole(tmp_path):
+    table = ReplayTable(SPEC, capacity=12, limiter=free_limiter(), segment_slots=4)
+    writer = SnapshotWriter(tmp_path, 1)
+    table.insert(chunk(0, 10))
+    writer.next_generation()
+    first = writer.write_shard(0, table.begin_snapshot(), table.snapshot_segment)
+    assert [ref["file"] for ref in first["segments"]] == [f"replay/shard0/seg{j:05d}-g1.msgpack" for j in range(3)]
+    write_run_checkpoint(tmp_path, {"updates": 1}, {}, writer.manifest())
+
+    table.insert(chunk(10, 1))  # slot 10: only segment 2 changes
+    writer.next_generation()
+    second = writer.write_shard(0, table.begin_snapshot(), table.snapshot_segment)
+    assert second["segments"][:2] == first["segments"][:2]
+    assert second["segments"][2]["file"] == "replay/shard0/seg00002-g2.msgpack" and second["inserts"] == 11
+    # Until the new set is committed, every file of the committed one is still there.
+    assert all((tmp_path / ref["file"]).is_file() for ref in entry_files(first))
+    write_run_checkpoint(tmp_path, {"updates": 2}, {}, writer.manifest())
+    on_disk = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "replay").rglob("*.msgpack"))
+    assert on_disk == sorted(ref["file"] for ref in entry_files(second))
+
+    state = load_checkpoint(tmp_path)
+    assert state["learner"] == {"updates": 2}
+    restored = ReplayTable(SPEC, capacity=12, limiter=free_limiter(), segment_slots=4)
+    restored.restore(*read_shard(tmp_path, state["replay"]["shards"][0]))
+    np.testing.assert_array_equal(restored.storage.data["reward"], table.storage.data["reward"])
+    assert restored.storage.inserted == 11

@@ -15,11 +15,13 @@ from typing import Mapping
 import numpy as np
 import ray
 import torch
+from ray.exceptions import RayError
 
 from sacfleet.actors.evaluate import evaluate
 from sacfleet.actors.rollout import RANDOM_POLICY_VERSION, Rollout
 from sacfleet.common.codec import decode_weights, encode_chunk
 from sacfleet.common.config import Config
+from sacfleet.common.process import peer_handles
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.learner.networks import Actor
 from sacfleet.learner.service import InjectedFault
@@ -27,39 +29,47 @@ from sacfleet.replay_server.client import InsertClient
 
 
 class WeightPuller:
-    """Asks the learner for weights newer than ours without waiting: the answer to the previous
-    request is picked up at the next sync point."""
+    """Asks the learner for weights other than ours without waiting: the answer to the previous
+    request is picked up at the next sync point. While the learner is down (and being recovered)
+    there are none: the actor goes on with the policy it has."""
 
     def __init__(self, learner):
         self.learner = learner
         self.request = None
 
     def poll(self, have_version: int) -> tuple[dict, int] | None:
-        reply = None
-        if self.request is not None:
-            ready, _ = ray.wait([self.request], timeout=0)
-            if not ready:
+        try:
+            reply = None
+            if self.request is not None:
+                ready, _ = ray.wait([self.request], timeout=0)
+                if not ready:
+                    return None
+                request, self.request = self.request, None
+                reply = ray.get(request)
+            self.request = self.learner.latest_weights.remote(have_version)
+            if reply is None or reply[0] == have_version:
                 return None
-            reply, self.request = ray.get(self.request), None
-        self.request = self.learner.latest_weights.remote(have_version)
-        if reply is None or reply[0] <= have_version:
+            return decode_weights(ray.get(reply[1][0]))
+        except RayError:  # the learner (owner of the weights object) died
             return None
-        return decode_weights(ray.get(reply[1][0]))
 
     def wait(self, have_version: int, timeout: float = 30.0) -> tuple[dict, int] | None:
-        """Newest weights, waiting for the answer (for evaluation)."""
-        reply = ray.get(self.learner.latest_weights.remote(have_version), timeout=timeout)
-        return None if reply is None else decode_weights(ray.get(reply[1][0]))
+        """Newest weights, waiting for the answer (for evaluation); None while the learner is down."""
+        try:
+            reply = ray.get(self.learner.latest_weights.remote(have_version), timeout=timeout)
+            return None if reply is None else decode_weights(ray.get(reply[1][0], timeout=timeout))
+        except RayError:
+            return None
 
 
 class EnvActor:
-    """`peers`: {"shards": [shard handles], "learner": learner handle}. (A handle passed bare as a
-    constructor argument would live in the object store, which Ray warns can break restarts.)"""
+    """`peers`: {"shards": [names of the replay shard actors], "learner": name of the learner actor}."""
 
     def __init__(self, cfg: Config, env_info, actor_index: int, peers: Mapping, faults: Mapping | None = None):
         torch.set_num_threads(1)
         self.cfg, self.env_info, self.actor_index = cfg, env_info, actor_index
-        self.shards, self.learner = peers["shards"], peers["learner"]
+        handles = peer_handles(peers)
+        self.shards, self.learner = handles["shards"], handles["learner"]
         self.fault = (faults or {}).get("env_actor_step")  # (actor index, vector step), first run only
         self.stopping = threading.Event()
         self.steps = 0  # env steps (transitions) made by this process
@@ -127,7 +137,7 @@ class EnvActor:
 class EvalActor:
     def __init__(self, cfg: Config, env_info, peers: Mapping):
         torch.set_num_threads(1)
-        learner = peers["learner"]
+        learner = peer_handles(peers)["learner"]
         self.cfg = cfg
         self.policy = Actor(env_info.obs_dim, env_info.act_dim, cfg.learner.hidden_sizes,
                             env_info.action_low, env_info.action_high)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from typing import Callable, Sequence
 
 from sacfleet.bench import Record, ray_session
@@ -77,10 +78,13 @@ def collect_rate(env_id: str, num_actors: int, envs_per_actor: int, seconds: flo
     env_info = describe_env(cfg.env)
     handles = []
     try:
-        shard = ray.remote(ReplayShard).options(num_cpus=0.01).remote(cfg, TransitionSpec.for_env(env_info), 0)
-        source = ray.remote(StaticWeights).options(num_cpus=0.01).remote(cfg, env_info)
+        tag = uuid.uuid4().hex[:12]
+        peers = {"shards": [f"bench-{tag}-shard"], "learner": f"bench-{tag}-weights"}
+        shard = ray.remote(ReplayShard).options(num_cpus=0.01, name=peers["shards"][0]).remote(
+            cfg, TransitionSpec.for_env(env_info), 0)
+        source = ray.remote(StaticWeights).options(num_cpus=0.01, name=peers["learner"]).remote(cfg, env_info)
         handles += [shard, source]
-        peers = {"shards": [shard], "learner": source}
+        ray.get([shard.ping.remote(), source.ping.remote()], timeout=120)  # registered before actors look them up
         actor_cls = ray.remote(EnvActor).options(num_cpus=1, max_concurrency=2)
         actors = [actor_cls.remote(cfg, env_info, i, peers) for i in range(num_actors)]
         handles += actors

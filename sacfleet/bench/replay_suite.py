@@ -1,7 +1,8 @@
 """The replay suite: insert and sample transitions/s for capacities 1e4 to 1e6, uniform and
 prioritized, directly on a shard's table and through the Ray shard API (encoded chunks in,
 multi-batch samples out), with HalfCheetah-sized transitions; and FetchReach's Dict layout against a
-flat layout of the same width, with and without hindsight relabeling."""
+flat layout of the same width, with and without hindsight relabeling; and what incremental replay
+snapshots cost at 1e6 transitions."""
 
 from __future__ import annotations
 
@@ -142,6 +143,57 @@ def goal_layouts(seconds: float) -> dict[str, tuple[float, float]]:
     return figures
 
 
+SNAPSHOT_CAPACITY = 1_000_000
+SNAPSHOT_INCREMENTS = (10_000, 100_000)  # new transitions between two checkpoints: ~6 s and ~1 min of a GPU fleet
+
+
+def snapshot_costs(capacity: int = SNAPSHOT_CAPACITY, increments: Sequence[int] = SNAPSHOT_INCREMENTS,
+                   echo: Callable[[str], None] = print) -> dict[str, float]:
+    """Seconds to checkpoint a full Ray shard of HalfCheetah transitions into a checkpoint directory, as
+    the driver does (one segment per call, each written before the next is asked for): the first,
+    whole snapshot, then incremental ones after `increments` new transitions; and to restore it."""
+    import tempfile
+
+    import ray
+
+    from sacfleet.checkpointing import FleetCheckpointer
+    from sacfleet.replay_server.shard import ReplayShard
+
+    cfg = _config(capacity, "uniform")
+    shard = ray.remote(ReplayShard).options(num_cpus=0.1).remote(cfg, SPEC, 0)
+    restored = ray.remote(ReplayShard).options(num_cpus=0.1).remote(cfg, SPEC, 0)
+    payload = encode_chunk(random_chunk(CHUNK), SPEC)
+
+    def insert(n: int) -> None:
+        ray.get([shard.insert.remote(payload) for _ in range(n // CHUNK)])
+
+    figures: dict[str, float] = {}
+    try:
+        insert(capacity)
+        with tempfile.TemporaryDirectory(prefix="sacfleet-snap-") as directory:
+            checkpointer = FleetCheckpointer(cfg, directory)
+            for label, new in (("full", 0), *((f"after {n:.0e} new", n) for n in increments)):
+                insert(new)
+                checkpointer.writer.next_generation()
+                start = time.perf_counter()
+                checkpointer.snapshot_shard(0, shard)
+                figures[f"snapshot {label} s"] = time.perf_counter() - start
+                echo(f"replay snapshot of {capacity:.0e} transitions, {label}: {figures[f'snapshot {label} s']:.2f} s")
+            entry = checkpointer.writer.entries[0]
+            figures["snapshot bytes"] = float(entry["header"]["bytes"] + sum(r["bytes"] for r in entry["segments"]))
+            figures["segment bytes"] = float(max(r["bytes"] for r in entry["segments"]))
+            start = time.perf_counter()
+            checkpointer.restore_shard(0, restored)
+            figures["restore s"] = time.perf_counter() - start
+            echo(f"replay restore of {capacity:.0e} transitions: {figures['restore s']:.2f} s "
+                 f"({figures['snapshot bytes'] / 2**20:,.0f} MB in segments of "
+                 f"{figures['segment bytes'] / 2**20:.1f} MB)")
+    finally:
+        for handle in (shard, restored):
+            ray.kill(handle)
+    return figures
+
+
 def run(seconds: float = 2.0, capacities: Sequence[int] = CAPACITIES, samplers: Sequence[str] = SAMPLERS,
         echo: Callable[[str], None] = print, **_) -> list[Record]:
     records = []
@@ -167,6 +219,17 @@ def run(seconds: float = 2.0, capacities: Sequence[int] = CAPACITIES, samplers: 
                     records.append(Record(suite="replay", name=f"{path} {sampler} {large:.0e} vs {small:.0e}",
                                           metric="sample_rate_ratio", value=ratio, unit="ratio", device="cpu",
                                           batch_size=BATCH * BATCHES))
+        costs = snapshot_costs(echo=echo)
+        full = costs["snapshot full s"]
+        for name, value in costs.items():
+            if name.endswith(" s"):
+                records.append(Record(suite="replay", name=f"{name[:-2]} {SNAPSHOT_CAPACITY:.0e}", metric="seconds",
+                                      value=value, unit="s", device="cpu"))
+            if name.startswith("snapshot after"):
+                records.append(Record(suite="replay", name=f"{name[:-2]} vs full", metric="time_ratio",
+                                      value=value / full, unit="ratio", device="cpu"))
+        records.append(Record(suite="replay", name=f"snapshot {SNAPSHOT_CAPACITY:.0e}", metric="bytes",
+                              value=costs["snapshot bytes"], unit="bytes", device="cpu"))
     layouts = goal_layouts(seconds / 2)
     flat_insert, flat_sample = layouts["flat"]
     for name, (inserts, samples) in layouts.items():

@@ -105,6 +105,9 @@ class TrainConfig:
     learning_starts: int = _key(1_000, ge=0, doc="uniform random actions, and no updates, before this many env steps")
     max_wall_seconds: float | None = _key(None, gt=0)
     log_interval: int = _key(2_000, ge=1, doc="env steps between progress lines and metric records")
+    max_failures: int = _key(3, ge=0, doc="replay shard, learner and eval actor failures (a crash, a killed "
+                             "process, a lost node) the fleet recovers from in place before the run stops with the "
+                             "cause; env actors have actors.max_restarts")
 
 
 @dataclass
@@ -117,8 +120,11 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: int = _key(0, ge=0, doc="learner updates between checkpoints; 0 saves only at the end")
-    replay: bool = _key(False, doc="also snapshot the replay contents with each checkpoint")
+    interval: int = _key(0, ge=0, doc="learner updates between checkpoints; 0: none on this schedule")
+    interval_s: float = _key(60.0, ge=0, doc="seconds of wall time between checkpoints; 0: none on this schedule. "
+                             "A failure loses at most this much work")
+    replay: bool = _key(True, doc="also snapshot the replay contents with each checkpoint (incrementally: only "
+                        "what changed since the last)")
 
 
 @dataclass

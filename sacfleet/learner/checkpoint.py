@@ -10,8 +10,10 @@ from typing import Any
 import torch
 
 from sacfleet.common.io import atomic_write_bytes
+from sacfleet.replay_server.snapshot_files import SnapshotFileError, remove_unlisted, verify
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: replay snapshots in segments listed by a manifest (1: one file per shard)
+READABLE_VERSIONS = (1, 2)  # a version-1 checkpoint resumes with its learner state and an empty replay
 
 
 class CheckpointError(RuntimeError):
@@ -34,34 +36,36 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} is not a sacfleet checkpoint of version {CHECKPOINT_VERSION}")
+    if not isinstance(state, dict) or state.get("version") not in READABLE_VERSIONS:
+        versions = " or ".join(map(str, READABLE_VERSIONS))
+        raise CheckpointError(f"{path} is not a sacfleet checkpoint of version {versions}")
     return state
 
 
-def replay_snapshot_path(directory: Path, shard: int) -> Path:
-    return Path(directory) / f"replay_shard{shard}.msgpack"
-
-
 def write_run_checkpoint(directory: Path, learner_state: dict, extra: dict[str, Any],
-                         replay_snapshots: list[bytes] | None = None) -> None:
-    """Replay snapshots first, then checkpoint.pt, each atomically: checkpoint.pt is what a resume
-    starts from, so it is replaced last."""
-    for shard, payload in enumerate(replay_snapshots or []):
-        atomic_write_bytes(replay_snapshot_path(directory, shard), payload)
-    save_checkpoint(Path(directory) / "checkpoint.pt", learner_state, extra)
+                         replay: dict | None = None) -> None:
+    """Commit a checkpoint set: checkpoint.pt, written atomically after the replay snapshot files
+    its `replay` manifest lists (snapshot_files.SnapshotWriter), then files no longer listed go.
+    A crash at any point leaves the previous set or the new one whole."""
+    save_checkpoint(Path(directory) / "checkpoint.pt", learner_state, {**extra, "replay": replay})
+    remove_unlisted(directory, replay)
 
 
-def read_replay_snapshots(directory: Path, num_shards: int) -> list[bytes] | None:
-    """The replay snapshots of a run's checkpoint directory, or None when it has none; refuses a
-    set that does not match `num_shards`."""
-    found = sorted(Path(directory).glob("replay_shard*.msgpack"))
-    if not found:
+def replay_manifest(state: dict, directory: Path, num_shards: int) -> dict | None:
+    """The replay part of a loaded checkpoint set, its files checked against the manifest; None when
+    the set has none. Raises CheckpointError for a set that does not fit `num_shards` or whose
+    files do not belong to it."""
+    manifest = state.get("replay")
+    if not manifest:
         return None
-    if len(found) != num_shards:
-        raise CheckpointError(f"{directory} holds replay snapshots of {len(found)} shards, but "
+    if len(manifest["shards"]) != num_shards:
+        raise CheckpointError(f"{directory} holds replay snapshots of {len(manifest['shards'])} shards, but "
                               f"replay.num_shards={num_shards}; resume with the same number of shards")
-    return [replay_snapshot_path(directory, shard).read_bytes() for shard in range(num_shards)]
+    try:
+        verify(directory, manifest)
+    except SnapshotFileError as exc:
+        raise CheckpointError(f"{exc}; resume with checkpoint.replay=false to start from an empty buffer") from None
+    return manifest
 
 
 def kept_checkpoint_note(directory: Path) -> str:

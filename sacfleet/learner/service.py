@@ -15,6 +15,7 @@ import torch
 
 from sacfleet.common.codec import encode_weights
 from sacfleet.common.config import Config
+from sacfleet.common.process import peer_handles, restarted_by_ray
 from sacfleet.learner.prefetch import Prefetcher
 from sacfleet.learner.sac import LearnerDiverged, SACLearner, resolve_device
 from sacfleet.replay_server.client import SampleClient
@@ -43,18 +44,17 @@ def learner_seed(seed: int, session: int) -> int:
 
 
 class LearnerService:
-    def __init__(self, cfg: Config, env_info, shards, state: Mapping | None = None,
-                 faults: Mapping | None = None, num_threads: int = 1, session: int = 0):
+    def __init__(self, cfg: Config, env_info, peers: Mapping, faults: Mapping | None = None, num_threads: int = 1,
+                 session: int = 0):
+        """`peers`: {"shards": [names of the replay shard actors]}."""
         torch.set_num_threads(max(1, num_threads))
         # Network initialisation and the policy's sampling noise come from train.seed.
         torch.manual_seed(learner_seed(cfg.train.seed, session))
         self.cfg = cfg
         self.device = resolve_device(cfg.learner.device)
         self.learner = SACLearner.from_config(cfg.learner, env_info, self.device)
-        if state is not None:
-            self.learner.load_state_dict(state)
         self.prioritized = cfg.replay.sampler == "prioritized"
-        self.sampler = SampleClient(shards, cfg.learner.prefetch_batches, cfg.learner.batch_size,
+        self.sampler = SampleClient(peer_handles(peers)["shards"], cfg.learner.prefetch_batches, cfg.learner.batch_size,
                                     cfg.replay.rate_limit_timeout_s)
         self.prefetcher = Prefetcher(self.sampler.next, self.device, 2 * cfg.learner.prefetch_batches,
                                      keep_keys=self.prioritized)
@@ -68,12 +68,24 @@ class LearnerService:
         self.publishes = 0
         self.seconds_update = 0.0
         self.seconds_waiting = 0.0  # update thread idle: no batch ready
-        if self.learner.updates > 0:  # resumed: actors act with the restored policy from the start
-            self._publish()
+        # A process Ray restarted after a crash waits for the driver to restore the newest checkpoint.
+        self.awaiting_restore = restarted_by_ray()
 
     # ----------------------------------------------------------------------------- update thread
 
+    def restore(self, state: Mapping | None) -> int:
+        """Load a checkpoint's state (None: keep the initial networks) before start(): a resumed run's,
+        or the newest one in a process Ray restarted. Its policy is published at once, and actors
+        take it even when its version is older than theirs."""
+        if state is not None:
+            self.learner.load_state_dict(state)
+        self.awaiting_restore = False
+        self._publish()
+        return self.learner.updates
+
     def start(self) -> str:
+        if self.awaiting_restore:
+            raise RuntimeError("the learner was restarted: restore() its state before start()")
         self.prefetcher.start()
         self.thread.start()
         return str(self.device)
@@ -112,15 +124,17 @@ class LearnerService:
     # ---------------------------------------------------------------------- calls from the fleet
 
     def latest_weights(self, have_version: int):
-        """(version, [ref to encoded weights]) if newer than `have_version`, else None."""
+        """(version, [ref to encoded weights]) if other than `have_version`, else None. Other, not newer:
+        a learner recovered from a checkpoint publishes an older version, and actors take it."""
         published = self.published
-        if published is None or published[0] <= have_version:
+        if published is None or published[0] == have_version:
             return None
         return published
 
     def status(self, read_metrics: bool = False) -> dict:
         starved_since = self.sampler.starved_since
         status = {"updates": self.learner.updates, "error": self.error, "diverged": self.diverged,
+                  "awaiting_restore": self.awaiting_restore,
                   "publishes": self.publishes, "device": str(self.device), "seconds_update": self.seconds_update,
                   "seconds_waiting_for_data": self.seconds_waiting,
                   "seconds_sampling": self.prefetcher.seconds_sampling,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import ray
+from ray.exceptions import RayActorError
 
 from sacfleet.replay_server.rate_limiter import RateLimiterTimeout
 
@@ -22,6 +23,7 @@ class _Pending:
     since: float  # when the chunk was first sent
 
 
+SHARD_DOWN_RETRY_S = 0.2
 PRIORITY_CHECK_EVERY = 16  # priority updates between checks of their results
 MAX_PRIORITY_UPDATES_IN_FLIGHT = 256
 
@@ -69,7 +71,15 @@ class InsertClient:
         pending = self.pending[0]
         t0 = time.monotonic()
         try:
-            result = ray.get(pending.ref)  # a malformed chunk raises the shard's CodecError here
+            down = False
+            try:
+                result = ray.get(pending.ref)  # a malformed chunk raises the shard's CodecError here
+            except RayActorError as exc:
+                down = True
+                # The shard died; Ray restarts it and the driver restores it. The chunk may have died
+                # with it, so it is sent again (the restored shard holds only what its snapshot held).
+                result = {"ok": False, "retry_after": SHARD_DOWN_RETRY_S,
+                          "reason": f"replay shard {pending.shard} is down ({type(exc).__name__})"}
             if result["ok"]:
                 self.pending.popleft()
                 self.inserted += result["inserted"]
@@ -77,7 +87,8 @@ class InsertClient:
             if self.should_stop():
                 self.pending.popleft()
                 return
-            if time.monotonic() - pending.since > self.timeout_s:
+            # A shard that is down gets no timeout here: the driver recovers it, or stops the run.
+            if not down and time.monotonic() - pending.since > self.timeout_s:
                 raise RateLimiterTimeout(f"insert into replay shard {pending.shard} blocked for "
                                          f"{self.timeout_s:g}s (replay.rate_limit_timeout_s): {result['reason']}")
             time.sleep(result["retry_after"])
@@ -120,7 +131,11 @@ class SampleClient:
             if not ready:
                 continue
             shard = self.outstanding.pop(ready[0])
-            result = ray.get(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except RayActorError as exc:  # the shard died: ask again once Ray and the driver have it back
+                result = {"ok": False, "retry_after": SHARD_DOWN_RETRY_S,
+                          "reason": f"replay shard {shard} is down ({type(exc).__name__})"}
             if result["ok"]:
                 self.waiting_since = None
                 self.sampled = True
@@ -147,7 +162,15 @@ class SampleClient:
         if len(self.priority_updates) >= PRIORITY_CHECK_EVERY:
             done, self.priority_updates = ray.wait(self.priority_updates, num_returns=len(self.priority_updates),
                                                    timeout=0)
-            ray.get(done)
+            for ref in done:
+                _settle_priority_update(ref)
             # A shard that answers none of them holds the learner back here rather than queue them forever.
             while len(self.priority_updates) > MAX_PRIORITY_UPDATES_IN_FLIGHT:
-                ray.get(self.priority_updates.pop(0))
+                _settle_priority_update(self.priority_updates.pop(0))
+
+
+def _settle_priority_update(ref) -> None:
+    try:
+        ray.get(ref)
+    except RayActorError:  # the shard died: the snapshot it is restored from has its own priorities
+        pass

@@ -8,16 +8,21 @@ returns {"ok": False, "retry_after": seconds, "reason": ...} and stores or sampl
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
 from sacfleet.common.codec import decode_chunk
 from sacfleet.common.config import Config
+from sacfleet.common.process import restarted_by_ray
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.replay_server.her import env_reward_function
 from sacfleet.replay_server.rate_limiter import RateLimiter, Verdict
 from sacfleet.replay_server.storage import keep_freed_memory
 from sacfleet.replay_server.table import ReplayTable
+
+
+SNAPSHOT_STALL_S = 60.0  # a snapshot with no call for this long was abandoned by its driver
 
 
 def make_table(cfg: Config, spec: TransitionSpec, shard: int, insert_size: int, sample_size: int,
@@ -58,6 +63,10 @@ class ReplayShard:
         insert_size, sample_size = fleet_request_sizes(cfg)
         self.table = make_table(cfg, self.spec, shard, insert_size, sample_size)
         self.restored_size = 0
+        # A process Ray restarted after a crash holds nothing: it refuses inserts and samples until
+        # the driver has restored its snapshot (or said there is none).
+        self.awaiting_restore = restarted_by_ray()
+        self.frozen_since: float | None = None  # a snapshot is being taken
         # Mean policy version of the newest chunk made by a learned policy: with the learner's
         # update count this gives the policy lag.
         self.recent_policy_version = -1.0
@@ -67,6 +76,9 @@ class ReplayShard:
         malformed chunk; returns ok=False when the rate limiter holds inserts back."""
         batch = decode_chunk(payload, self.spec)
         n = len(batch["reward"])
+        held = self._held()
+        if held:
+            return {"ok": False, "retry_after": 0.05, "reason": held}
         verdict = self.table.limiter.check_insert(n)
         if not verdict.ok:
             return _refused(verdict)
@@ -79,6 +91,9 @@ class ReplayShard:
 
     def sample(self, max_batches: int, batch_size: int) -> dict:
         """Up to `max_batches` batches of `batch_size`, as many as the limiter allows now (at least one)."""
+        if self.awaiting_restore:
+            return {"ok": False, "retry_after": 0.1, "reason": f"replay shard {self.shard} restarted and waits for "
+                                                             f"its snapshot"}
         limiter = self.table.limiter
         verdict = limiter.check_sample(batch_size)
         if not verdict.ok:
@@ -89,22 +104,66 @@ class ReplayShard:
         batch = self.table.sample(k, batch_size)
         return {"ok": True, "shard": self.shard, "data": batch.data, "keys": batch.keys, "weights": batch.weights}
 
+    def _held(self) -> str:
+        """Why inserts wait now, or ''."""
+        if self.awaiting_restore:
+            return f"replay shard {self.shard} restarted and waits for its snapshot"
+        if self.frozen_since is not None:
+            if time.monotonic() - self.frozen_since < SNAPSHOT_STALL_S:
+                return f"replay shard {self.shard} is taking a snapshot"
+            # The snapshot was abandoned (its driver is gone or gave up): serve again, and let the next
+            # snapshot take every segment, since this one may not have saved the ones it began.
+            self.table.mark_dirty(range(len(self.table.dirty)))
+            self.frozen_since = None
+        return ""
+
     def update_priorities(self, keys: np.ndarray, priorities: np.ndarray) -> int:
         return self.table.update_priorities(keys, priorities)
 
     def stats(self) -> dict:
         limiter = self.table.limiter
-        return {**self.table.stats(), "shard": self.shard, "capacity": self.table.storage.capacity,
+        return {**self.table.stats(), "shard": self.shard, "awaiting_restore": self.awaiting_restore,
+                "capacity": self.table.storage.capacity,
                 "min_size_to_sample": limiter.min_size_to_sample, "error_buffer": limiter.error_buffer,
                 "recent_policy_version": self.recent_policy_version, "restored_size": self.restored_size}
 
-    def snapshot(self) -> bytes:
-        return self.table.snapshot()
+    # -- snapshots, one segment per call: the driver writes each to a file before asking for the next
 
-    def restore(self, payload: bytes) -> dict:
-        """Load a snapshot; raises (CodecError, ValueError) and keeps the contents if it does not fit."""
-        self.table.restore(payload)
+    def snapshot_begin(self) -> dict:
+        """Start a snapshot (see ReplayTable.begin_snapshot); inserts are refused until snapshot_end()
+        so that the segments match the header's counters. Sampling goes on."""
+        self.frozen_since = time.monotonic()
+        return self.table.begin_snapshot()
+
+    def snapshot_segment(self, segment: int) -> bytes:
+        self.frozen_since = time.monotonic()
+        return self.table.snapshot_segment(segment)
+
+    def snapshot_end(self, unsaved=()) -> None:
+        """Inserts resume; `unsaved` segments (a failed snapshot) count as changed again."""
+        self.table.mark_dirty(unsaved)
+        self.frozen_since = None
+
+    def restore_begin(self, header: bytes) -> None:
+        self.table.begin_restore(header)
+
+    def restore_segment(self, payload: bytes) -> None:
+        try:
+            self.table.restore_segment(payload)
+        except BaseException:
+            self.table.abort_restore()
+            raise
+
+    def restore_end(self) -> dict:
+        """Serve again with the restored contents; returns the shard's statistics."""
+        self.table.end_restore()
         self.restored_size = self.table.size
+        self.awaiting_restore = False
+        return self.stats()
+
+    def serve_empty(self) -> dict:
+        """Serve again without contents (a restarted shard that had no snapshot yet)."""
+        self.awaiting_restore = False
         return self.stats()
 
     def ping(self) -> bool:

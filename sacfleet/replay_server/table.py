@@ -1,5 +1,5 @@
 """One replay shard's state: ring storage + sampler + rate limiter (+ hindsight relabeling), and its
-snapshots.
+incremental snapshots.
 
 Operations never block; one the limiter does not allow now raises RateLimited with how long
 to wait. Every insert is validated in full before anything is written.
@@ -19,6 +19,8 @@ from sacfleet.replay_server.rate_limiter import RateLimited, RateLimiter
 from sacfleet.replay_server.samplers import PrioritizedSampler, UniformSampler
 from sacfleet.replay_server.storage import RingStorage
 
+SEGMENT_SLOTS = 1 << 15  # slots per snapshot segment: 6 MB of HalfCheetah transitions
+
 
 @dataclass
 class SampleBatch:
@@ -33,7 +35,7 @@ class ReplayTable:
     def __init__(self, spec: TransitionSpec, capacity: int, limiter: RateLimiter, *,
                  sampler: str = "uniform", seed: int = 0, priority_alpha: float = 0.6,
                  priority_beta: float = 0.4, priority_eps: float = 1e-6, max_memory_fraction: float = 0.8,
-                 her: tuple | None = None):
+                 her: tuple | None = None, segment_slots: int = SEGMENT_SLOTS):
         """`her`: (strategy, k, compute_reward) to relabel sampled goal-env transitions, or None."""
         if sampler not in ("uniform", "prioritized"):
             raise ValueError(f"sampler must be 'uniform' or 'prioritized', got {sampler!r}")
@@ -48,6 +50,9 @@ class ReplayTable:
         self.limiter = limiter
         self.her = (HindsightRelabeler(capacity, *her, rng=np.random.default_rng([seed, 1]))
                     if her is not None else None)
+        self.segment_slots = int(segment_slots)
+        self.dirty = np.zeros(-(-capacity // self.segment_slots), dtype=bool)  # segments changed since a snapshot
+        self._restoring: dict | None = None
 
     @property
     def size(self) -> int:
@@ -58,7 +63,10 @@ class ReplayTable:
         verdict = self.limiter.check_insert(n)
         if not verdict.ok:
             raise RateLimited(verdict)
+        if self._restoring is not None:
+            raise ValueError("cannot insert while a snapshot is being restored")
         slots = self.storage.insert(batch)
+        self.dirty[slots // self.segment_slots] = True
         self.sampler.on_insert(slots)
         if self.her is not None:
             self.her.on_insert(slots, {name: array[n - slots.size:] for name, array in batch.items()})
@@ -103,41 +111,118 @@ class ReplayTable:
                 "her_sampled": self.her.sampled if self.her else 0,
                 "her_relabeled": self.her.relabeled if self.her else 0}
 
-    def snapshot(self) -> bytes:
-        arrays, meta = self.storage.state_dict()
-        arrays.update({f"sampler/{k}": v for k, v in self.sampler.state_dict().items()})
-        meta = {**meta, **{f"limiter/{k}": v for k, v in self.limiter.state_dict().items()},
-                "obs_dim": self.spec.obs_dim, "act_dim": self.spec.act_dim, "obs_keys": self._keys_text(),
-                "sampler": "prioritized" if self.sampler.prioritized else "uniform"}
-        return encode_replay(arrays, meta)
+    # -- snapshots: a header (counters, sampler state) and fixed-size segments of slots. Only segments
+    # written since the last snapshot are taken again, and each is produced and restored on its own,
+    # so a snapshot never needs a second copy of the buffer.
 
-    def restore(self, payload: bytes) -> None:
-        """Replace the contents with a snapshot's; raises (CodecError, ValueError) and keeps the
-        current contents if the snapshot does not fit this table."""
-        arrays, meta = decode_replay(payload)
-        sampler = "prioritized" if self.sampler.prioritized else "uniform"
-        saved = (meta.get("obs_dim"), meta.get("act_dim"), meta.get("obs_keys", ""), meta.get("sampler"))
-        if saved != (self.spec.obs_dim, self.spec.act_dim, self._keys_text(), sampler):
-            raise ValueError(f"snapshot is for obs_dim={saved[0]}, act_dim={saved[1]}, obs_keys={saved[2]!r}, "
-                             f"sampler={saved[3]}; this table has {self.spec.obs_dim}, {self.spec.act_dim}, "
-                             f"{self._keys_text()!r}, {sampler}")
-        required = [f"data/{name}" for name in self.spec.fields()] + ["keys"]
-        required += [f"sampler/{name}" for name in self.sampler.state_dict()]
-        missing = [name for name in required if name not in arrays]
-        missing += [name for name in ("inserted", "limiter/inserts", "limiter/samples") if name not in meta]
+    def begin_snapshot(self) -> dict:
+        """Start a snapshot of the contents as they are now: {"header": bytes, "dirty": segments
+        changed since the last snapshot, "num_segments", "inserts", "size"}. Those segments count as
+        saved from here on; a caller that fails to save them calls mark_dirty(). Nothing may be
+        inserted until their snapshot_segment() calls are done (a shard refuses inserts meanwhile)."""
+        arrays = {f"sampler/{k}": v for k, v in self.sampler.state_dict().items()}
+        meta = {"inserted": self.storage.inserted, "capacity": self.storage.capacity,
+                "segment_slots": self.segment_slots,
+                **{f"limiter/{k}": v for k, v in self.limiter.state_dict().items()}, **self._layout()}
+        num_segments = -(-self.size // self.segment_slots)
+        dirty = [int(j) for j in np.flatnonzero(self.dirty[:num_segments])]
+        self.dirty[:] = False
+        return {"header": encode_replay(arrays, meta), "dirty": dirty, "num_segments": num_segments,
+                "inserts": self.limiter.inserts, "size": self.size}
+
+    def snapshot_segment(self, segment: int) -> bytes:
+        lo = segment * self.segment_slots
+        hi = min(lo + self.segment_slots, self.size)
+        if not 0 <= lo < hi:
+            raise ValueError(f"segment {segment} holds no transitions (size {self.size})")
+        return encode_replay(self.storage.rows(lo, hi), {"segment": segment, "start": lo})
+
+    def mark_dirty(self, segments) -> None:
+        self.dirty[list(segments)] = True
+
+    def restore(self, header: bytes, segments) -> None:
+        """Fill this empty table from a snapshot's header and its segments (an iterable of bytes, read
+        one at a time). Raises (CodecError, ValueError) naming what does not fit; the table is then
+        empty again. Refuses a table that holds transitions: a restore never mixes two buffers."""
+        self.begin_restore(header)
+        try:
+            for payload in segments:
+                self.restore_segment(payload)
+            self.end_restore()
+        except BaseException:
+            self.abort_restore()
+            raise
+
+    def begin_restore(self, header: bytes) -> None:
+        if self.size or self._restoring is not None:
+            raise ValueError(f"restore needs an empty table; this one holds {self.size} transitions")
+        arrays, meta = decode_replay(header)
+        saved = {key: meta.get(key) for key in self._layout()}
+        if saved != self._layout():
+            raise ValueError(f"snapshot is for {_describe(saved)}; this table has {_describe(self._layout())}")
+        missing = [name for name in ("inserted", "capacity", "segment_slots", "limiter/inserts", "limiter/samples")
+                   if name not in meta]
+        missing += [f"sampler/{name}" for name in self.sampler.state_dict() if f"sampler/{name}" not in arrays]
         if missing:
             raise ValueError(f"snapshot is missing {missing}")
-        leaves = arrays.get("sampler/leaves")
-        if leaves is not None and leaves.shape != (self.storage.capacity,):
-            raise ValueError(f"snapshot priorities have shape {leaves.shape}, expected ({self.storage.capacity},)")
-        self.storage.load_state_dict(arrays, meta)
-        self.sampler.load_state_dict({k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("sampler/")},
-                                     self.storage.size)
+        if meta["capacity"] != self.storage.capacity or meta["segment_slots"] != self.segment_slots:
+            raise ValueError(f"snapshot of a shard with capacity {meta['capacity']} in segments of "
+                             f"{meta['segment_slots']}; this one has {self.storage.capacity} in {self.segment_slots}")
+        size = min(int(meta["inserted"]), self.storage.capacity)
+        self._restoring = {"meta": meta, "arrays": arrays, "size": size,
+                           "missing": set(range(-(-size // self.segment_slots)))}
+
+    def restore_segment(self, payload: bytes) -> None:
+        pending = self._restoring
+        if pending is None:
+            raise ValueError("restore_segment() before begin_restore()")
+        arrays, meta = decode_replay(payload)
+        segment, lo = meta.get("segment"), meta.get("start")
+        if segment not in pending["missing"] or lo != segment * self.segment_slots:
+            raise ValueError(f"snapshot segment {segment} (at slot {lo}) is not one this snapshot still needs")
+        rows = self.storage.load_rows(lo, arrays)
+        if rows != min(self.segment_slots, pending["size"] - lo):
+            raise ValueError(f"snapshot segment {segment} holds {rows} rows, expected "
+                             f"{min(self.segment_slots, pending['size'] - lo)}")
+        pending["missing"].discard(segment)
+
+    def end_restore(self) -> None:
+        pending, self._restoring = self._restoring, None
+        if pending is None:
+            raise ValueError("end_restore() before begin_restore()")
+        if pending["missing"]:
+            self.storage.clear()
+            raise ValueError(f"snapshot segments {sorted(pending['missing'])} are missing")
+        meta, arrays = pending["meta"], pending["arrays"]
+        try:
+            self.storage.set_inserted(int(meta["inserted"]))
+            self.sampler.load_state_dict({k.split("/", 1)[1]: v for k, v in arrays.items()
+                                          if k.startswith("sampler/")}, self.size)
+        except BaseException:
+            self.storage.clear()
+            raise
         self.limiter.load_state_dict({"inserts": meta["limiter/inserts"], "samples": meta["limiter/samples"]})
+        self.dirty[:] = False  # the contents are those of the snapshot just read
         if self.her is not None:
             n, data = self.storage.size, self.storage.data
             self.her.index.rebuild(self.storage.keys[:n], data["episode"][:n],
                                    data["terminated"][:n] | data["truncated"][:n])
 
-    def _keys_text(self) -> str:
-        return ",".join(f"{key}:{width}" for key, width in self.spec.obs_keys)
+    def abort_restore(self) -> None:
+        self._restoring = None
+        self.storage.clear()
+
+    def _layout(self) -> dict:
+        return {"obs_dim": self.spec.obs_dim, "act_dim": self.spec.act_dim,
+                "obs_keys": ",".join(f"{key}:{width}" for key, width in self.spec.obs_keys),
+                "sampler": "prioritized" if self.sampler.prioritized else "uniform"}
+
+
+def _describe(layout: dict) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in layout.items())
+
+
+def snapshot_parts(table: ReplayTable) -> tuple[bytes, list[bytes]]:
+    """A whole snapshot held in memory (tests and tools; runs stream segments to files instead)."""
+    start = table.begin_snapshot()
+    return start["header"], [table.snapshot_segment(j) for j in range(start["num_segments"])]

@@ -1,0 +1,103 @@
+"""Checkpoint sets of a running fleet: the learner's state and the shards' incremental replay
+snapshots, streamed one segment at a time into the run directory and committed as one unit; and
+shards filled back from the newest snapshots (on resume, and when a shard is recovered)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from sacfleet.common.config import Config
+from sacfleet.learner.checkpoint import write_run_checkpoint
+from sacfleet.learner.sac import LearnerDiverged
+from sacfleet.replay_server.snapshot_files import SnapshotFileError, SnapshotWriter, read_shard
+from sacfleet.supervisor import CALL_TIMEOUT, FleetDiverged, FleetError, first_line
+
+
+class CheckpointSkipped(FleetError):
+    """A component died or did not answer while its state was taken; the last committed set stays
+    whole, and the supervisor recovers the component."""
+
+
+class FleetCheckpointer:
+    """`manifest` and `learner_state`: the committed set a resumed session starts from (or None)."""
+
+    def __init__(self, cfg: Config, directory: Path, manifest: dict | None = None, learner_state: dict | None = None):
+        self.cfg = cfg
+        self.directory = Path(directory)
+        self.writer = SnapshotWriter(self.directory, cfg.replay.num_shards, manifest)
+        self.learner_state = learner_state  # of the newest committed set: what a recovered learner restarts from
+        self.committed: tuple[dict, dict, dict | None] | None = None  # (state, extra, manifest) of that set
+
+    # -- taking a set
+
+    def take(self, learner, shards: list, timeout: float = CALL_TIMEOUT,
+             keep_dead_shards: bool = False) -> tuple[dict, list[int]]:
+        """(the learner's state, each shard's inserts as its snapshot holds them). The counters saved
+        with the set come from these, so a resume counts exactly what the snapshots hold. With
+        `keep_dead_shards` (a run stopping on a failure) a shard that is gone keeps its last snapshot."""
+        try:
+            state = ray.get(learner.state.remote(), timeout=timeout)
+            if not self.cfg.checkpoint.replay:
+                return state, [s["inserts"] for s in ray.get([h.stats.remote() for h in shards], timeout=timeout)]
+            self.writer.next_generation()
+            inserts = []
+            for i, handle in enumerate(shards):
+                try:
+                    inserts.append(self.snapshot_shard(i, handle, timeout))
+                except (RayActorError, GetTimeoutError):
+                    if not keep_dead_shards:
+                        raise
+                    entry = self.writer.entries[i]
+                    inserts.append(entry["inserts"] if entry else 0)
+            return state, inserts
+        except RayTaskError as exc:
+            if isinstance(exc.cause, LearnerDiverged):
+                raise FleetDiverged(exc.cause.update, exc.cause.what, str(exc.cause)) from None
+            raise FleetError(f"checkpoint failed: {first_line(exc)}") from None
+        except (RayActorError, GetTimeoutError) as exc:
+            raise CheckpointSkipped(f"checkpoint skipped, a component is gone or hangs: {first_line(exc)}") from None
+
+    def snapshot_shard(self, index: int, handle, timeout: float = CALL_TIMEOUT) -> int:
+        """Write shard `index`'s changed segments and header (part of the generation begun by
+        take()); returns the inserts its snapshot holds."""
+        start = ray.get(handle.snapshot_begin.remote(), timeout=timeout)
+        unsaved = start["dirty"]
+        try:
+            entry = self.writer.write_shard(
+                index, start, lambda j: ray.get(handle.snapshot_segment.remote(j), timeout=timeout))
+            unsaved = []
+            return entry["inserts"]
+        finally:
+            handle.snapshot_end.remote(unsaved)  # inserts resume; a dead shard makes this a no-op
+
+    def commit(self, state: dict, extra: dict) -> None:
+        manifest = self.writer.manifest() if self.cfg.checkpoint.replay else None
+        write_run_checkpoint(self.directory, state, extra, manifest)
+        self.learner_state, self.committed = state, (state, extra, manifest)
+
+    def amend(self, **extra) -> None:
+        """Rewrite the newest set's checkpoint.pt with `extra` changed (e.g. the final evaluation)."""
+        if self.committed is not None:
+            state, old, manifest = self.committed
+            self.committed = (state, {**old, **extra}, manifest)
+            write_run_checkpoint(self.directory, state, self.committed[1], manifest)
+
+    # -- filling shards
+
+    def restore_shard(self, index: int, handle, timeout: float = CALL_TIMEOUT) -> dict:
+        """Fill shard `index` (empty, or restarted after a crash) from its newest snapshot, one
+        segment per call, and let it serve; returns its statistics."""
+        entry = self.writer.entries[index]
+        try:
+            if entry is None:
+                return ray.get(handle.serve_empty.remote(), timeout=timeout)
+            header, segments = read_shard(self.directory, entry)
+            ray.get(handle.restore_begin.remote(header), timeout=timeout)
+            for payload in segments:
+                ray.get(handle.restore_segment.remote(payload), timeout=timeout)
+            return ray.get(handle.restore_end.remote(), timeout=timeout)
+        except (RayTaskError, SnapshotFileError) as exc:
+            raise FleetError(f"cannot restore replay shard {index} from its snapshot: {first_line(exc)}") from None

@@ -1,0 +1,28 @@
+"""Facts about the current process that supervision needs."""
+
+from __future__ import annotations
+
+
+def restarted_by_ray() -> bool:
+    """Whether this Ray actor's process replaces one that died (Ray restarted the actor); False
+    outside a Ray actor."""
+    try:
+        import warnings
+
+        import ray
+
+        with warnings.catch_warnings():  # Ray's own property reads a deprecated attribute inside
+            warnings.simplefilter("ignore")
+            return bool(ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # not in a Ray actor
+        return False
+
+
+def peer_handles(peers: dict) -> dict:
+    """{"shards": [names], "learner": name} -> the same with Ray actor handles. Fleet processes get
+    their peers' names, not handles: Ray keeps a constructor argument holding a handle in the object
+    store, where losing it would make a restart of the process fail (ray-project/ray#53727)."""
+    import ray
+
+    return {"shards": [ray.get_actor(name) for name in peers.get("shards", [])],
+            "learner": ray.get_actor(peers["learner"]) if peers.get("learner") else None}

@@ -1,0 +1,127 @@
+"""Brings a dead replay shard, learner or eval actor back inside a running fleet. Ray restarts the process (on
+any node with room; the handles every peer holds stay valid); this restores what the process held
+from the newest checkpoint set, counts the failure against train.max_failures, and records what was
+lost: transitions inserted after the shard's last snapshot, updates made after the last checkpoint."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import ray
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
+
+from sacfleet.checkpointing import FleetCheckpointer
+from sacfleet.supervisor import FleetError, first_line
+
+RESTART_TIMEOUT = 120.0
+DEAD_FOR_S = 5.0  # Ray may call a restarting actor dead for a moment (a lost node); this long, it is
+
+
+@dataclass
+class Recovery:
+    component: str  # "replay shard 1" or "learner"
+    cause: str
+    env_steps: int  # when it failed
+    seconds: float  # from noticing the failure to serving again
+    lost_transitions: int = 0
+    lost_updates: int = 0
+
+
+class FleetRecovery:
+    """`earlier`: the recoveries of a resumed run's earlier sessions (they count against the limit)."""
+
+    def __init__(self, cfg, fleet, checkpointer: FleetCheckpointer, echo: Callable[[str], None],
+                 earlier: list | None = None):
+        self.cfg, self.fleet, self.checkpointer, self.echo = cfg, fleet, checkpointer, echo
+        self.earlier = [dict(event) for event in earlier or []]
+        self.events: list[Recovery] = []
+
+    @property
+    def failures(self) -> int:
+        return len(self.earlier) + len(self.events)
+
+    def totals(self) -> dict:
+        events = self.earlier + [asdict(event) for event in self.events]
+        return {"failures": len(events), "max_failures": self.cfg.train.max_failures,
+                "lost_transitions": sum(e["lost_transitions"] for e in events),
+                "lost_updates": sum(e["lost_updates"] for e in events), "events": events}
+
+    def shard(self, index: int, cause: str, last_inserts: int, env_steps: int) -> tuple[Recovery, dict] | None:
+        """Recover shard `index`, last seen holding `last_inserts`; returns (what happened, its new
+        statistics), or None when the process turns out not to have restarted (a passing error)."""
+        what, handle = f"replay shard {index}", self.fleet.shards[index]
+        t0 = time.monotonic()
+        self._count(what, cause)
+        stats = self._restarted(what, cause, handle.stats.remote)
+        if not stats["awaiting_restore"]:
+            return None
+        entry = self.checkpointer.writer.entries[index]
+        source = f"from its snapshot of {entry['inserts']:,} inserts" if entry else "empty (no snapshot yet)"
+        self.echo(f"{what} failed ({cause}); recovering it ({self.failures + 1}/{self.cfg.train.max_failures}) {source}")
+        stats = self.checkpointer.restore_shard(index, handle)
+        event = Recovery(what, cause, env_steps, time.monotonic() - t0,
+                         lost_transitions=max(0, last_inserts - stats["inserts"]))
+        self.events.append(event)
+        self.echo(f"{what} recovered in {event.seconds:.1f}s holding {stats['size']:,} transitions; lost "
+                  f"{event.lost_transitions:,} inserted after its last snapshot")
+        return event, stats
+
+    def learner(self, cause: str, last_updates: int, env_steps: int) -> tuple[Recovery, int] | None:
+        """Recover the learner from the newest checkpoint; returns (what happened, its update count),
+        or None when the process turns out not to have restarted."""
+        learner = self.fleet.learner
+        t0 = time.monotonic()
+        self._count("learner", cause)
+        status = self._restarted("learner", cause, learner.status.remote)
+        if not status["awaiting_restore"]:
+            return None
+        state = self.checkpointer.learner_state
+        source = (f"from the checkpoint at {int(state['updates']):,} updates" if state
+                  else "from its initial networks (no checkpoint yet)")
+        self.echo(f"learner failed ({cause}); recovering it ({self.failures + 1}/{self.cfg.train.max_failures}) {source}")
+        try:
+            updates = ray.get(learner.restore.remote(state), timeout=RESTART_TIMEOUT)
+            ray.get(learner.start.remote(), timeout=RESTART_TIMEOUT)
+        except (RayActorError, GetTimeoutError) as exc:
+            raise FleetError(f"the restarted learner failed while restoring: {first_line(exc)}") from None
+        event = Recovery("learner", cause, env_steps, time.monotonic() - t0,
+                         lost_updates=max(0, last_updates - updates))
+        self.events.append(event)
+        self.echo(f"learner recovered in {event.seconds:.1f}s at {updates:,} updates; lost "
+                  f"{event.lost_updates:,} updates made after the last checkpoint")
+        return event, updates
+
+    def evaluator(self, cause: str, env_steps: int) -> None:
+        """The eval actor died (it holds no state): Ray restarts it and the evaluation is asked again."""
+        self._count("eval actor", cause)
+        self.events.append(Recovery("eval actor", cause, env_steps, 0.0))
+        self.echo(f"eval actor failed ({cause}); Ray restarts it and the evaluation runs again "
+                  f"({self.failures}/{self.cfg.train.max_failures})")
+
+    def _count(self, what: str, cause: str) -> None:
+        limit = self.cfg.train.max_failures
+        if self.failures >= limit:
+            raise FleetError(f"{what} failed ({cause}) after the fleet had recovered from {self.failures} "
+                             f"failures (train.max_failures={limit})")
+
+    def _restarted(self, what: str, cause: str, call) -> dict:
+        """The first answer of the component's process once Ray has it running again."""
+        deadline = time.monotonic() + RESTART_TIMEOUT
+        died_since = None
+        while True:
+            try:
+                return ray.get(call(), timeout=max(0.1, deadline - time.monotonic()))
+            except ActorDiedError as exc:  # out of restarts, or nowhere left to place it, once it persists
+                died_since = died_since or time.monotonic()
+                if time.monotonic() - died_since > DEAD_FOR_S:
+                    raise FleetError(f"{what} failed ({cause}) and cannot be restarted: {first_line(exc)}") from None
+                time.sleep(0.2)
+            except RayActorError:  # still restarting
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            except GetTimeoutError:
+                break
+        raise FleetError(f"{what} failed ({cause}) and did not come back within {RESTART_TIMEOUT:g} s")
