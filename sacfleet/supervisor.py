@@ -146,7 +146,7 @@ class FleetSupervisor:
         status = self._answer("learner", "learner", lambda: fleet.learner.status.remote(read_metrics),
                               wait=wait or read_metrics)
         if isinstance(status, Lost) or (status is not None and status["awaiting_restore"]):
-            self._recover_learner(status.cause if isinstance(status, Lost) else "its process was restarted")
+            self._recover_learner(status.cause if isinstance(status, Lost) else "process died: Ray restarted it")
         elif status is not None:
             self.learner_status = status
             self._raise_learner_error(status)
@@ -154,7 +154,7 @@ class FleetSupervisor:
             stats = self._answer(f"shard{i}", f"replay shard {i}", shard.stats.remote,
                                  wait=wait or read_metrics or i not in self._shard_stats)
             if isinstance(stats, Lost) or (stats is not None and stats["awaiting_restore"]):
-                self._recover_shard(i, stats.cause if isinstance(stats, Lost) else "its process was restarted")
+                self._recover_shard(i, stats.cause if isinstance(stats, Lost) else "process died: Ray restarted it")
             elif stats is not None:
                 self._shard_stats[i] = stats
         self._supervise_actors()
@@ -228,9 +228,9 @@ class FleetSupervisor:
             except RayTaskError as exc:
                 error, pid = first_line(exc), getattr(exc, "pid", None)
             except ActorUnavailableError as exc:  # its process died (a kill, a lost node) and Ray restarts it
-                error, pid = f"process died, Ray is restarting it: {first_line(exc)}", None
+                error, pid = f"process died, Ray is restarting it ({type(exc).__name__})", None
             except RayActorError as exc:
-                error, pid = f"process died: {first_line(exc)}", None
+                error, pid = f"process died ({type(exc).__name__}: {first_line(exc)})", None
             slot.restarts += 1
             slot.last_error = error
             self._fold_seconds(slot)
