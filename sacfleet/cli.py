@@ -192,8 +192,8 @@ def _terminate_gracefully(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _usage(message: str) -> int:
-    print(f"sacfleet train: {message}", file=sys.stderr)
+def _usage(message: str, command: str = "train") -> int:
+    print(f"sacfleet {command}: {message}", file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -226,7 +226,7 @@ def _drill(args) -> int:
 
     run_dir = args.run_dir or Path("runs") / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}"
     if run_dir.exists():
-        return _usage(f"--run-dir {run_dir} exists; choose a new one")
+        return _usage(f"--run-dir {run_dir} exists; choose a new one", args.command)
     train_args = ["--config", args.config, *[f"--set={o}" for o in args.overrides]]
     if args.num_cpus:
         train_args += ["--num-cpus", str(args.num_cpus)]
@@ -234,7 +234,7 @@ def _drill(args) -> int:
     if args.command == "chaos":
         unknown = sorted(set(args.targets) - set(drills.TARGETS))
         if unknown:
-            return _usage(f"--targets: unknown {unknown}; choose from {', '.join(drills.TARGETS)}")
+            return _usage(f"--targets: unknown {unknown}; choose from {', '.join(drills.TARGETS)}", "chaos")
         report = drills.chaos(train_args, run_dir, args.every, args.targets, args.seed, echo)
         print(f"chaos: {len(report['kills'])} processes killed every {args.every:g}s; run "
               f"{'finished' if report['finished'] else 'FAILED (exit ' + str(report['exit_code']) + ')'}"

@@ -99,13 +99,16 @@ class ChildRun:
                 return line
         return None
 
-    def stop(self) -> int:
-        """Wait for the run's end (Ctrl-C it after 10 minutes more); its exit code."""
+    def stop(self, interrupt: bool = False) -> int:
+        """Wait for the run's end (Ctrl-C it now with `interrupt`, else after 10 minutes more); its
+        exit code. The run then checkpoints and writes its summary, as after a Ctrl-C."""
         try:
-            return self.proc.wait(timeout=600)
+            if not interrupt:
+                return self.proc.wait(timeout=600)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            return self.proc.wait(timeout=300)
+            pass
+        os.killpg(self.proc.pid, signal.SIGINT)
+        return self.proc.wait(timeout=300)
 
 
 def _learning(line: str) -> bool:
@@ -150,8 +153,10 @@ def chaos(train_args: list[str], run_dir: Path, every: float, targets: list[str]
             kills.append({"process": kind, "pid": victim.pid, "at_s": round(t0 - start, 1),
                           "reported": said is not None,
                           "seconds_to_learning_again": round(time.monotonic() - t0, 1) if back else None})
-    finally:
-        code = child.stop()
+    except BaseException:  # Ctrl-C of the drill stops the run too
+        child.stop(interrupt=True)
+        raise
+    code = child.stop()
     summary_path = Path(run_dir) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     report = {"exit_code": code, "finished": code == 0 and summary is not None, "kills": kills,
@@ -186,17 +191,11 @@ def soak(train_args: list[str], run_dir: Path, minutes: float, warmup_minutes: f
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(run_dir) / "memory.csv", "w") as csv:
         csv.write("seconds,pid,process,rss_bytes\n")
-        while child.running():
-            now = time.monotonic() - start
-            for proc in child.processes():
-                rss = _rss(proc.pid)
-                if rss is None:
-                    continue
-                samples.setdefault(proc.pid, []).append((now, rss))
-                kinds[proc.pid] = proc.kind
-                csv.write(f"{now:.0f},{proc.pid},{proc.kind},{rss}\n")
-            csv.flush()
-            child.wait_for(lambda line: False, timeout=sample_every)
+        try:
+            _sample(child, start, sample_every, samples, kinds, csv)
+        except BaseException:
+            child.stop(interrupt=True)
+            raise
     code = child.stop()
     warm = warmup_minutes * 60
     rows = []
@@ -214,6 +213,20 @@ def soak(train_args: list[str], run_dir: Path, minutes: float, warmup_minutes: f
               "within_5_percent": bool(rows) and all(r["growth"] <= 0.05 for r in rows)}
     (Path(run_dir) / "soak.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _sample(child: ChildRun, start: float, every: float, samples: dict, kinds: dict, csv) -> None:
+    while child.running():
+        now = time.monotonic() - start
+        for proc in child.processes():
+            rss = _rss(proc.pid)
+            if rss is None:
+                continue
+            samples.setdefault(proc.pid, []).append((now, rss))
+            kinds[proc.pid] = proc.kind
+            csv.write(f"{now:.0f},{proc.pid},{proc.kind},{rss}\n")
+        csv.flush()
+        child.wait_for(lambda line: False, timeout=every)
 
 
 def _rss(pid: int) -> int | None:

@@ -58,7 +58,8 @@ class FleetRecovery:
         if not stats["awaiting_restore"]:
             return None
         entry = self.checkpointer.writer.entries[index]
-        source = f"from its snapshot of {entry['inserts']:,} inserts" if entry else "empty (no snapshot yet)"
+        source = (f"from its snapshot of {entry['inserts']:,} inserts" if entry else "empty (no snapshot yet)"
+                  if self.cfg.checkpoint.replay else "empty (checkpoint.replay=false keeps no snapshots)")
         self.echo(f"{what} failed ({cause}); recovering it ({self.failures + 1}/{self.cfg.train.max_failures}) {source}")
         stats = self.checkpointer.restore_shard(index, handle)
         event = Recovery(what, cause, env_steps, time.monotonic() - t0,

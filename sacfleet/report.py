@@ -88,6 +88,9 @@ class Reporter:
             parts.append(f"lag {record['learner/policy_lag']:5.1f}")
         if record.get("actors/restarts"):
             parts.append(f"restarts {record['actors/restarts']:.0f}")
+        if record.get("fleet/recoveries"):
+            parts.append(f"recovered {record['fleet/recoveries']:.0f} (lost {record['fleet/lost_transitions']:,.0f} "
+                         f"transitions, {record['fleet/lost_updates']:,.0f} updates)")
         parts.append(f"eta {(total - now.env_steps) / fps:5.0f}s" if fps > 0 else "eta     ?")
         active = self.health.active()
         if active:

@@ -111,16 +111,27 @@ def test_failed_env_actor_is_restarted_and_counted(tmp_path):
 
 
 def _ray_worker_pids(name: str) -> list[int]:
-    """Pids of this machine's Ray workers whose process title is `ray::<name>...`."""
-    pids = []
+    """Pids of this test session's Ray workers (descendants of this process, whose Ray it is) whose
+    process title is `ray::<name>...`; another Ray on the machine is left alone."""
+    children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                    if handle.read().startswith(f"ray::{name}".encode()):
-                        pids.append(int(entry))
-            except OSError:
+                with open(f"/proc/{entry}/stat") as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
                 continue
+            children.setdefault(ppid, []).append(int(entry))
+    pids, stack = [], list(children.get(os.getpid(), []))
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if handle.read().startswith(f"ray::{name}".encode()):
+                    pids.append(pid)
+        except OSError:
+            continue
     return pids
 
 
@@ -203,7 +214,14 @@ def test_a_killed_shard_or_learner_is_recovered_in_place_and_the_run_finishes(tm
     assert summary["replay"]["samples_per_insert"] == pytest.approx(32, rel=0.15)
     state = load_checkpoint(run_dir)
     assert state["learner"]["updates"] == summary["updates"] and state["env_steps"] == summary["env_steps"]
+    # The counters saved with a checkpoint are what its snapshots hold (plus what recoveries lost).
+    assert state["env_steps"] == sum(e["inserts"] for e in state["replay"]["shards"]) + recovery["lost_transitions"]
     assert state["fleet"]["recoveries"] == recovery["events"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "fleet/recoveries" in r][-1]
+    assert (last["fleet/recoveries"], last["fleet/lost_transitions"], last["fleet/lost_updates"]) == (
+        1, recovery["lost_transitions"], recovery["lost_updates"])
+    assert any(line.startswith("steps") and "recovered 1 (lost" in line for line in lines), lines
     assert wait_for_released_resources()
 
 
@@ -222,6 +240,8 @@ def test_recovery_gives_up_after_max_failures_with_the_learners_state_saved(tmp_
     assert "the learner's state" in message and "were saved" in message, message
     state = load_checkpoint(run_dir)
     assert state["learner"]["updates"] > 0 and state["env_steps"] < 100000
+    # The dead shard's last snapshot went into the saved set, with the counters it holds.
+    assert state["env_steps"] == sum(e["inserts"] for e in state["replay"]["shards"]) > 0
     assert not (run_dir / "summary.json").exists()
     assert wait_for_released_resources()
 
