@@ -100,14 +100,15 @@ class ChildRun:
         return None
 
     def stop(self, interrupt: bool = False) -> int:
-        """Wait for the run's end (Ctrl-C it now with `interrupt`, else after 10 minutes more); its
+        """Wait for the run's end (stop it now with `interrupt`, else after 10 minutes more); its
         exit code. The run then checkpoints and writes its summary, as after a Ctrl-C."""
         try:
             if not interrupt:
                 return self.proc.wait(timeout=600)
         except subprocess.TimeoutExpired:
             pass
-        os.killpg(self.proc.pid, signal.SIGINT)
+        # SIGTERM stops `sacfleet train` as Ctrl-C does; SIGINT may be ignored in a background job.
+        self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=300)
 
 

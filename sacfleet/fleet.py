@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Mapping
@@ -60,11 +62,16 @@ def connect(address: str | None, num_cpus: int | None, dashboard: bool) -> bool:
     An embedded Ray is watched by a reaper, so none of its processes outlives this one."""
     if ray.is_initialized():
         return False
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address, include_dashboard=None if dashboard else False)
     else:
         start_reaper()
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard)
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        # Ray's core worker replaces the process's SIGTERM handler with one that logs and exits; the
+        # caller's (the CLI's graceful stop) is put back.
+        signal.signal(signal.SIGTERM, on_sigterm)
     return True
 
 

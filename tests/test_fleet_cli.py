@@ -180,6 +180,21 @@ def test_driver_killed_with_sigkill_leaves_no_process_behind(tmp_path, ray_tmp):
     assert no_ray_left(ray_tmp, timeout=10) == []
 
 
+def test_sigterm_to_the_driver_stops_the_run_gracefully(tmp_path, ray_tmp):
+    # Ray's core worker installs its own SIGTERM handler (log and exit 15); the CLI's must win.
+    proc = sacfleet("train", "--config", "pointmass", "--set", "train.total_env_steps=100000",
+                    "--set", "learner.hidden_sizes=[32, 32]", "--set", "train.log_interval=500",
+                    "--set", "eval.final_episodes=2", "--num-cpus", "2", "--run-dir", str(tmp_path / "run"),
+                    ray_tmp=ray_tmp)
+    lines = Lines(proc)
+    lines.wait_for(lambda line: line.startswith("steps") and "updates         0 " not in line, timeout=180)
+    proc.send_signal(signal.SIGTERM)  # as a scheduler stops a job
+    assert proc.wait(timeout=300) == 0, lines.rest()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["interrupted"] and load_checkpoint(tmp_path / "run")["learner"]["updates"] == summary["updates"]
+    assert no_ray_left(ray_tmp) == []
+
+
 def test_resume_refuses_a_finished_run_and_a_missing_one(tmp_path, ray_tmp):
     proc = sacfleet("train", "--resume", str(tmp_path / "nothing"), ray_tmp=ray_tmp)
     output, _ = proc.communicate(timeout=60)
