@@ -31,12 +31,19 @@ class Proc:
     kind: str  # "ray::EnvActor", "raylet", "driver", ...
 
 
+def actor_title(title: str) -> str:
+    """`ray::<Class>` for a Ray worker's process title, which may also be `ray::<name>:<Class>.<method>`
+    (a named actor, while it runs a method) or `ray::IDLE`."""
+    bare = title.split()[0].removeprefix("ray::")
+    return "ray::" + bare.rsplit(":", 1)[-1].split(".")[0]
+
+
 def _kind(cmdline: list[str]) -> str:
     if not cmdline:
         return "?"
     head = cmdline[0]
     if head.startswith("ray::"):
-        return head.split()[0]
+        return actor_title(head)
     text = " ".join(cmdline)
     for key, name in (("raylet", "raylet"), ("gcs_server", "gcs_server"), ("sacfleet.common.reaper", "reaper"),
                       ("-m sacfleet", "driver"), ("dashboard/agent", "dashboard agent"),

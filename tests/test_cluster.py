@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from sacfleet.drills import actor_title
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "deploy" / "local_cluster.sh"
 RAY = Path(sys.executable).with_name("ray")
@@ -105,7 +107,7 @@ def fleet_processes_of_node(port: int, node: int) -> list[str]:
     while stack:
         pid = stack.pop()
         stack.extend(tree.get(pid, []))
-        title = _cmdline(pid).split(" ")[0]
+        title = actor_title(_cmdline(pid)) if _cmdline(pid).startswith("ray::") else ""
         if title in ("ray::EnvActor", "ray::ReplayShard", "ray::LearnerService"):
             titles.append(title)
     return titles

@@ -15,6 +15,7 @@ from sacfleet.common.codec import CodecError, encode_chunk
 from sacfleet.common.config import load_config
 from sacfleet.common.envs import describe_env
 from sacfleet.common.transitions import TransitionSpec
+from sacfleet.drills import actor_title
 from sacfleet.inline import seed_everything
 from sacfleet.launch import FleetError, plan_resources, train_fleet
 from sacfleet.learner.checkpoint import load_checkpoint
@@ -128,8 +129,9 @@ def _ray_worker_pids(name: str) -> list[int]:
         stack.extend(children.get(pid, []))
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                if handle.read().startswith(f"ray::{name}".encode()):
-                    pids.append(pid)
+                title = handle.read().decode(errors="replace")
+            if title.startswith("ray::") and actor_title(title.split("\0")[0]) == f"ray::{name}":
+                pids.append(pid)
         except OSError:
             continue
     return pids

@@ -14,7 +14,8 @@ import uuid
 from pathlib import Path
 
 TOKEN_VAR = "SACFLEET_RUN_TOKEN"
-GRACE_SECONDS = 3.0  # after SIGTERM, before SIGKILL
+GRACE_SECONDS = 2.0  # after SIGTERM, before SIGKILL
+KILL_SECONDS = 30.0
 
 _pipe: int | None = None  # the write end; the driver holds it open for its whole life
 
@@ -50,21 +51,27 @@ def marked_processes(token: str, exclude: set[int]) -> list[int]:
 
 
 def reap(token: str, exclude: set[int]) -> int:
-    """SIGTERM every marked process, then SIGKILL what is left after GRACE_SECONDS; returns how many."""
-    pids = marked_processes(token, exclude)
-    for sig, wait in ((signal.SIGTERM, GRACE_SECONDS), (signal.SIGKILL, 1.0)):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while pids and time.monotonic() < deadline:
-            time.sleep(0.1)
-            pids = marked_processes(token, exclude)
-        if not pids:
-            break
+    """SIGTERM every marked process, then SIGKILL whatever is marked (including processes started
+    meanwhile, e.g. an agent a dying raylet respawned) until none is left or KILL_SECONDS pass;
+    returns how many are left."""
+    _signal(marked_processes(token, exclude), signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_SECONDS
+    while (pids := marked_processes(token, exclude)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    deadline = time.monotonic() + KILL_SECONDS
+    while pids and time.monotonic() < deadline:
+        _signal(pids, signal.SIGKILL)
+        time.sleep(0.2)
+        pids = marked_processes(token, exclude)
     return len(pids)
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def main(argv: list[str]) -> int:
