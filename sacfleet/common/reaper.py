@@ -1,11 +1,12 @@
 """Leaves no process behind when a driver that started its own Ray ends, however it ends (even by
 SIGKILL): a small watchdog process, started before Ray, waits for the driver's pipe to close and then
-stops every process that carries the driver's run token in its environment (Ray's GCS, raylet,
-dashboard and runtime-env agents and workers all inherit it)."""
+stops every process that carries the driver's run token in its environment (Ray's GCS, raylet and
+workers inherit it) or that it saw under the driver while the driver lived (Ray's agents)."""
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -74,14 +75,48 @@ def _signal(pids: list[int], sig: int) -> None:
             pass
 
 
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(root: int) -> dict[int, str]:
+    """{pid: start time} of every live descendant of `root`."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(proc.name))
+    found, stack = {}, list(children.get(root, []))
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        started = _start_time(pid)
+        if started is not None:
+            found[pid] = started
+    return found
+
+
 def main(argv: list[str]) -> int:
     token, driver = argv[0], int(argv[1])
-    try:
-        while sys.stdin.buffer.read(4096):  # EOF: the driver has exited, crashed or been killed
-            pass
-    except OSError:
-        pass
+    # Ray starts some processes (its agents) with an environment of its own, without the token:
+    # every process under the driver is also remembered while the driver lives, and stopped too.
+    seen: dict[int, str] = {}
+    while True:
+        ready, _, _ = select.select([sys.stdin], [], [], 1.0)
+        if ready and not os.read(sys.stdin.fileno(), 4096):  # EOF: the driver exited, crashed or was killed
+            break
+        if not ready:
+            seen.update(descendants(driver))
+    left = [pid for pid, started in seen.items() if _start_time(pid) == started and pid != os.getpid()]
+    _signal(left, signal.SIGTERM)
     reap(token, {os.getpid(), driver})
+    _signal([pid for pid in left if _start_time(pid) == seen[pid]], signal.SIGKILL)
     return 0
 
 
