@@ -156,7 +156,8 @@ def chaos(train_args: list[str], run_dir: Path, every: float, targets: list[str]
             echo(f"chaos: SIGKILL {victim.kind} pid {victim.pid} at {t0 - start:.0f}s")
             # Wait until the run says it has it back (env actors: the restart line; others: recovered).
             said = child.wait_for(lambda line: line.startswith(what) and (
-                "restarting it" in line or "recovered in" in line or "runs again" in line), timeout=300)
+                "restarting it" in line or "recovered in" in line or "runs again" in line
+                or "nothing was lost" in line), timeout=300)
             back = child.wait_for(_learning, timeout=300) if said else None
             kills.append({"process": kind, "pid": victim.pid, "at_s": round(t0 - start, 1),
                           "reported": said is not None,
@@ -224,7 +225,9 @@ def soak(train_args: list[str], run_dir: Path, minutes: float, warmup_minutes: f
 
 
 def _sample(child: ChildRun, start: float, every: float, samples: dict, kinds: dict, csv) -> None:
-    while child.running():
+    """Until the run starts stopping: its final checkpoint, evaluation and plots are a one-off, not
+    the steady state a soak measures (the driver grew by 40 MB there in an 8-minute soak)."""
+    while child.running() and not any(line.startswith("stopping (") for line in child.lines):
         now = time.monotonic() - start
         for proc in child.processes():
             rss = _rss(proc.pid)

@@ -25,6 +25,12 @@ from sacfleet.learner.service import LearnerService
 from sacfleet.replay_server.shard import ReplayShard
 from sacfleet.supervisor import ActorSlot, FleetError, first_line
 
+# The fleet's actors make thousands of calls a minute (inserts, samples, weight polls). Ray reports
+# every one to the GCS as a task event, kept there for the dashboard's task list: over an hour the
+# GCS grew from 156 to 390 MB and the learner, which buffers the events of its sample calls, 24%.
+# Ray Serve turns them off on its actors for the same reason.
+QUIET = {"enable_task_events": False}
+
 # ----------------------------------------------------------------------------------- resources
 
 @dataclass(frozen=True)
@@ -92,8 +98,8 @@ class Fleet:
         names = {"shards": [f"sacfleet-{run_id}-shard{i}" for i in range(cfg.replay.num_shards)],
                  "learner": f"sacfleet-{run_id}-learner"}
         self.shards = [self._keep(ray.remote(ReplayShard).options(
-            name=name, num_cpus=res.shard_cpus, max_restarts=restarts).remote(cfg, TransitionSpec.for_env(env_info), i))
-            for i, name in enumerate(names["shards"])]
+            name=name, num_cpus=res.shard_cpus, max_restarts=restarts, **QUIET
+        ).remote(cfg, TransitionSpec.for_env(env_info), i)) for i, name in enumerate(names["shards"])]
         self._ready(self.shards, "replay shard")
         # Counters at the start of this session: the restored contents are not this session's work.
         base = [checkpointer.restore_shard(i, shard) for i, shard in enumerate(self.shards)]
@@ -102,17 +108,17 @@ class Fleet:
         self.updates_at_start = int(learner_state["updates"]) if learner_state else 0
         learner_cls = ray.remote(LearnerService).options(
             name=names["learner"], num_cpus=res.learner_cpus, num_gpus=res.learner_gpus, max_restarts=restarts,
-            max_concurrency=4)
+            max_concurrency=4, **QUIET)
         self.learner = self._keep(learner_cls.remote(
             cfg, env_info, {"shards": names["shards"]}, faults, res.learner_threads, session))
         self._ready([self.learner], "learner")
         if learner_state is not None:  # by a call: a constructor argument this large would stay in the object store
             ray.get(self.learner.restore.remote(learner_state))
         actor_cls = ray.remote(EnvActor).options(num_cpus=res.actor_cpus, max_restarts=cfg.actors.max_restarts,
-                                                 max_concurrency=2)
+                                                 max_concurrency=2, **QUIET)
         self.actors = [ActorSlot(self._keep(actor_cls.remote(cfg, env_info, i, names, faults)))
                        for i in range(cfg.actors.num)]
-        eval_cls = ray.remote(EvalActor).options(num_cpus=res.eval_cpus, max_restarts=restarts)
+        eval_cls = ray.remote(EvalActor).options(num_cpus=res.eval_cpus, max_restarts=restarts, **QUIET)
         self.evaluator = self._keep(eval_cls.remote(cfg, env_info, {"learner": names["learner"]}))
         self._ready([slot.handle for slot in self.actors] + [self.evaluator], "env or eval actor")
         self.device = ray.get(self.learner.start.remote())

@@ -94,12 +94,14 @@ class FleetRecovery:
                   f"{event.lost_updates:,} updates made after the last checkpoint")
         return event, updates
 
-    def evaluator(self, cause: str, env_steps: int) -> None:
-        """The eval actor died (it holds no state): Ray restarts it and the evaluation is asked again."""
+    def evaluator(self, cause: str, env_steps: int, evaluating: bool = True) -> None:
+        """The eval actor died (it holds no state): Ray restarts it, and an evaluation it was running
+        is asked again."""
         self._count("eval actor", cause)
         self.events.append(Recovery("eval actor", cause, env_steps, 0.0))
-        self.echo(f"eval actor failed ({cause}); Ray restarts it and the evaluation runs again "
-                  f"({self.failures}/{self.cfg.train.max_failures})")
+        then = ("Ray restarts it and the evaluation runs again" if evaluating
+                else "it was between evaluations: Ray restarted it and nothing was lost")
+        self.echo(f"eval actor failed ({cause}); {then} ({self.failures}/{self.cfg.train.max_failures})")
 
     def _count(self, what: str, cause: str) -> None:
         limit = self.cfg.train.max_failures

@@ -82,6 +82,7 @@ class FleetSupervisor:
         self.stopping = False
         self.eval_ref = None
         self.eval_episodes = 0
+        self.eval_pid: int | None = None  # of the eval actor's process, to notice one that died idle
         self.pending: dict[str, tuple[object, float]] = {}  # call -> (refs in flight, when sent)
 
     # -- what the fleet has done
@@ -157,8 +158,23 @@ class FleetSupervisor:
                 self._recover_shard(i, stats.cause if isinstance(stats, Lost) else "process died: Ray restarted it")
             elif stats is not None:
                 self._shard_stats[i] = stats
+        self._watch_evaluator()
         self._supervise_actors()
         self._collect_actor_stats()
+
+    def _watch_evaluator(self) -> None:
+        """Count an eval actor that died between evaluations: Ray restarts it without a word, so
+        the driver compares its pid. A death during an evaluation is handled by eval_result."""
+        if self.eval_ref is not None or self.stopping:
+            return  # its one thread runs evaluate(); a pid call would wait behind it
+        answer = self._answer("evaluator", "eval actor", self.fleet.evaluator.pid.remote, wait=False)
+        if isinstance(answer, Lost):
+            self.recovery.evaluator(answer.cause, self.env_steps(), evaluating=False)
+            self.eval_pid = None  # the next answer comes from the restarted process
+        elif answer is not None:
+            if self.eval_pid is not None and answer != self.eval_pid:
+                self.recovery.evaluator("process died: Ray restarted it", self.env_steps(), evaluating=False)
+            self.eval_pid = answer
 
     def _recover_learner(self, cause: str) -> None:
         self.pending.pop("learner", None)
@@ -295,6 +311,7 @@ class FleetSupervisor:
         """Ask the eval actor for `episodes` of the newest policy; False if one is running already."""
         if self.eval_ref is not None:
             return False
+        self.pending.pop("evaluator", None)  # an answer from before the evaluation could predate a death in it
         self.eval_ref, self.eval_episodes = self.fleet.evaluator.evaluate.remote(episodes), episodes
         return True
 
@@ -314,6 +331,7 @@ class FleetSupervisor:
         except RayActorError as exc:
             # Its process died: Ray restarts it (it holds nothing to restore) and the evaluation runs again.
             self.recovery.evaluator(f"process died: {type(exc).__name__}", self.env_steps())
+            self.eval_pid = None
             self.start_eval(self.eval_episodes)
             return self.eval_result(wait) if wait else None
         except RayTaskError as exc:

@@ -227,6 +227,26 @@ def test_a_killed_shard_or_learner_is_recovered_in_place_and_the_run_finishes(tm
     assert wait_for_released_resources()
 
 
+def test_an_eval_actor_killed_between_evaluations_is_counted(tmp_path):
+    # eval.interval=0: the eval actor idles until the final evaluation, and Ray restarts it silently.
+    lines = []
+    cfg = load_config("pointmass", [*SHORT, "actors.num=2", "train.total_env_steps=4000"])
+    thread, killed = kill_when("EvalActor", lambda: any(
+        line.startswith("steps") and "updates         0" not in line for line in lines[1:]))
+    summary = train_fleet(cfg, tmp_path / "run", echo=lines.append)
+    thread.join()
+    assert killed, "no EvalActor process was found to kill"
+    recovery = summary["recovery"]
+    assert recovery["failures"] == 1 and summary["actors"]["restarts"] == 0, lines
+    [event] = recovery["events"]
+    assert event["component"] == "eval actor" and "process died" in event["cause"], event
+    assert [line for line in lines if line.startswith("eval actor failed") and "nothing was lost" in line], lines
+    # The restarted process ran the final evaluation.
+    assert summary["eval"]["episodes"] == 2 and np.isfinite(summary["eval"]["return_mean"])
+    assert killed[0] not in _ray_worker_pids("EvalActor")
+    assert wait_for_released_resources()
+
+
 def test_recovery_gives_up_after_max_failures_with_the_learners_state_saved(tmp_path):
     lines = []
     run_dir = tmp_path / "run"

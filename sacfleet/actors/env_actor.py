@@ -49,15 +49,15 @@ class WeightPuller:
             self.request = self.learner.latest_weights.remote(have_version)
             if reply is None or reply[0] == have_version:
                 return None
-            return decode_weights(ray.get(reply[1][0]))
-        except RayError:  # the learner (owner of the weights object) died
+            return decode_weights(reply[1])
+        except RayError:  # the learner died
             return None
 
     def wait(self, have_version: int, timeout: float = 30.0) -> tuple[dict, int] | None:
         """Newest weights, waiting for the answer (for evaluation); None while the learner is down."""
         try:
             reply = ray.get(self.learner.latest_weights.remote(have_version), timeout=timeout)
-            return None if reply is None else decode_weights(ray.get(reply[1][0], timeout=timeout))
+            return None if reply is None else decode_weights(reply[1])
         except RayError:
             return None
 
@@ -158,3 +158,7 @@ class EvalActor:
 
     def ping(self) -> bool:
         return True
+
+    def pid(self) -> int:
+        """Which process this is: the driver notices a restart that happened between evaluations."""
+        return os.getpid()

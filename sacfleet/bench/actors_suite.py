@@ -34,15 +34,13 @@ class StaticWeights:
     actors run their policy forward pass exactly as in training."""
 
     def __init__(self, cfg, env_info):
-        import ray
-
         from sacfleet.common.codec import encode_weights
         from sacfleet.learner.networks import Actor
 
         policy = Actor(env_info.obs_dim, env_info.act_dim, cfg.learner.hidden_sizes, env_info.action_low,
                        env_info.action_high)
         weights = {name: t.detach().numpy() for name, t in policy.state_dict().items()}
-        self.published = (0, [ray.put(encode_weights(weights, 0))])
+        self.published = (0, encode_weights(weights, 0))
 
     def latest_weights(self, have_version: int):
         return self.published if have_version < 0 else None
