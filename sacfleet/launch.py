@@ -99,7 +99,7 @@ class FleetRun:
         values = {**sup.learner_status.get("metrics", {}),
                   "replay/size": sum(s["size"] for s in sup.shard_stats),
                   "replay/samples_per_insert": sup.replay_ratio(), "learner/policy_lag": lag,
-                  "actors/restarts": sup.restarts, "fleet/recoveries": recovery["failures"],
+                  "actors/restarts": sup.restarts, "fleet/recoveries": recovery["recoveries"],
                   "fleet/lost_transitions": recovery["lost_transitions"],
                   "fleet/lost_updates": recovery["lost_updates"], **sup.stall_values(), **her_values(sup.shard_stats)}
         starved = sup.learner_status.get("starved_reason")
@@ -298,13 +298,16 @@ def _finish(run: FleetRun, stop_reason: str, restored: int) -> dict:
     })
     plots = write_plots(run.run_dir, run.reporter.evals, stages, cfg.env.id)
     health = summary["health"]
-    recovered = summary["recovery"]["failures"]
+    recovery = summary["recovery"]
+    recovered = (f"; recovered {recovery['recoveries']} processes from {recovery['failures']} failures"
+                 if recovery["recoveries"] != recovery["failures"] else
+                 f"; recovered from {recovery['failures']} failures" if recovery["failures"] else "")
     run.echo(f"done ({stop_reason}): {run.env_steps:,} env steps, {sup.updates:,} updates in {session_wall:.1f}s "
              f"({summary['throughput']['env_steps_per_s']:.0f} steps/s, {summary['throughput']['updates_per_s']:.0f} "
              f"updates/s, replay ratio {summary['replay']['samples_per_insert']:.1f} of "
              f"{cfg.replay.samples_per_insert:g}); eval return {final['mean']:.1f} +- {final['std']:.1f} over "
              f"{len(final['returns'])} episodes{success_note(final.get('success_rate'))}; health {health['status']}"
              f"{' (' + ', '.join(w['check'] for w in health['warnings']) + ')' if health['warnings'] else ''}"
-             f"{'; recovered from ' + str(recovered) + ' failures' if recovered else ''}; "
+             f"{recovered}; "
              f"summary {run.run_dir / 'summary.json'}{'; plots ' + ', '.join(p.name for p in plots) if plots else ''}")
     return summary

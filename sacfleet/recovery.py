@@ -16,6 +16,7 @@ from sacfleet.checkpointing import FleetCheckpointer
 from sacfleet.supervisor import FleetError, first_line
 
 RESTART_TIMEOUT = 120.0
+INCIDENT_S = 30.0  # failures noticed this soon after an incident's first are part of it (a lost node)
 DEAD_FOR_S = 5.0  # Ray may call a restarting actor dead for a moment (a lost node); this long, it is
 
 
@@ -27,6 +28,7 @@ class Recovery:
     seconds: float  # from noticing the failure to serving again
     lost_transitions: int = 0
     lost_updates: int = 0
+    incident: int = 0  # failures of one incident (a lost node takes several processes) share it
 
 
 class FleetRecovery:
@@ -37,14 +39,19 @@ class FleetRecovery:
         self.cfg, self.fleet, self.checkpointer, self.echo = cfg, fleet, checkpointer, echo
         self.earlier = [dict(event) for event in earlier or []]
         self.events: list[Recovery] = []
+        # Events saved before incidents were recorded count one each.
+        self.incidents = len({e.get("incident", -1 - i) for i, e in enumerate(self.earlier)})
+        self.incident_started: float | None = None
 
     @property
     def failures(self) -> int:
-        return len(self.earlier) + len(self.events)
+        """Incidents so far, what train.max_failures limits: a lost node counts once however many
+        fleet processes it held."""
+        return self.incidents
 
     def totals(self) -> dict:
         events = self.earlier + [asdict(event) for event in self.events]
-        return {"failures": len(events), "max_failures": self.cfg.train.max_failures,
+        return {"failures": self.failures, "recoveries": len(events), "max_failures": self.cfg.train.max_failures,
                 "lost_transitions": sum(e["lost_transitions"] for e in events),
                 "lost_updates": sum(e["lost_updates"] for e in events), "events": events}
 
@@ -60,10 +67,10 @@ class FleetRecovery:
         entry = self.checkpointer.writer.entries[index]
         source = (f"from its snapshot of {entry['inserts']:,} inserts" if entry else "empty (no snapshot yet)"
                   if self.cfg.checkpoint.replay else "empty (checkpoint.replay=false keeps no snapshots)")
-        self.echo(f"{what} failed ({cause}); recovering it ({self.failures + 1}/{self.cfg.train.max_failures}) {source}")
+        self.echo(f"{what} failed ({cause}); recovering it ({self._budget()}) {source}")
         stats = self.checkpointer.restore_shard(index, handle)
         event = Recovery(what, cause, env_steps, time.monotonic() - t0,
-                         lost_transitions=max(0, last_inserts - stats["inserts"]))
+                         lost_transitions=max(0, last_inserts - stats["inserts"]), incident=self.incidents)
         self.events.append(event)
         self.echo(f"{what} recovered in {event.seconds:.1f}s holding {stats['size']:,} transitions; lost "
                   f"{event.lost_transitions:,} inserted after its last snapshot")
@@ -81,14 +88,14 @@ class FleetRecovery:
         state = self.checkpointer.learner_state
         source = (f"from the checkpoint at {int(state['updates']):,} updates" if state
                   else "from its initial networks (no checkpoint yet)")
-        self.echo(f"learner failed ({cause}); recovering it ({self.failures + 1}/{self.cfg.train.max_failures}) {source}")
+        self.echo(f"learner failed ({cause}); recovering it ({self._budget()}) {source}")
         try:
             updates = ray.get(learner.restore.remote(state), timeout=RESTART_TIMEOUT)
             ray.get(learner.start.remote(), timeout=RESTART_TIMEOUT)
         except (RayActorError, GetTimeoutError) as exc:
             raise FleetError(f"the restarted learner failed while restoring: {first_line(exc)}") from None
         event = Recovery("learner", cause, env_steps, time.monotonic() - t0,
-                         lost_updates=max(0, last_updates - updates))
+                         lost_updates=max(0, last_updates - updates), incident=self.incidents)
         self.events.append(event)
         self.echo(f"learner recovered in {event.seconds:.1f}s at {updates:,} updates; lost "
                   f"{event.lost_updates:,} updates made after the last checkpoint")
@@ -98,16 +105,25 @@ class FleetRecovery:
         """The eval actor died (it holds no state): Ray restarts it, and an evaluation it was running
         is asked again."""
         self._count("eval actor", cause)
-        self.events.append(Recovery("eval actor", cause, env_steps, 0.0))
+        self.events.append(Recovery("eval actor", cause, env_steps, 0.0, incident=self.incidents))
         then = ("Ray restarts it and the evaluation runs again" if evaluating
                 else "it was between evaluations: Ray restarted it and nothing was lost")
-        self.echo(f"eval actor failed ({cause}); {then} ({self.failures}/{self.cfg.train.max_failures})")
+        self.echo(f"eval actor failed ({cause}); {then} ({self._budget()})")
 
     def _count(self, what: str, cause: str) -> None:
+        """Open a new incident unless this failure belongs to the current one; past the limit, stop."""
+        now = time.monotonic()
+        if self.incident_started is not None and now - self.incident_started <= INCIDENT_S:
+            return
         limit = self.cfg.train.max_failures
         if self.failures >= limit:
             raise FleetError(f"{what} failed ({cause}) after the fleet had recovered from {self.failures} "
                              f"failures (train.max_failures={limit})")
+        self.incidents += 1
+        self.incident_started = now
+
+    def _budget(self) -> str:
+        return f"failure {self.failures}/{self.cfg.train.max_failures}"
 
     def _restarted(self, what: str, cause: str, call) -> dict:
         """The first answer of the component's process once Ray has it running again."""

@@ -83,6 +83,7 @@ class FleetSupervisor:
         self.eval_ref = None
         self.eval_episodes = 0
         self.eval_pid: int | None = None  # of the eval actor's process, to notice one that died idle
+        self.eval_down = False  # its death was counted; calls fail until Ray has restarted it
         self.pending: dict[str, tuple[object, float]] = {}  # call -> (refs in flight, when sent)
 
     # -- what the fleet has done
@@ -169,12 +170,13 @@ class FleetSupervisor:
             return  # its one thread runs evaluate(); a pid call would wait behind it
         answer = self._answer("evaluator", "eval actor", self.fleet.evaluator.pid.remote, wait=False)
         if isinstance(answer, Lost):
-            self.recovery.evaluator(answer.cause, self.env_steps(), evaluating=False)
-            self.eval_pid = None  # the next answer comes from the restarted process
+            if not self.eval_down:
+                self.recovery.evaluator(answer.cause, self.env_steps(), evaluating=False)
+            self.eval_down = True
         elif answer is not None:
-            if self.eval_pid is not None and answer != self.eval_pid:
+            if not self.eval_down and self.eval_pid is not None and answer != self.eval_pid:
                 self.recovery.evaluator("process died: Ray restarted it", self.env_steps(), evaluating=False)
-            self.eval_pid = answer
+            self.eval_pid, self.eval_down = answer, False
 
     def _recover_learner(self, cause: str) -> None:
         self.pending.pop("learner", None)
@@ -331,7 +333,7 @@ class FleetSupervisor:
         except RayActorError as exc:
             # Its process died: Ray restarts it (it holds nothing to restore) and the evaluation runs again.
             self.recovery.evaluator(f"process died: {type(exc).__name__}", self.env_steps())
-            self.eval_pid = None
+            self.eval_down = True  # the pid it answers next is the restarted process's
             self.start_eval(self.eval_episodes)
             return self.eval_result(wait) if wait else None
         except RayTaskError as exc:

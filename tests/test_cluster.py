@@ -108,7 +108,7 @@ def fleet_processes_of_node(port: int, node: int) -> list[str]:
         pid = stack.pop()
         stack.extend(tree.get(pid, []))
         title = actor_title(_cmdline(pid)) if _cmdline(pid).startswith("ray::") else ""
-        if title in ("ray::EnvActor", "ray::ReplayShard", "ray::LearnerService"):
+        if title in ("ray::EnvActor", "ray::ReplayShard", "ray::LearnerService", "ray::EvalActor"):
             titles.append(title)
     return titles
 
@@ -152,12 +152,15 @@ def test_a_lost_worker_node_is_recovered_on_the_others_and_the_run_finishes(tmp_
         assert proc.returncode == 0, output
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["env_steps"] >= 6000
-        # Every fleet process the node held was counted: env actors as restarts, shards and the learner
-        # as recoveries.
+        # Every fleet process the node held was counted: env actors as restarts, shards, the learner
+        # and the eval actor as recoveries.
         lost = on_node[node]
         events = [event["component"] for event in summary["recovery"]["events"]]
         assert summary["actors"]["restarts"] == lost.count("ray::EnvActor"), (on_node, output)
         assert sum(e.startswith("replay shard") for e in events) == lost.count("ray::ReplayShard"), (on_node, output)
         assert events.count("learner") == lost.count("ray::LearnerService"), (on_node, output)
+        assert events.count("eval actor") == lost.count("ray::EvalActor"), (on_node, output)
+        # One lost node is one failure against train.max_failures, however many processes it held.
+        assert summary["recovery"]["failures"] == (len(events) > 0) and summary["recovery"]["recoveries"] == len(events)
     finally:
         cluster("stop", port=port)

@@ -268,6 +268,37 @@ def test_recovery_gives_up_after_max_failures_with_the_learners_state_saved(tmp_
     assert wait_for_released_resources()
 
 
+def test_processes_lost_together_count_as_one_failure(monkeypatch):
+    """A lost node takes several processes within seconds: train.max_failures counts incidents."""
+    from sacfleet import recovery as recovery_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(recovery_module.time, "monotonic", lambda: clock[0])
+    lines = []
+    cfg = load_config("pointmass", ["train.max_failures=2"])
+    # A resumed run's earlier events: two of one incident, and one saved before incidents were recorded.
+    def event(component, **more):
+        return {"component": component, "cause": "process died", "env_steps": 5, "seconds": 1.0,
+                "lost_transitions": 0, "lost_updates": 0, **more}
+
+    earlier = [event("learner", incident=1), event("replay shard 0", incident=1), event("eval actor")]
+    rec = recovery_module.FleetRecovery(cfg, None, None, lines.append, earlier=earlier)
+    assert rec.failures == 2
+    cfg = load_config("pointmass", ["train.max_failures=3"])
+    rec = recovery_module.FleetRecovery(cfg, None, None, lines.append, earlier=earlier)
+    rec.evaluator("process died", 10)
+    clock[0] += 29.0
+    rec.evaluator("process died", 20)  # within 30 s of the failure's first process: the same failure
+    totals = rec.totals()
+    assert (totals["failures"], totals["recoveries"]) == (3, 5)
+    assert [e["incident"] for e in totals["events"][3:]] == [3, 3]
+    assert lines[-1].endswith("(failure 3/3)"), lines
+    clock[0] += 2.0  # 31 s after the failure began: a new one, past the limit
+    with pytest.raises(FleetError, match=r"eval actor failed \(process died\) after the fleet had recovered "
+                                         r"from 3 failures \(train.max_failures=3\)"):
+        rec.evaluator("process died", 30)
+
+
 def test_env_actor_failing_too_often_stops_the_run_with_the_learners_state_saved(tmp_path):
     # Actor 0 fails at its step 700, when the fleet (two actors) is past learning_starts=400.
     with pytest.raises(FleetError, match=r"env actor 0 failed 1 times \(actors.max_restarts=0\)") as info:
