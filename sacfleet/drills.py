@@ -157,7 +157,7 @@ def chaos(train_args: list[str], run_dir: Path, every: float, targets: list[str]
             # Wait until the run says it has it back (env actors: the restart line; others: recovered).
             said = child.wait_for(lambda line: line.startswith(what) and (
                 "restarting it" in line or "recovered in" in line or "runs again" in line
-                or "nothing was lost" in line), timeout=300)
+                or "nothing was lost" in line or "not restarted" in line), timeout=300)
             back = child.wait_for(_learning, timeout=300) if said else None
             kills.append({"process": kind, "pid": victim.pid, "at_s": round(t0 - start, 1),
                           "reported": said is not None,

@@ -84,6 +84,7 @@ class FleetSupervisor:
         self.eval_episodes = 0
         self.eval_pid: int | None = None  # of the eval actor's process, to notice one that died idle
         self.eval_down = False  # its death was counted; calls fail until Ray has restarted it
+        self.eval_down_since = 0.0
         self.pending: dict[str, tuple[object, float]] = {}  # call -> (refs in flight, when sent)
 
     # -- what the fleet has done
@@ -172,7 +173,7 @@ class FleetSupervisor:
         if isinstance(answer, Lost):
             if not self.eval_down:
                 self.recovery.evaluator(answer.cause, self.env_steps(), evaluating=False)
-            self.eval_down = True
+                self.eval_down, self.eval_down_since = True, time.monotonic()
         elif answer is not None:
             if not self.eval_down and self.eval_pid is not None and answer != self.eval_pid:
                 self.recovery.evaluator("process died: Ray restarted it", self.env_steps(), evaluating=False)
@@ -306,6 +307,21 @@ class FleetSupervisor:
         for slot in self.fleet.actors:
             slot.handle.stop.remote()
         ray.wait([slot.run_ref for slot in self.fleet.actors], num_returns=len(self.fleet.actors), timeout=timeout)
+        # One that died as the fleet stopped is counted too (it is not restarted).
+        for i, slot in enumerate(self.fleet.actors):
+            if slot.restarting_since is not None:
+                continue  # its failure was counted when it happened
+            ready, _ = ray.wait([slot.run_ref], timeout=0)
+            if not ready:
+                continue
+            try:
+                ray.get(slot.run_ref)
+            except RayActorError as exc:
+                slot.restarts += 1
+                self.echo(f"env actor {i} failed (process died ({type(exc).__name__})) as the fleet stopped; "
+                          f"not restarted ({slot.restarts}/{self.cfg.actors.max_restarts})")
+            except RayTaskError:
+                pass  # it failed while stopping: nothing was lost, and the run is ending
 
     # -- evaluations and checkpoints
 
@@ -320,21 +336,30 @@ class FleetSupervisor:
     def eval_result(self, wait: bool = False) -> dict | None:
         """The running evaluation's result ({"version", "returns", "seconds"}) once it is done; waiting
         at most EVAL_TIMEOUT."""
-        if self.eval_ref is None:
-            return None
-        ready, _ = ray.wait([self.eval_ref], timeout=EVAL_TIMEOUT if wait else 0)
-        if not ready:
-            if wait:
-                raise FleetError(f"eval actor hangs: an evaluation did not finish within {EVAL_TIMEOUT:g} s")
-            return None
-        ref, self.eval_ref = self.eval_ref, None
-        try:
-            return ray.get(ref)
-        except RayActorError as exc:
-            # Its process died: Ray restarts it (it holds nothing to restore) and the evaluation runs again.
-            self.recovery.evaluator(f"process died: {type(exc).__name__}", self.env_steps())
-            self.eval_down = True  # the pid it answers next is the restarted process's
-            self.start_eval(self.eval_episodes)
-            return self.eval_result(wait) if wait else None
-        except RayTaskError as exc:
-            raise FleetError(f"eval actor failed: {first_line(exc)}") from None
+        while self.eval_ref is not None:
+            ready, _ = ray.wait([self.eval_ref], timeout=EVAL_TIMEOUT if wait else 0)
+            if not ready:
+                if wait:
+                    raise FleetError(f"eval actor hangs: an evaluation did not finish within {EVAL_TIMEOUT:g} s")
+                return None
+            ref, self.eval_ref = self.eval_ref, None
+            try:
+                result = ray.get(ref)
+                self.eval_down = False
+                return result
+            except RayActorError as exc:
+                # Its process died: Ray restarts it (it holds nothing to restore) and the evaluation
+                # runs again. Calls fail while it restarts: its death is counted once.
+                if not self.eval_down:
+                    self.recovery.evaluator(f"process died: {type(exc).__name__}", self.env_steps())
+                    self.eval_down, self.eval_down_since = True, time.monotonic()
+                elif time.monotonic() - self.eval_down_since > RESTART_TIMEOUT:
+                    raise FleetError(f"eval actor did not come back within {RESTART_TIMEOUT:g} s") from None
+                else:
+                    time.sleep(0.2)
+                self.start_eval(self.eval_episodes)
+                if not wait:
+                    return None
+            except RayTaskError as exc:
+                raise FleetError(f"eval actor failed: {first_line(exc)}") from None
+        return None
