@@ -353,6 +353,7 @@ class FleetSupervisor:
                 if not self.eval_down:
                     self.recovery.evaluator(f"process died: {type(exc).__name__}", self.env_steps())
                     self.eval_down, self.eval_down_since = True, time.monotonic()
+                    self.eval_pid = None  # the restarted process's pid is not a second death
                 elif time.monotonic() - self.eval_down_since > RESTART_TIMEOUT:
                     raise FleetError(f"eval actor did not come back within {RESTART_TIMEOUT:g} s") from None
                 else:
