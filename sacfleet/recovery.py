@@ -16,7 +16,9 @@ from sacfleet.checkpointing import FleetCheckpointer
 from sacfleet.supervisor import FleetError, first_line
 
 RESTART_TIMEOUT = 120.0
-INCIDENT_S = 30.0  # failures noticed this soon after an incident's first are part of it (a lost node)
+# A failure noticed this soon after the previous one was noticed or recovered is part of it: a lost
+# node's processes are noticed one poll apart, each after the previous one's recovery.
+INCIDENT_S = 5.0
 DEAD_FOR_S = 5.0  # Ray may call a restarting actor dead for a moment (a lost node); this long, it is
 
 
@@ -41,7 +43,7 @@ class FleetRecovery:
         self.events: list[Recovery] = []
         # Events saved before incidents were recorded count one each.
         self.incidents = len({e.get("incident", -1 - i) for i, e in enumerate(self.earlier)})
-        self.incident_started: float | None = None
+        self.incident_last: float | None = None  # when the current incident last saw a failure or recovery
 
     @property
     def failures(self) -> int:
@@ -71,7 +73,7 @@ class FleetRecovery:
         stats = self.checkpointer.restore_shard(index, handle)
         event = Recovery(what, cause, env_steps, time.monotonic() - t0,
                          lost_transitions=max(0, last_inserts - stats["inserts"]), incident=self.incidents)
-        self.events.append(event)
+        self._record(event)
         self.echo(f"{what} recovered in {event.seconds:.1f}s holding {stats['size']:,} transitions; lost "
                   f"{event.lost_transitions:,} inserted after its last snapshot")
         return event, stats
@@ -96,7 +98,7 @@ class FleetRecovery:
             raise FleetError(f"the restarted learner failed while restoring: {first_line(exc)}") from None
         event = Recovery("learner", cause, env_steps, time.monotonic() - t0,
                          lost_updates=max(0, last_updates - updates), incident=self.incidents)
-        self.events.append(event)
+        self._record(event)
         self.echo(f"learner recovered in {event.seconds:.1f}s at {updates:,} updates; lost "
                   f"{event.lost_updates:,} updates made after the last checkpoint")
         return event, updates
@@ -105,7 +107,7 @@ class FleetRecovery:
         """The eval actor died (it holds no state): Ray restarts it, and an evaluation it was running
         is asked again."""
         self._count("eval actor", cause)
-        self.events.append(Recovery("eval actor", cause, env_steps, 0.0, incident=self.incidents))
+        self._record(Recovery("eval actor", cause, env_steps, 0.0, incident=self.incidents))
         then = ("Ray restarts it and the evaluation runs again" if evaluating
                 else "it was between evaluations: Ray restarted it and nothing was lost")
         self.echo(f"eval actor failed ({cause}); {then} ({self._budget()})")
@@ -113,14 +115,17 @@ class FleetRecovery:
     def _count(self, what: str, cause: str) -> None:
         """Open a new incident unless this failure belongs to the current one; past the limit, stop."""
         now = time.monotonic()
-        if self.incident_started is not None and now - self.incident_started <= INCIDENT_S:
-            return
-        limit = self.cfg.train.max_failures
-        if self.failures >= limit:
-            raise FleetError(f"{what} failed ({cause}) after the fleet had recovered from {self.failures} "
-                             f"failures (train.max_failures={limit})")
-        self.incidents += 1
-        self.incident_started = now
+        if self.incident_last is None or now - self.incident_last > INCIDENT_S:
+            limit = self.cfg.train.max_failures
+            if self.failures >= limit:
+                raise FleetError(f"{what} failed ({cause}) after the fleet had recovered from {self.failures} "
+                                 f"failures (train.max_failures={limit})")
+            self.incidents += 1
+        self.incident_last = now
+
+    def _record(self, event: Recovery) -> None:
+        self.events.append(event)
+        self.incident_last = time.monotonic()
 
     def _budget(self) -> str:
         return f"failure {self.failures}/{self.cfg.train.max_failures}"
