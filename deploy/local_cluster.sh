@@ -45,14 +45,24 @@ export RAY_AUTH_MODE=token  # see `start`
 state="/tmp/sfc-$port"
 address="127.0.0.1:$port"
 
-node_pids() {  # every process of this cluster: its command lines name our temp dir
-  pgrep -f -- "$state/" || true
-}
-
 tree() {  # $1 and all its descendants
   local pid="$1" child
   echo "$pid"
   for child in $(pgrep -P "$pid" || true); do tree "$child"; done
+}
+
+node_pids() {  # every process of this cluster
+  # Ray's daemons name our temp dir on their command lines; the head's client server names the port;
+  # the dashboard and runtime-env agents retitle themselves (ray::DashboardAgent), but are children
+  # of a raylet.
+  local roots pid
+  roots="$( { pgrep -f -- "$state/"; pgrep -f -- "ray\.util\.client\.server --address=[^ ]*:$port( |$)"; } || true)"
+  for pid in $roots; do tree "$pid"; done | sort -un
+}
+
+alive() {  # those of the pids given that still run
+  local pid
+  for pid in "$@"; do kill -0 "$pid" 2>/dev/null && echo "$pid"; done || true
 }
 
 start_node() {  # $1: node number (0 is the head)
@@ -105,11 +115,12 @@ case "$command" in
   stop)
     pids="$(node_pids)"
     if [[ -z "$pids" ]]; then echo "no local cluster on port $port"; exit 0; fi
-    # SIGTERM lets the raylets take their workers down; anything left gets SIGKILL.
+    # SIGTERM lets the raylets take their workers down; anything left gets SIGKILL. The list is
+    # taken first: once a raylet is gone its agents are orphans that no longer look like ours.
     kill $pids 2>/dev/null || true
-    for _ in $(seq 50); do [[ -z "$(node_pids)" ]] && break; sleep 0.2; done
-    pids="$(node_pids)"
-    [[ -n "$pids" ]] && kill -9 $pids 2>/dev/null || true
+    for _ in $(seq 50); do [[ -z "$(alive $pids)$(node_pids)" ]] && break; sleep 0.2; done
+    pids="$(alive $pids) $(node_pids)"
+    [[ -n "${pids// /}" ]] && kill -9 $pids 2>/dev/null || true
     rm -rf "$state" "$state.log"
     echo "stopped the local cluster on port $port"
     ;;

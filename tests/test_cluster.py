@@ -75,13 +75,34 @@ def test_train_joins_a_two_node_cluster_and_leaves_it_running(local_cluster, tmp
     assert (free, total) == (2.0, 2.0), out.stdout + out.stderr
 
 
+def cluster_processes(port: int) -> dict[int, str]:
+    """pid -> command line of every process of the cluster on `port`: Ray's daemons (their command
+    lines name its temp dir), the head's client server (it names the port), and their descendants,
+    among them the dashboard and runtime-env agents, which retitle themselves."""
+    roots = [pid for pid in (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
+             if f"/tmp/sfc-{port}/" in _cmdline(pid)
+             or ("ray.util.client.server" in _cmdline(pid) and f":{port} " in _cmdline(pid) + " ")]
+    tree, stack, found = _children(), roots, {}
+    while stack:
+        pid = stack.pop()
+        if pid not in found:
+            found[pid] = _cmdline(pid)
+            stack.extend(tree.get(pid, []))
+    return found
+
+
 def test_cluster_script_stops_only_its_own_cluster(local_cluster):
     port = local_cluster
     other = cluster("status", port=free_port())
     assert other.returncode == 1 and "no local cluster" in other.stdout
+    before = cluster_processes(port)
+    titles = " ".join(before.values())
+    assert "ray::DashboardAgent" in titles and "ray.util.client.server" in titles and "raylet" in titles, titles
     stopped = cluster("stop", port=port)
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
-    assert subprocess.run(["pgrep", "-f", f"/tmp/sfc-{port}/"], capture_output=True).returncode == 1
+    left = {pid: cmdline for pid, cmdline in before.items() if Path(f"/proc/{pid}").exists()
+            and _cmdline(pid) == cmdline}  # a reused pid is not a leftover
+    assert left == {}, left
     assert cluster("status", port=port).returncode == 1
 
 
