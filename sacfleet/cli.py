@@ -55,9 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     chaos = sub.add_parser("chaos", help="a run during which a random fleet process is SIGKILLed every N seconds; "
                                          "checks that it finishes and counts every failure")
     chaos.add_argument("--every", type=float, default=15.0, help="seconds between kills (default 15)")
-    chaos.add_argument("--targets", type=lambda s: s.split(","), default=["EnvActor", "ReplayShard", "LearnerService"],
-                       metavar="CLASS,...", help="Ray actor classes to kill (default EnvActor,ReplayShard,"
-                                                 "LearnerService; EvalActor too)")
+    chaos.add_argument("--targets", type=lambda s: s.split(","),
+                       default=["EnvActor", "ReplayShard", "LearnerService", "EvalActor"], metavar="CLASS,...",
+                       help="Ray actor classes to kill (default all: EnvActor,ReplayShard,LearnerService,EvalActor)")
     chaos.add_argument("--seed", type=int, default=0, help="picks the victims (default 0)")
     soak = sub.add_parser("soak", help="a long run at full load sampling the memory of every process")
     soak.add_argument("--minutes", type=float, default=60.0, help="run length (default 60)")
