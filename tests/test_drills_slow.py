@@ -15,9 +15,10 @@ def drill(*args: str, timeout: float) -> subprocess.CompletedProcess:
 
 
 def test_chaos_run_finishes_learns_and_counts_every_kill(tmp_path):
-    """A random env actor, replay shard or learner SIGKILLed every 6 s. Measured on seeds 0 to 4:
-    all finished with exact counts; returns -5.7, -6.7, -5.2, -390,577 (seed 3: four learner kills,
-    the first before any checkpoint held an update), -6.4. Seed 0 is asserted."""
+    """A random env actor, replay shard, learner or eval actor SIGKILLed every 6 s. Seed 0 (7 kills:
+    4 env actors, 2 shards, 1 eval actor) finished with exact counts and returned -5.1. Without the
+    eval actor, seeds 0 to 4 all finished with exact counts; returns -5.7, -6.7, -5.2, -390,577
+    (seed 3: four learner kills, and the run diverged), -6.4. Seed 0 is asserted."""
     run_dir = tmp_path / "chaos"
     done = drill("chaos", "--every", "6", "--seed", "0", "--set", "checkpoint.interval_s=10",
                  "--run-dir", str(run_dir), timeout=900)
