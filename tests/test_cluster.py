@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from sacfleet.common.reaper import children_by_parent
 from sacfleet.drills import actor_title
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +83,7 @@ def cluster_processes(port: int) -> dict[int, str]:
     roots = [pid for pid in (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
              if f"/tmp/sfc-{port}/" in _cmdline(pid)
              or ("ray.util.client.server" in _cmdline(pid) and f":{port} " in _cmdline(pid) + " ")]
-    tree, stack, found = _children(), roots, {}
+    tree, stack, found = children_by_parent(), roots, {}
     while stack:
         pid = stack.pop()
         if pid not in found:
@@ -106,25 +107,13 @@ def test_cluster_script_stops_only_its_own_cluster(local_cluster):
     assert cluster("status", port=port).returncode == 1
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            tree.setdefault(ppid, []).append(int(proc.name))
-    return tree
-
-
 def fleet_processes_of_node(port: int, node: int) -> list[str]:
     """Titles (ray::EnvActor, ...) of the fleet's actor processes on worker node `node` of the cluster."""
     flag = f"--node_manager_port={port + 100 + 10 * node + 4}"
     raylets = [pid for pid in (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
                if "/raylet " in _cmdline(pid) and flag in _cmdline(pid).split()]
     assert len(raylets) == 1, f"worker node {node}'s raylet not found"
-    tree, stack, titles = _children(), list(raylets), []
+    tree, stack, titles = children_by_parent(), list(raylets), []
     while stack:
         pid = stack.pop()
         stack.extend(tree.get(pid, []))

@@ -106,8 +106,9 @@ class TrainConfig:
     max_wall_seconds: float | None = _key(None, gt=0)
     log_interval: int = _key(2_000, ge=1, doc="env steps between progress lines and metric records")
     max_failures: int = _key(3, ge=0, doc="replay shard, learner and eval actor failures (a crash, a killed "
-                             "process, a lost node: processes found dead one after another count once) the fleet recovers from "
-                             "in place before the run stops with the cause; env actors have actors.max_restarts")
+                             "process, a lost node: processes found dead one after another count once) the fleet "
+                             "recovers from in place before the run stops with the cause; env actors have "
+                             "actors.max_restarts")
 
 
 @dataclass

@@ -82,8 +82,8 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
-def descendants(root: int) -> dict[int, str]:
-    """{pid: start time} of every live descendant of `root`."""
+def children_by_parent() -> dict[int, list[int]]:
+    """{parent pid: [child pids]} of every live process."""
     children: dict[int, list[int]] = {}
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -92,6 +92,12 @@ def descendants(root: int) -> dict[int, str]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(proc.name))
+    return children
+
+
+def descendants(root: int) -> dict[int, str]:
+    """{pid: start time} of every live descendant of `root`."""
+    children = children_by_parent()
     found, stack = {}, list(children.get(root, []))
     while stack:
         pid = stack.pop()
