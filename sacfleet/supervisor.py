@@ -174,6 +174,8 @@ class FleetSupervisor:
             if not self.eval_down:
                 self.recovery.evaluator(answer.cause, self.env_steps(), evaluating=False)
                 self.eval_down, self.eval_down_since = True, time.monotonic()
+            elif time.monotonic() - self.eval_down_since > RESTART_TIMEOUT:
+                raise FleetError(f"eval actor did not come back within {RESTART_TIMEOUT:g} s")
         elif answer is not None:
             if not self.eval_down and self.eval_pid is not None and answer != self.eval_pid:
                 self.recovery.evaluator("process died: Ray restarted it", self.env_steps(), evaluating=False)
