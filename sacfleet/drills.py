@@ -38,7 +38,8 @@ def actor_title(title: str) -> str:
     return "ray::" + bare.rsplit(":", 1)[-1].split(".")[0]
 
 
-def _kind(cmdline: list[str]) -> str:
+def process_kind(cmdline: list[str]) -> str:
+    """What a process of a run is, from its command line: `ray::<Class>`, raylet, driver, ..."""
     if not cmdline:
         return "?"
     head = cmdline[0]
@@ -87,7 +88,7 @@ class ChildRun:
             try:
                 if self.marker in (proc / "environ").read_bytes().split(b"\0"):
                     cmdline = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
-                    found.append(Proc(int(proc.name), _kind([c for c in cmdline if c])))
+                    found.append(Proc(int(proc.name), process_kind([c for c in cmdline if c])))
             except OSError:
                 continue
         return found

@@ -26,9 +26,8 @@ from sacfleet.replay_server.shard import ReplayShard
 from sacfleet.supervisor import ActorSlot, FleetError, first_line
 
 # The fleet's actors make thousands of calls a minute (inserts, samples, weight polls). Ray reports
-# every one to the GCS as a task event, kept there for the dashboard's task list: over an hour the
-# GCS grew from 156 to 390 MB and the learner, which buffers the events of its sample calls, 24%.
-# Ray Serve turns them off on its actors for the same reason.
+# every one to the GCS as a task event, kept there for the dashboard's task list: in a 30-minute
+# soak the GCS grew from 156 to 390 MB. Ray Serve turns them off on its actors for the same reason.
 QUIET = {"enable_task_events": False}
 
 # ----------------------------------------------------------------------------------- resources

@@ -171,15 +171,20 @@ class FleetSupervisor:
             return  # its one thread runs evaluate(); a pid call would wait behind it
         answer = self._answer("evaluator", "eval actor", self.fleet.evaluator.pid.remote, wait=False)
         if isinstance(answer, Lost):
-            if not self.eval_down:
-                self.recovery.evaluator(answer.cause, self.env_steps(), evaluating=False)
-                self.eval_down, self.eval_down_since = True, time.monotonic()
-            elif time.monotonic() - self.eval_down_since > RESTART_TIMEOUT:
-                raise FleetError(f"eval actor did not come back within {RESTART_TIMEOUT:g} s")
+            self._eval_lost(answer.cause, evaluating=False)
         elif answer is not None:
             if not self.eval_down and self.eval_pid is not None and answer != self.eval_pid:
                 self.recovery.evaluator("process died: Ray restarted it", self.env_steps(), evaluating=False)
             self.eval_pid, self.eval_down = answer, False
+
+    def _eval_lost(self, cause: str, evaluating: bool) -> None:
+        """A call to the eval actor failed because its process died. Calls fail until Ray has it
+        running again: the death is counted once, and the pid it answers next is not a second one."""
+        if not self.eval_down:
+            self.recovery.evaluator(cause, self.env_steps(), evaluating)
+            self.eval_down, self.eval_down_since, self.eval_pid = True, time.monotonic(), None
+        elif time.monotonic() - self.eval_down_since > RESTART_TIMEOUT:
+            raise FleetError(f"eval actor did not come back within {RESTART_TIMEOUT:g} s")
 
     def _recover_learner(self, cause: str) -> None:
         self.pending.pop("learner", None)
@@ -350,16 +355,9 @@ class FleetSupervisor:
                 self.eval_down = False
                 return result
             except RayActorError as exc:
-                # Its process died: Ray restarts it (it holds nothing to restore) and the evaluation
-                # runs again. Calls fail while it restarts: its death is counted once.
-                if not self.eval_down:
-                    self.recovery.evaluator(f"process died: {type(exc).__name__}", self.env_steps())
-                    self.eval_down, self.eval_down_since = True, time.monotonic()
-                    self.eval_pid = None  # the restarted process's pid is not a second death
-                elif time.monotonic() - self.eval_down_since > RESTART_TIMEOUT:
-                    raise FleetError(f"eval actor did not come back within {RESTART_TIMEOUT:g} s") from None
-                else:
-                    time.sleep(0.2)
+                # Its process died: Ray restarts it (it holds nothing to restore) and the evaluation runs again.
+                self._eval_lost(f"process died: {type(exc).__name__}", evaluating=True)
+                time.sleep(0.2)  # calls fail at once while it restarts
                 self.start_eval(self.eval_episodes)
                 if not wait:
                     return None

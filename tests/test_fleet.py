@@ -13,6 +13,7 @@ import torch
 
 from sacfleet.common.codec import CodecError, encode_chunk
 from sacfleet.common.config import load_config
+from sacfleet.common.reaper import children_by_parent
 from sacfleet.common.envs import describe_env
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.drills import actor_title
@@ -115,15 +116,7 @@ def _ray_worker_pids(name: str, running: str = "") -> list[int]:
     """Pids of this test session's Ray workers (descendants of this process, whose Ray it is) whose
     process title is `ray::<name>...` (and shows it running method `running`, if given); another Ray
     on the machine is left alone."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
+    children = children_by_parent()
     pids, stack = [], list(children.get(os.getpid(), []))
     while stack:
         pid = stack.pop()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from sacfleet.drills import actor_title
+from sacfleet.drills import process_kind
 from sacfleet.learner.checkpoint import load_checkpoint
 
 
@@ -24,16 +24,9 @@ def processes_of(marker: str) -> list[str]:
     return [cmdline for _, cmdline in pids_of(marker)]
 
 
-def _kind(cmdline: str) -> str:
-    """`ray::<ActorClass>` for an actor process, else the executable's name (raylet, gcs_server, python)."""
-    if cmdline.startswith("ray::"):
-        return actor_title(cmdline)
-    return Path(cmdline.split()[0]).name if cmdline.strip() else "?"
-
-
 def pids_of(marker: str, title: str = "") -> list[tuple[int, str]]:
     """(pid, command line) of live processes whose environment holds `marker` and whose kind is `title`
-    (`ray::<ActorClass>` for an actor, whatever method or name its process title shows; see `_kind`)."""
+    (`ray::<ActorClass>` for an actor, whatever method or name its process title shows; see `drills.process_kind`)."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
@@ -41,7 +34,7 @@ def pids_of(marker: str, title: str = "") -> list[tuple[int, str]]:
         try:
             if marker.encode() in (proc / "environ").read_bytes():
                 cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                if not title or _kind(cmdline) == title:
+                if not title or process_kind(cmdline.split()) == title:
                     found.append((int(proc.name), cmdline))
         except OSError:  # gone, or not ours
             continue
@@ -181,7 +174,7 @@ def test_driver_killed_with_sigkill_leaves_no_process_behind(tmp_path, ray_tmp):
                     "--num-cpus", "2", "--run-dir", str(tmp_path / "run"), ray_tmp=ray_tmp)
     lines = Lines(proc)
     lines.wait_for(lambda line: line.startswith("steps") and "updates         0 " not in line, timeout=180)
-    kinds = {_kind(cmdline) for _, cmdline in pids_of(f"RAY_TMPDIR={ray_tmp}")}
+    kinds = {process_kind(cmdline.split()) for _, cmdline in pids_of(f"RAY_TMPDIR={ray_tmp}")}
     assert {"ray::LearnerService", "ray::ReplayShard", "ray::EnvActor", "raylet", "gcs_server"} <= kinds, kinds
     os.kill(proc.pid, signal.SIGKILL)  # the driver alone, as the OOM killer or `kill -9` would
     proc.wait(timeout=10)
