@@ -27,14 +27,15 @@ from sacfleet.common.config import Config, save_config, to_dict
 from sacfleet.common.envs import EnvInfo, check_env_config, describe_env
 from sacfleet.common.plots import write_plots
 from sacfleet.common.rundir import check_run_dir, echo_flush
-from sacfleet.fleet import Fleet, Resources, connect, plan_resources
+from sacfleet.fleet import Fleet, connect
 from sacfleet.learner.checkpoint import kept_checkpoint_note
+from sacfleet.placement import Resources, cluster_nodes, describe, plan_fleet
 from sacfleet.recovery import FleetRecovery
 from sacfleet.report import Point, Reporter, her_values, success_note
 from sacfleet.resume import ResumePoint, load_resume
 from sacfleet.supervisor import FleetDiverged, FleetError, FleetSupervisor
 
-__all__ = ["FleetError", "Resources", "connect", "plan_resources", "train_fleet"]
+__all__ = ["FleetError", "Resources", "connect", "plan_fleet", "train_fleet"]
 
 POLL_SECONDS = 0.5
 SAVE_ON_FAILURE_TIMEOUT = 30.0  # a failing run's last checkpoint waits this long for each component
@@ -64,6 +65,7 @@ class FleetRun:
         self.supervisor = FleetSupervisor(cfg, fleet, echo, self.reporter.episodes, self.recovery,
                                           lambda: self.env_steps, restarts_before=resume.restarts if resume else 0)
         self.eval_at: tuple[int, float] | None = None
+        self.placement: list[dict] = []  # each node and the parts running there, as the fleet started
         self.reported_lost_updates = 0
 
     @property
@@ -172,7 +174,7 @@ def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resum
     started_ray = connect(address, num_cpus, dashboard)
     fleet = None
     try:
-        res = plan_resources(cfg, ray.cluster_resources())
+        res, placement = plan_fleet(cfg, cluster_nodes())
         echo(f"sacfleet: {cfg.env.id} obs_dim={env_info.obs_dim} act_dim={env_info.act_dim} | "
              f"{cfg.actors.num} actors x {cfg.actors.envs_per_actor} envs ({res.actor_cpus:g} CPU each), "
              f"{cfg.replay.num_shards} shards, learner {res.learner_cpus:g} CPU"
@@ -186,8 +188,10 @@ def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resum
                 echo(f"resume applies: {'; '.join(point.applied)}")
         learner_state = point.learner_state if point else None
         checkpointer = FleetCheckpointer(cfg, run_dir / "checkpoints", point.replay if point else None, learner_state)
-        fleet = Fleet(cfg, env_info, res, checkpointer, learner_state, faults, point.session if point else 0)
+        fleet = Fleet(cfg, env_info, res, placement, checkpointer, learner_state, faults, point.session if point else 0)
         run = FleetRun(cfg, run_dir, fleet, env_info, res, point, checkpointer, echo, start)
+        run.placement = fleet.where()
+        echo(f"placement: {describe(run.placement)}")
         try:
             return _supervise(run)
         except FleetDiverged as exc:
@@ -290,6 +294,7 @@ def _finish(run: FleetRun, stop_reason: str, restored: int) -> dict:
         "actors": {"num": cfg.actors.num, "envs_per_actor": cfg.actors.envs_per_actor, "restarts": sup.restarts},
         "recovery": run.recovery.totals(),
         "resources": asdict(run.res),
+        "placement": run.placement,
         "learner_device": fleet.device,
         "config": to_dict(cfg),
         "python": sys.version.split()[0],

@@ -45,6 +45,7 @@ class ActorSlot:
     """Supervision state of one env actor."""
 
     handle: object
+    index: int = 0  # the actor's number: its env seeds, its first shard, its name in messages
     run_ref: object = None
     restarts: int = 0
     restarting_since: float | None = None
@@ -241,7 +242,8 @@ class FleetSupervisor:
         if self.stopping:  # actors return from run() on purpose now
             return
         max_restarts = self.cfg.actors.max_restarts
-        for i, slot in enumerate(self.fleet.actors):
+        for slot in self.fleet.actors:
+            i = slot.index
             if slot.restarting_since is not None:
                 self._finish_restart(i, slot)
                 continue
@@ -315,7 +317,8 @@ class FleetSupervisor:
             slot.handle.stop.remote()
         ray.wait([slot.run_ref for slot in self.fleet.actors], num_returns=len(self.fleet.actors), timeout=timeout)
         # One that died as the fleet stopped is counted too (it is not restarted).
-        for i, slot in enumerate(self.fleet.actors):
+        for slot in self.fleet.actors:
+            i = slot.index
             if slot.restarting_since is not None:
                 continue  # its failure was counted when it happened
             ready, _ = ray.wait([slot.run_ref], timeout=0)

@@ -1,5 +1,6 @@
-"""`--address`: a run joins a real two-node Ray cluster started by deploy/local_cluster.sh, leaves
-the cluster running and holding none of its actors, and the script stops only that cluster."""
+"""`--address`: a run joins a real three-node Ray cluster started by deploy/local_cluster.sh, spreads
+its parts over the nodes as planned per node, leaves the cluster running and holding none of its
+actors, and the script stops only that cluster."""
 
 import json
 import os
@@ -34,7 +35,7 @@ def cluster(*args, port):
 @pytest.fixture
 def local_cluster():
     port = free_port()
-    started = cluster("start", "--workers", "1", "--cpus-per-node", "1", port=port)
+    started = cluster("start", "--workers", "2", "--cpus-per-node", "1", port=port)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         yield port
@@ -42,11 +43,11 @@ def local_cluster():
         cluster("stop", port=port)
 
 
-def test_train_joins_a_two_node_cluster_and_leaves_it_running(local_cluster, tmp_path):
+def test_train_spreads_over_a_three_node_cluster_and_leaves_it_running(local_cluster, tmp_path):
     port = local_cluster
     address = f"127.0.0.1:{port}"
     status = cluster("status", port=port)
-    assert status.returncode == 0 and status.stdout.count("node_") >= 2, status.stdout + status.stderr
+    assert status.returncode == 0 and status.stdout.count("node_") >= 3, status.stdout + status.stderr
 
     run_dir = tmp_path / "run"
     proc = subprocess.run(
@@ -54,13 +55,24 @@ def test_train_joins_a_two_node_cluster_and_leaves_it_running(local_cluster, tmp
          "--run-dir", str(run_dir), "--set", "train.total_env_steps=1500", "--set", "train.learning_starts=400",
          "--set", "learner.hidden_sizes=[32, 32]", "--set", "learner.batch_size=64",
          "--set", "replay.samples_per_insert=64", "--set", "eval.interval=0", "--set", "eval.final_episodes=2",
-         "--set", "replay.num_shards=2"],
+         "--set", "replay.num_shards=2", "--set", "actors.num=3"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"(joined {address})" in proc.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["env_steps"] >= 1500 and summary["updates"] > 0
-    assert summary["resources"]["cluster_cpus"] == 2.0  # head + worker, one CPU each
+    assert summary["resources"]["cluster_cpus"] == 3.0  # head + 2 workers, one CPU each
+    # Planned per node (three 1-CPU nodes): the learner fills one; the shards and the three actors
+    # are spread over the other two; the placement is printed at start and kept in the summary.
+    placement = {row["node"]: row["parts"] for row in summary["placement"]}
+    assert len(placement) == 3 and sorted(p for parts in placement.values() for p in parts) == sorted(
+        ["learner", "eval", "shard 0", "shard 1", "actor 0", "actor 1", "actor 2"]), placement
+    learner_node = next(node for node, parts in placement.items() if "learner" in parts)
+    assert placement[learner_node] == ["learner"]
+    assert len({node for node, parts in placement.items() for p in parts if p.startswith("shard")}) == 2
+    assert len({node for node, parts in placement.items() for p in parts if p.startswith("actor")}) == 2
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("placement: "))
+    assert line.count(" CPU") == 3 and "learner" in line and "actors " in line, line
 
     # The cluster outlives the run, with every CPU free again: the run's actors are gone.
     probe = ("import ray, time; ray.init(address='%s'); time.sleep(2); "
@@ -73,7 +85,7 @@ def test_train_joins_a_two_node_cluster_and_leaves_it_running(local_cluster, tmp
         if free == total or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert (free, total) == (2.0, 2.0), out.stdout + out.stderr
+    assert (free, total) == (3.0, 3.0), out.stdout + out.stderr
 
 
 def cluster_processes(port: int) -> dict[int, str]:

@@ -18,7 +18,7 @@ from sacfleet.common.envs import describe_env
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.drills import actor_title
 from sacfleet.inline import seed_everything
-from sacfleet.launch import FleetError, plan_resources, train_fleet
+from sacfleet.launch import FleetError, train_fleet
 from sacfleet.learner.checkpoint import load_checkpoint
 from sacfleet.learner.sac import SACLearner
 from sacfleet.learner.service import LearnerService
@@ -339,19 +339,6 @@ def shard_contents(shard) -> tuple:
     segments = ray.get([shard.snapshot_segment.remote(j) for j in range(start["num_segments"])])
     ray.get(shard.snapshot_end.remote())
     return start["header"], segments
-
-
-def test_resources_fit_two_cpus_for_any_actor_count():
-    for actors in (1, 2, 3, 8, 64):
-        cfg = load_config("pointmass", [f"actors.num={actors}", "replay.num_shards=2"])
-        res = plan_resources(cfg, {"CPU": 2.0})
-        used = res.learner_cpus + 2 * res.shard_cpus + res.eval_cpus + actors * res.actor_cpus
-        assert used <= 2.0 + 1e-9 and res.actor_cpus > 0
-        assert res.learner_gpus == 0 and res.learner_threads == 1
-    gpu = plan_resources(load_config("pointmass"), {"CPU": 16.0, "GPU": 1.0})
-    assert gpu.learner_gpus == 1
-    with pytest.raises(FleetError, match="learner.device=cuda, but the Ray cluster has no GPU"):
-        plan_resources(load_config("pointmass", ["learner.device=cuda"]), {"CPU": 2.0})
 
 
 def _initial_learner_state(seed: int, session: int = 0) -> dict:

@@ -21,7 +21,7 @@ from sacfleet.actors.evaluate import evaluate
 from sacfleet.actors.rollout import RANDOM_POLICY_VERSION, Rollout
 from sacfleet.common.codec import decode_weights, encode_chunk
 from sacfleet.common.config import Config
-from sacfleet.common.process import peer_handles
+from sacfleet.common.process import peer_handles, this_node
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.learner.networks import Actor
 from sacfleet.learner.service import InjectedFault
@@ -133,6 +133,9 @@ class EnvActor:
     def ping(self) -> bool:
         return True
 
+    def node(self) -> str:
+        return this_node()
+
 
 class EvalActor:
     def __init__(self, cfg: Config, env_info, peers: Mapping):
@@ -158,6 +161,9 @@ class EvalActor:
 
     def ping(self) -> bool:
         return True
+
+    def node(self) -> str:
+        return this_node()
 
     def pid(self) -> int:
         """Which process this is: the driver notices a restart that happened between evaluations."""

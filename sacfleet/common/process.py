@@ -26,3 +26,13 @@ def peer_handles(peers: dict) -> dict:
 
     return {"shards": [ray.get_actor(name) for name in peers.get("shards", [])],
             "learner": ray.get_actor(peers["learner"]) if peers.get("learner") else None}
+
+
+def this_node() -> str:
+    """The Ray node id of this process ("" outside Ray): where a part of the fleet really runs."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:
+        return ""

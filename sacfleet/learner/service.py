@@ -14,7 +14,7 @@ import torch
 
 from sacfleet.common.codec import encode_weights
 from sacfleet.common.config import Config
-from sacfleet.common.process import peer_handles, restarted_by_ray
+from sacfleet.common.process import peer_handles, restarted_by_ray, this_node
 from sacfleet.learner.prefetch import Prefetcher
 from sacfleet.learner.sac import LearnerDiverged, SACLearner, resolve_device
 from sacfleet.replay_server.client import SampleClient
@@ -166,3 +166,6 @@ class LearnerService:
 
     def ping(self) -> bool:
         return True
+
+    def node(self) -> str:
+        return this_node()

@@ -14,7 +14,7 @@ import numpy as np
 
 from sacfleet.common.codec import decode_chunk
 from sacfleet.common.config import Config
-from sacfleet.common.process import restarted_by_ray
+from sacfleet.common.process import restarted_by_ray, this_node
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.replay_server.her import env_reward_function
 from sacfleet.replay_server.rate_limiter import RateLimiter, Verdict
@@ -168,3 +168,6 @@ class ReplayShard:
 
     def ping(self) -> bool:
         return True
+
+    def node(self) -> str:
+        return this_node()
