@@ -1,4 +1,4 @@
-"""Command line: `sacfleet train`, `sacfleet eval` and `sacfleet bench`."""
+"""Command line: `sacfleet train`, `eval`, `bench`, `scale` (a live run's actor count), `chaos` and `soak`."""
 
 from __future__ import annotations
 
@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
                            help="override a config key of the run (repeatable)")
         drill.add_argument("--run-dir", type=Path, help="the run's directory; default runs/<drill>-<time>")
         drill.add_argument("--num-cpus", type=int, help="CPUs of the run's embedded Ray")
+
+    scale = sub.add_parser("scale", help="change the number of env actors of a live fleet run")
+    scale.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run's directory (its --run-dir)")
+    scale.add_argument("--actors", type=int, required=True, help="env actors the fleet should have")
+    scale.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the driver's answer "
+                                                                    "(default 180)")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint with deterministic actions")
     ev.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file or run directory")
@@ -221,6 +227,18 @@ def _eval(args) -> int:
     return 0
 
 
+def _scale(args) -> int:
+    from sacfleet.scaling import ScaleRefused, request_scale
+
+    try:
+        reply = request_scale(args.run_dir, args.actors, args.timeout)
+    except ScaleRefused as exc:
+        print(f"sacfleet scale: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"sacfleet scale: {reply['message']}", flush=True)
+    return 0
+
+
 def _drill(args) -> int:
     from sacfleet import drills
 
@@ -259,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args)
     if args.command in ("chaos", "soak"):
         return _drill(args)
+    if args.command == "scale":
+        return _scale(args)
     from sacfleet.common.config import ConfigError
     from sacfleet.common.rundir import RunDirInUse
     from sacfleet.learner.checkpoint import CheckpointError

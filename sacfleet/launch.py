@@ -33,6 +33,7 @@ from sacfleet.placement import Resources, cluster_nodes, describe, plan_fleet
 from sacfleet.recovery import FleetRecovery
 from sacfleet.report import Point, Reporter, her_values, success_note
 from sacfleet.resume import ResumePoint, load_resume
+from sacfleet.scaling import Scaler
 from sacfleet.supervisor import FleetDiverged, FleetError, FleetSupervisor
 
 __all__ = ["FleetError", "Resources", "connect", "plan_fleet", "train_fleet"]
@@ -64,6 +65,7 @@ class FleetRun:
         self.recovery = FleetRecovery(cfg, fleet, checkpointer, echo, resume.recoveries if resume else None)
         self.supervisor = FleetSupervisor(cfg, fleet, echo, self.reporter.episodes, self.recovery,
                                           lambda: self.env_steps, restarts_before=resume.restarts if resume else 0)
+        self.scaler = Scaler(run_dir, fleet, self.supervisor, echo, lambda: self.env_steps, lambda: self.wall)
         self.eval_at: tuple[int, float] | None = None
         self.placement: list[dict] = []  # each node and the parts running there, as the fleet started
         self.reported_lost_updates = 0
@@ -101,7 +103,8 @@ class FleetRun:
         values = {**sup.learner_status.get("metrics", {}),
                   "replay/size": sum(s["size"] for s in sup.shard_stats),
                   "replay/samples_per_insert": sup.replay_ratio(), "learner/policy_lag": lag,
-                  "actors/restarts": sup.restarts, "fleet/recoveries": recovery["recoveries"],
+                  "actors/restarts": sup.restarts, "fleet/actors": len(self.fleet.actors),
+                  "fleet/recoveries": recovery["recoveries"],
                   "fleet/lost_transitions": recovery["lost_transitions"],
                   "fleet/lost_updates": recovery["lost_updates"], **sup.stall_values(), **her_values(sup.shard_stats)}
         starved = sup.learner_status.get("starved_reason")
@@ -172,7 +175,7 @@ def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resum
     save_config(cfg, run_dir / "config.yaml")
 
     started_ray = connect(address, num_cpus, dashboard)
-    fleet = None
+    fleet = run = None
     try:
         res, placement = plan_fleet(cfg, cluster_nodes())
         echo(f"sacfleet: {cfg.env.id} obs_dim={env_info.obs_dim} act_dim={env_info.act_dim} | "
@@ -202,6 +205,8 @@ def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resum
         except FleetError as exc:
             raise FleetError(f"{exc}; {run.save_on_failure()}") from None
     finally:
+        if run is not None:
+            run.scaler.close()
         if fleet is not None:
             fleet.kill()
         if started_ray:
@@ -223,6 +228,7 @@ def _supervise(run: FleetRun) -> dict:
         while True:
             time.sleep(POLL_SECONDS)
             sup.poll()
+            run.scaler.check()
             run.reporter.watch(run.point(), sup.stall_values())
             run.collect_eval()
             # At the last step the final evaluation stands in for a periodic one.
@@ -291,7 +297,8 @@ def _finish(run: FleetRun, stop_reason: str, restored: int) -> dict:
                    "error_buffer_per_shard": sup.shard_stats[0]["error_buffer"]},
         "policy_lag": {"mean": sum(lags) / len(lags) if lags else None, "last": lags[-1] if lags else None,
                        "unit": "learner updates between the policy that acted and the learner's current one"},
-        "actors": {"num": cfg.actors.num, "envs_per_actor": cfg.actors.envs_per_actor, "restarts": sup.restarts},
+        "actors": {"num": len(fleet.actors), "initial": cfg.actors.num, "envs_per_actor": cfg.actors.envs_per_actor,
+                   "restarts": sup.restarts, "scaling": run.scaler.changes},
         "recovery": run.recovery.totals(),
         "resources": asdict(run.res),
         "placement": run.placement,

@@ -153,12 +153,14 @@ def plan_fleet(cfg: Config, nodes: list[Node]) -> tuple[Resources, Placement]:
                              f"and shards: {placement.free_note()}")
 
     actors = cfg.actors.num
-    actor_cpus = cfg.actors.num_cpus or _largest_share(placement, actors, cap=1.0)
-    if actor_cpus < 1e-4 or placement.room_for(actor_cpus) < actors:
+    planned = max(actors, cfg.actors.max_num or 0)  # room is kept for scaling up to actors.max_num
+    actor_cpus = cfg.actors.num_cpus or _largest_share(placement, planned, cap=1.0)
+    if actor_cpus < 1e-4 or placement.room_for(actor_cpus) < planned:
         given = f"{actor_cpus:g} CPU each (actors.num_cpus)" if cfg.actors.num_cpus else "any CPU share"
-        raise PlacementError(f"{actors} env actors of {given} do not fit: CPUs free per node after the learner, "
-                             f"shards and eval actor: {placement.free_note()} (room for "
-                             f"{placement.room_for(actor_cpus) if actor_cpus >= 1e-4 else 0}); lower actors.num"
+        key = "actors.max_num" if planned > actors else "actors.num"
+        raise PlacementError(f"{planned} env actors ({key}) of {given} do not fit: CPUs free per node after the "
+                             f"learner, shards and eval actor: {placement.free_note()} (room for "
+                             f"{placement.room_for(actor_cpus) if actor_cpus >= 1e-4 else 0}); lower {key}"
                              f"{' or actors.num_cpus' if cfg.actors.num_cpus else ''}, or add nodes")
     for i in range(actors):
         placement.place(f"actor {i}", actor_cpus)

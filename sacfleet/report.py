@@ -61,6 +61,8 @@ class Reporter:
                   "actors/env_steps_per_s": fps, "learner/updates_per_s": (now.updates - last.updates) / span,
                   "replay/inserts_per_s": (now.inserts - last.inserts) / span,
                   "replay/samples_per_s": (now.samples - last.samples) / span}
+        if now.inserts > last.inserts and last.samples > 0:  # since the last record, once learning has started
+            record["replay/samples_per_insert_recent"] = (now.samples - last.samples) / (now.inserts - last.inserts)
         started = self.health.observe(now.env_steps, record)
         record.update(self.health.values())
         self.metrics.log(now.env_steps, now.wall, record)
@@ -86,6 +88,8 @@ class Reporter:
             parts.append(f"ratio {record['replay/samples_per_insert']:6.1f}")
         if "learner/policy_lag" in record:
             parts.append(f"lag {record['learner/policy_lag']:5.1f}")
+        if record.get("fleet/actors", self.cfg.actors.num) != self.cfg.actors.num:
+            parts.append(f"actors {record['fleet/actors']:.0f}")
         if record.get("actors/restarts"):
             parts.append(f"restarts {record['actors/restarts']:.0f}")
         if record.get("fleet/recoveries"):

@@ -87,6 +87,7 @@ class FleetSupervisor:
         self.eval_down = False  # its death was counted; calls fail until Ray has restarted it
         self.eval_down_since = 0.0
         self.pending: dict[str, tuple[object, float]] = {}  # call -> (refs in flight, when sent)
+        self.retired_seconds: dict[str, float] = {}  # stage seconds of actors a scale-down retired
 
     # -- what the fleet has done
 
@@ -125,7 +126,7 @@ class FleetSupervisor:
                 "learner/starved_s": self.learner_status.get("starved_seconds", 0.0)}
 
     def stage_seconds(self) -> dict[str, float]:
-        actors: dict[str, float] = {}
+        actors: dict[str, float] = dict(self.retired_seconds)
         for slot in self.fleet.actors:
             for key in set(slot.seconds) | set(slot.seconds_before):
                 actors[key] = actors.get(key, 0.0) + slot.seconds.get(key, 0.0) + slot.seconds_before.get(key, 0.0)
@@ -288,6 +289,22 @@ class FleetSupervisor:
                 return
         if time.monotonic() - slot.restarting_since > RESTART_TIMEOUT:
             raise FleetError(f"env actor {i} did not come back within {RESTART_TIMEOUT:g} s after: {slot.last_error}")
+
+    def retire(self, slot: ActorSlot) -> None:
+        """An actor leaves the fleet (a scale-down) after it stopped: its last statistics, restarts and
+        stage seconds stay in the run's totals."""
+        for ref in [slot.stats_ref, slot.handle.stats.remote()]:  # the one in flight holds episodes too
+            try:
+                if ref is not None:
+                    stats = ray.get(ref, timeout=10)
+                    self.episodes.extend(stats["episodes"])
+                    slot.seconds = stats["seconds"]
+            except (RayActorError, RayTaskError, GetTimeoutError):
+                pass
+        self._fold_seconds(slot)
+        for key, value in slot.seconds_before.items():
+            self.retired_seconds[key] = self.retired_seconds.get(key, 0.0) + value
+        self.restarts_before += slot.restarts
 
     @staticmethod
     def _fold_seconds(slot: ActorSlot) -> None:

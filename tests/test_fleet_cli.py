@@ -100,7 +100,7 @@ def test_end_to_end_fleet_learns_the_point_mass(tmp_path, ray_tmp):
     assert summary["mode"] == "fleet" and summary["env_steps"] >= 12_000
     assert summary["eval"]["return_mean"] >= -100, output  # issue 3 asks -450; `make run` must reach -100
     assert summary["replay"]["samples_per_insert"] == pytest.approx(256, rel=0.1)
-    assert summary["actors"] == {"num": 2, "envs_per_actor": 1, "restarts": 0}
+    assert summary["actors"] == {"num": 2, "initial": 2, "envs_per_actor": 1, "restarts": 0, "scaling": []}
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     names = set().union(*records)
     assert {"rollout/ep_rew_mean", "rollout/ep_len_mean", "eval/mean_reward", "train/actor_loss",
@@ -116,6 +116,57 @@ def test_end_to_end_fleet_learns_the_point_mass(tmp_path, ray_tmp):
     assert {"health/q_blowup", "health/policy_lag", "health/actors_starved", "health/learner_starved",
             "health/warnings"} <= names
     assert "health ok" in output
+    assert no_ray_left(ray_tmp) == []
+
+
+def scale(run_dir, actors: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sacfleet", "scale", str(run_dir), "--actors", str(actors),
+                           "--timeout", "120"], capture_output=True, text=True, timeout=180)
+
+
+def test_scale_a_live_run_from_one_to_two_to_one_actors_with_the_replay_ratio_held(tmp_path, ray_tmp):
+    run_dir = tmp_path / "run"
+    proc = sacfleet("train", "--config", "pointmass", "--set", "learner.hidden_sizes=[32, 32]",
+                    "--set", "learner.batch_size=64", "--set", "replay.samples_per_insert=64",
+                    "--set", "train.log_interval=500", "--set", "eval.interval=0", "--set", "eval.final_episodes=2",
+                    "--set", "train.learning_starts=500", "--set", "train.total_env_steps=1000000",
+                    "--set", "actors.num=1", "--set", "actors.max_num=2", "--num-cpus", "2",
+                    "--run-dir", str(run_dir), ray_tmp=ray_tmp)
+    lines = Lines(proc)
+    marker = f"RAY_TMPDIR={ray_tmp}"
+    try:
+        lines.wait_for(lambda line: line.startswith("steps") and "updates         0 " not in line, 180)
+        assert len(pids_of(marker, "ray::EnvActor")) == 1
+        refused = scale(run_dir, 3)  # the CPU shares were planned for actors.max_num=2
+        assert refused.returncode == 1 and "do not fit" in refused.stderr and "actors.max_num" in refused.stderr
+        up = scale(run_dir, 2)
+        assert up.returncode == 0 and "env actors 1 -> 2" in up.stdout, up.stdout + up.stderr
+        for _ in range(3):
+            lines.wait_for(lambda line: line.startswith("steps") and "| actors 2 |" in line, 120)
+        assert len(pids_of(marker, "ray::EnvActor")) == 2
+        down = scale(run_dir, 1)
+        assert down.returncode == 0 and "env actors 2 -> 1" in down.stdout, down.stdout + down.stderr
+        for _ in range(3):
+            lines.wait_for(lambda line: line.startswith("steps") and "actors 2" not in line, 120)
+        # The retired actor's process is gone (Ray reuses no actor process).
+        assert len(pids_of(marker, "ray::EnvActor")) == 1
+        proc.send_signal(signal.SIGTERM)  # a graceful stop
+        output = lines.rest()
+        assert proc.wait(timeout=120) == 0, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [(c["from"], c["to"]) for c in summary["actors"]["scaling"]] == [(1, 2), (2, 1)]
+    assert summary["actors"]["num"] == 1 and summary["actors"]["initial"] == 1
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    actors = [r["fleet/actors"] for r in records if "fleet/actors" in r]
+    assert actors[0] == 1 and 2 in actors and actors[-1] == 1
+    # Samples per insert since each previous record, through both changes: where the config puts it.
+    ratios = [r["replay/samples_per_insert_recent"] for r in records if "replay/samples_per_insert_recent" in r]
+    assert len(ratios) >= 7 and all(abs(r / 64 - 1) <= 0.1 for r in ratios), ratios
+    ended = scale(run_dir, 2)
+    assert ended.returncode == 1 and "no fleet run is live" in ended.stderr
     assert no_ray_left(ray_tmp) == []
 
 

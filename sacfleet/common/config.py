@@ -50,6 +50,8 @@ class ActorsConfig:
     max_in_flight: int = _key(2, ge=1, doc="chunks an actor may have unacknowledged; a slow shard then holds the actor back")
     num_cpus: float | None = _key(None, gt=0, doc="Ray CPUs reserved per env actor; null shares what the learner and shards leave")
     max_restarts: int = _key(3, ge=0, doc="restarts allowed per env actor before the run stops with its error")
+    max_num: int | None = _key(None, ge=1, doc="most env actors `sacfleet scale` may give a live run: CPU shares "
+                                               "are planned for this many; null: actors.num")
 
 
 @dataclass
