@@ -62,7 +62,7 @@ def test_actor_counts_double_up_to_the_cores():
 
 
 def test_actors_suite_measures_collection_with_the_policy(local_ray):
-    figures = actors_suite.collect_rate(POINTMASS_ID, num_actors=1, envs_per_actor=4, seconds=0.3)
+    figures = actors_suite.collect_rate(POINTMASS_ID, num_actors=1, settings=(4, 10, 10), seconds=0.3)
     assert figures["env_steps_per_s"] > 100
     shares = [figures[f"{stage}_share"] for stage in ("env", "inference", "insert_wait")]
     assert all(0 <= share <= 1 for share in shares) and sum(shares) <= 1.05

@@ -411,3 +411,36 @@ def test_a_failed_priority_update_surfaces_in_the_learner_instead_of_vanishing()
                 time.sleep(0.01)
     finally:
         ray.kill(shard)
+
+
+def test_env_actors_ask_for_weights_at_most_every_20_ms(monkeypatch):
+    from sacfleet.actors import env_actor
+
+    class CountingWeights:  # defined here: Ray workers cannot import a test module
+        """A learner stand-in that counts weight requests and publishes version 1."""
+
+        def __init__(self):
+            self.calls = 0
+
+        def latest_weights(self, have_version: int):
+            self.calls += 1
+            return (1, b"weights") if have_version < 1 else None
+
+        def count(self) -> int:
+            return self.calls
+
+    monkeypatch.setattr(env_actor, "decode_weights", lambda payload: ({}, 1))
+    source = ray.remote(CountingWeights).options(num_cpus=0.01).remote()
+    try:
+        puller = env_actor.WeightPuller(source, env_actor.WEIGHT_POLL_MIN_S)
+        got, start = [], time.monotonic()
+        while time.monotonic() - start < 0.5:  # a sync point every 0.5 ms, as a fast actor has
+            fresh = puller.poll(-1 if not got else 1)
+            if fresh is not None:
+                got.append(fresh)
+            time.sleep(0.0005)
+        calls = ray.get(source.count.remote())
+        assert got == [({}, 1)]  # the new version arrived, once
+        assert 5 <= calls <= 0.5 / env_actor.WEIGHT_POLL_MIN_S + 1, calls  # not one per sync point (~700)
+    finally:
+        ray.kill(source)

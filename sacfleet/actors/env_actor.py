@@ -7,6 +7,7 @@ deterministic episodes of the newest policy when the driver asks.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -28,14 +29,23 @@ from sacfleet.learner.service import InjectedFault
 from sacfleet.replay_server.client import InsertClient
 
 
+WEIGHT_POLL_MIN_S = 0.02  # an env actor asks for new weights at most this often
+
+
 class WeightPuller:
     """Asks the learner for weights other than ours without waiting: the answer to the previous
     request is picked up at the next sync point. While the learner is down (and being recovered)
-    there are none: the actor goes on with the policy it has."""
+    there are none: the actor goes on with the policy it has.
 
-    def __init__(self, learner):
+    A request is sent at most every `min_interval_s`: each costs the actor about 0.2 ms of CPU to
+    send and as much again to receive, which at one env per actor and a sync every 10 steps took a
+    tenth of its time. 20 ms is fewer updates than a sync interval's worth of steps on CPU learners."""
+
+    def __init__(self, learner, min_interval_s: float = 0.0):
         self.learner = learner
         self.request = None
+        self.min_interval_s = min_interval_s
+        self.sent = -math.inf
 
     def poll(self, have_version: int) -> tuple[dict, int] | None:
         try:
@@ -46,7 +56,9 @@ class WeightPuller:
                     return None
                 request, self.request = self.request, None
                 reply = ray.get(request)
-            self.request = self.learner.latest_weights.remote(have_version)
+            now = time.monotonic()
+            if now - self.sent >= self.min_interval_s:
+                self.request, self.sent = self.learner.latest_weights.remote(have_version), now
             if reply is None or reply[0] == have_version:
                 return None
             return decode_weights(reply[1])
@@ -86,7 +98,7 @@ class EnvActor:
         client = self.client = InsertClient(self.shards, cfg.actors.max_in_flight, cfg.replay.rate_limit_timeout_s,
                                             first_shard=self.actor_index, rotate=cfg.replay.her == "off",
                                             should_stop=self.stopping.is_set)
-        puller = WeightPuller(self.learner)
+        puller = WeightPuller(self.learner, WEIGHT_POLL_MIN_S)
         spec = TransitionSpec.for_env(self.env_info)
         chunk: list[dict[str, np.ndarray]] = []
         try:

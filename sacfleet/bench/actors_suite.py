@@ -1,6 +1,8 @@
 """The actors suite: fleet collection env steps/s for N env actors x M envs, each acting with the
-policy network and pushing encoded chunks to a replay shard, with no learner to hold them back; and
-the same rate as a fraction of the raw single-process env rate times the cores the actors were given."""
+policy network and pushing encoded chunks of T steps to a replay shard and pulling weights every K
+steps, with no learner to hold them back; and the same rate as a fraction of the raw single-process
+env rate times the cores the actors were given. Measured at the halfcheetah preset's (M, T, K) and
+at one env per actor."""
 
 from __future__ import annotations
 
@@ -12,11 +14,10 @@ from typing import Callable, Sequence
 from sacfleet.bench import Record, ray_session
 
 ENV_ID = "HalfCheetah-v5"
-ENVS_PER_ACTOR = (1, 8)
-# Vector steps per chunk pushed and between weight polls (actors.chunk_length and
-# actors.weight_sync_interval). Each Ray call costs an actor about 0.5 ms here, so 8-env actors
-# make 200 transitions per call instead of the default 10 steps' 80.
-STEPS_PER_CALL = {8: 25}
+PRESET = "halfcheetah"  # whose actor settings (envs per actor, chunk length, weight sync) are measured
+# (envs per actor, chunk length, weight sync interval) measured besides the preset's: one env per
+# actor at the config's defaults, as the MuJoCo presets had before issue 15.
+BASELINE = (1, 10, 10)
 ROUNDS = 3  # measurement windows per figure; the best is kept, as this machine's timings vary by +-15%
 
 
@@ -49,19 +50,30 @@ class StaticWeights:
         return True
 
 
-def collection_config(env_id: str, num_actors: int, envs_per_actor: int):
+def preset_settings(preset: str = PRESET) -> tuple[int, int, int]:
     from sacfleet.common.config import load_config
 
-    steps = STEPS_PER_CALL.get(envs_per_actor, 10)
+    a = load_config(preset).actors
+    return a.envs_per_actor, a.chunk_length, a.weight_sync_interval
+
+
+def settings_label(settings: tuple[int, int, int]) -> str:
+    m, t, k = settings
+    return f"{m} env{'s' if m > 1 else ''} T={t} K={k}"
+
+
+def collection_config(env_id: str, num_actors: int, settings: tuple[int, int, int]):
+    from sacfleet.common.config import load_config
+
+    envs, chunk, sync = settings
     # A limiter that never holds actors back: nothing samples in this suite.
-    return load_config("halfcheetah", [f"env.id={env_id}", f"actors.num={num_actors}",
-                                       f"actors.envs_per_actor={envs_per_actor}", f"actors.chunk_length={steps}",
-                                       f"actors.weight_sync_interval={steps}", "replay.capacity=200000",
-                                       "replay.samples_per_insert=1", "replay.error_buffer=1e15",
-                                       "train.learning_starts=0"])
+    return load_config(PRESET, [f"env.id={env_id}", f"actors.num={num_actors}", f"actors.envs_per_actor={envs}",
+                                f"actors.chunk_length={chunk}", f"actors.weight_sync_interval={sync}",
+                                "replay.capacity=200000", "replay.samples_per_insert=1", "replay.error_buffer=1e15",
+                                "train.learning_starts=0"])
 
 
-def collect_rate(env_id: str, num_actors: int, envs_per_actor: int, seconds: float) -> dict:
+def collect_rate(env_id: str, num_actors: int, settings: tuple[int, int, int], seconds: float) -> dict:
     """Steady-state env steps/s of the whole fleet (after the policy weights have arrived), best of
     ROUNDS windows, and the share of the actors' time spent stepping envs, in inference and
     waiting on inserts in that window."""
@@ -72,7 +84,7 @@ def collect_rate(env_id: str, num_actors: int, envs_per_actor: int, seconds: flo
     from sacfleet.common.transitions import TransitionSpec
     from sacfleet.replay_server.shard import ReplayShard
 
-    cfg = collection_config(env_id, num_actors, envs_per_actor)
+    cfg = collection_config(env_id, num_actors, settings)
     env_info = describe_env(cfg.env)
     handles = []
     try:
@@ -122,33 +134,34 @@ def collect_rate(env_id: str, num_actors: int, envs_per_actor: int, seconds: flo
             ray.kill(handle)
 
 
-def run(seconds: float = 2.0, env_id: str = ENV_ID, envs_per_actor: Sequence[int] = ENVS_PER_ACTOR,
+def run(seconds: float = 2.0, env_id: str = ENV_ID, settings: Sequence[tuple[int, int, int]] | None = None,
         actors: Sequence[int] | None = None, echo: Callable[[str], None] = print, **_) -> list[Record]:
     from sacfleet.bench.env_suite import env_steps_per_s
 
     cores = os.cpu_count() or 1
     actors = actors or actor_counts(cores)
+    preset = preset_settings()
+    settings = settings or list(dict.fromkeys([preset, BASELINE]))
     raw = max(env_steps_per_s(env_id, seconds) for _ in range(ROUNDS))
     echo(f"actors: raw {env_id} {raw:,.0f} steps/s in one process (best of {ROUNDS})")
     records = [Record(suite="actors", name=f"{env_id} raw", metric="env_steps_per_s", value=raw, unit="steps/s",
                       device="cpu", actors=0)]
     # One logical CPU per actor plus one for the shard and the weight source, which use little.
     with ray_session(max(actors) + 1):
-        for m in envs_per_actor:
+        for setting in settings:
             for n in actors:
-                figures = collect_rate(env_id, n, m, seconds)
+                figures = collect_rate(env_id, n, setting, seconds)
                 rate = figures["env_steps_per_s"]
                 # Cores given to actors: one each, and never more than the machine has.
                 fraction = rate / (raw * min(n, cores))
-                name = f"{env_id} x {m} envs T=K={STEPS_PER_CALL.get(m, 10)}"
+                name = f"{env_id} x {settings_label(setting)}{f' ({PRESET} preset)' if setting == preset else ''}"
                 echo(f"actors {n} actor(s) {name}: {rate:,.0f} steps/s = {fraction:.2f} x raw x {min(n, cores)} "
                      f"core(s) | env {figures['env_share']:.0%}, inference {figures['inference_share']:.0%}, "
                      f"insert wait {figures['insert_wait_share']:.0%} of actor time")
-                records += [Record(suite="actors", name=name, metric="env_steps_per_s", value=rate, unit="steps/s",
-                                   device="cpu", batch_size=m, actors=n),
-                            Record(suite="actors", name=name, metric="fraction_of_raw_per_core", value=fraction,
-                                   unit="ratio", device="cpu", batch_size=m, actors=n)]
-                records += [Record(suite="actors", name=name, metric=f"{stage}_share", value=figures[f"{stage}_share"],
-                                   unit="fraction of actor time", device="cpu", batch_size=m, actors=n)
+                common = dict(suite="actors", name=name, device="cpu", batch_size=setting[0], actors=n)
+                records += [Record(metric="env_steps_per_s", value=rate, unit="steps/s", **common),
+                            Record(metric="fraction_of_raw_per_core", value=fraction, unit="ratio", **common)]
+                records += [Record(metric=f"{stage}_share", value=figures[f"{stage}_share"],
+                                   unit="fraction of actor time", **common)
                             for stage in ("env", "inference", "insert_wait")]
     return records
