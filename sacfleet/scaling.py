@@ -155,9 +155,10 @@ class Scaler:
                 for j in placed:
                     fleet.placement.release(f"actor {j}", fleet.res.actor_cpus)
                 raise ScaleRefused(f"{count} more env actor{'s' if count > 1 else ''} of {fleet.res.actor_cpus:g} CPU "
-                                   f"{'do' if count > 1 else 'does'} not fit: CPUs free per node: {fleet.placement.free_note()} (room for "
-                                   f"{len(placed)}); add nodes, or start the run with actors.max_num (CPU shares are "
-                                   f"planned for that many actors) or a smaller actors.num_cpus")
+                                   f"{'do' if count > 1 else 'does'} not fit: CPUs free per node: "
+                                   f"{fleet.placement.free_note()} (room for {len(placed)}); add nodes, or start the "
+                                   f"run with actors.max_num (CPU shares are planned for that many actors) or a "
+                                   f"smaller actors.num_cpus")
             placed.append(i)
         slots = [ActorSlot(fleet._new_actor(i), index=i) for i in indices]
         try:

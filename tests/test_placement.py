@@ -60,8 +60,8 @@ def test_the_learner_goes_to_the_gpu_node():
 
 def test_a_fleet_that_does_not_fit_names_the_part_and_the_free_cpus():
     cfg = load_config("pointmass", ["actors.num=3", "actors.num_cpus=1"])
-    with pytest.raises(PlacementError, match=r"3 env actors \(actors.num\) of 1 CPU each \(actors.num_cpus\) do not fit.*"
-                                             r"0\.9 on 10\.0\.0\.0/00abab, 0 on 10\.0\.0\.1.*room for 0\)"):
+    with pytest.raises(PlacementError, match=r"3 env actors \(actors.num\) of 1 CPU each \(actors.num_cpus\) do not "
+                                             r"fit.*0\.9 on 10\.0\.0\.0/00abab, 0 on 10\.0\.0\.1.*room for 0\)"):
         plan_fleet(cfg, nodes(1, 1, 1))
     with pytest.raises(PlacementError, match="no CPUs"):
         plan_fleet(load_config("pointmass"), nodes(0, 0))
