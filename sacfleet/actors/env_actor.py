@@ -37,9 +37,9 @@ class WeightPuller:
     request is picked up at the next sync point. While the learner is down (and being recovered)
     there are none: the actor goes on with the policy it has.
 
-    A request is sent at most every `min_interval_s`: each costs the actor about 0.2 ms of CPU to
-    send and as much again to receive, which at one env per actor and a sync every 10 steps took a
-    tenth of its time. 20 ms is fewer updates than a sync interval's worth of steps on CPU learners."""
+    A request is sent at most every `min_interval_s`, not at every sync point: sending a Ray call
+    costs an actor about 0.17 ms of CPU here, and with 16 envs and a sync every 8 steps the requests
+    held collection at 0.56 of the raw env rate against about 0.7 without them."""
 
     def __init__(self, learner, min_interval_s: float = 0.0):
         self.learner = learner
