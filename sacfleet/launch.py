@@ -100,16 +100,30 @@ class FleetRun:
             self.reported_lost_updates = sup.lost_updates
         now = self.point()
         recovery = self.recovery.totals()
+        recent = self.recent_ratio(self.reporter.last, now)
         values = {**sup.learner_status.get("metrics", {}),
                   "replay/size": sum(s["size"] for s in sup.shard_stats),
                   "replay/samples_per_insert": sup.replay_ratio(), "learner/policy_lag": lag,
                   "actors/restarts": sup.restarts, "fleet/actors": len(self.fleet.actors),
                   "fleet/recoveries": recovery["recoveries"],
                   "fleet/lost_transitions": recovery["lost_transitions"],
-                  "fleet/lost_updates": recovery["lost_updates"], **sup.stall_values(), **her_values(sup.shard_stats)}
+                  "fleet/lost_updates": recovery["lost_updates"], **sup.stall_values(), **her_values(sup.shard_stats),
+                  **({"replay/samples_per_insert_recent": recent} if recent is not None else {})}
         starved = sup.learner_status.get("starved_reason")
         note = f"\n  waiting: {starved}" if starved and now.updates == self.reporter.last.updates else ""
         self.reporter.progress(now, values, note)
+
+    def recent_ratio(self, last: Point, now: Point) -> float | None:
+        """Samples per insert since the last record, once learning has started and when the window is
+        long enough to say something: each shard's limiter lets samples run up to its error buffer ahead
+        of or behind inserts, so between two records they may swing by twice that, and a window must hold
+        twenty times the buffers for its ratio to be a tenth or less off the target from that alone
+        (the last record of a run, after the actors stopped, is usually too short)."""
+        inserts, samples = now.inserts - last.inserts, now.samples - last.samples
+        slack = sum(s["error_buffer"] for s in self.supervisor.shard_stats)
+        if last.samples <= 0 or inserts <= 0 or inserts * self.cfg.replay.samples_per_insert < 20 * slack:
+            return None
+        return samples / inserts
 
     def start_eval(self, episodes: int) -> None:
         if self.supervisor.start_eval(episodes):

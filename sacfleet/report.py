@@ -61,8 +61,7 @@ class Reporter:
                   "actors/env_steps_per_s": fps, "learner/updates_per_s": (now.updates - last.updates) / span,
                   "replay/inserts_per_s": (now.inserts - last.inserts) / span,
                   "replay/samples_per_s": (now.samples - last.samples) / span}
-        if now.inserts > last.inserts and last.samples > 0:  # since the last record, once learning has started
-            record["replay/samples_per_insert_recent"] = (now.samples - last.samples) / (now.inserts - last.inserts)
+
         started = self.health.observe(now.env_steps, record)
         record.update(self.health.values())
         self.metrics.log(now.env_steps, now.wall, record)
