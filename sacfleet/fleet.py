@@ -30,6 +30,7 @@ from sacfleet.supervisor import ActorSlot, FleetError, first_line
 QUIET = {"enable_task_events": False}
 MAX_ACTORS = 10_000  # env-seed streams are numbered per actor below this
 
+
 def connect(address: str | None, num_cpus: int | None, dashboard: bool) -> bool:
     """Start an embedded Ray sized to the machine, or join `address`. Returns whether this process
     must call ray.shutdown() (False when Ray was already initialised by the caller, e.g. tests).

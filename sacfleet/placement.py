@@ -92,8 +92,11 @@ class Placement:
         held: dict[str, list[str]] = {n.id: [] for n in self.nodes}
         for part, node in self.parts.items():
             held.setdefault(node, []).append(part)
-        return [{"node": n.id, "address": n.address, "cpus": n.cpus, "gpus": n.gpus, "driver": n.driver,
+        rows = [{"node": n.id, "address": n.address, "cpus": n.cpus, "gpus": n.gpus, "driver": n.driver,
                  "parts": held.get(n.id, [])} for n in self.nodes]
+        known = {n.id for n in self.nodes}  # a node that joined after planning can hold a part too
+        return rows + [{"node": node, "address": "?", "cpus": 0.0, "gpus": 0.0, "driver": False, "parts": parts}
+                       for node, parts in held.items() if node not in known]
 
 
 def describe(table: list[dict]) -> str:

@@ -92,3 +92,10 @@ def test_replay_num_shards_auto_follows_the_actor_count():
     assert load_config("pointmass", ["actors.num=6", "replay.num_shards=3"]).replay.num_shards == 3
     with pytest.raises(ConfigError, match="replay.num_shards: expected an integer.*; or auto"):
         load_config("pointmass", ["replay.num_shards=many"])
+
+
+def test_the_table_shows_a_part_on_a_node_that_was_not_planned_for():
+    res, placement = plan_fleet(load_config("pointmass"), nodes(2))
+    placement.parts["actor 1"] = "ff" * 28  # Ray put it on a node that joined after planning
+    rows = {row["node"]: row["parts"] for row in placement.table()}
+    assert rows["ff" * 28] == ["actor 1"] and "actor 1" not in rows[placement.nodes[0].id]
