@@ -266,6 +266,7 @@ def _supervise(run: FleetRun) -> dict:
                 break
     except KeyboardInterrupt:
         stop_reason = "interrupted"
+    run.scaler.close()  # a stopping run takes no more scale requests
     run.echo(f"stopping ({stop_reason}): checkpoint, final evaluation and summary")
     return _finish(run, stop_reason, restored)
 

@@ -57,6 +57,9 @@ def request_scale(run_dir: Path, actors: int, timeout: float = 180.0, poll: floa
             if not reply["ok"]:
                 raise ScaleRefused(reply["message"])
             return reply
+        if not driver_alive(run_dir):
+            (run_dir / REQUEST).unlink(missing_ok=True)
+            raise ScaleRefused(f"the run in {run_dir} stopped before it carried out the request")
         time.sleep(poll)
     (run_dir / REQUEST).unlink(missing_ok=True)
     raise ScaleRefused(f"no answer from a running `sacfleet train` in {run_dir} within {timeout:g} s; is the "
