@@ -8,11 +8,12 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 import uuid
-from typing import Mapping
+from typing import Callable, Mapping
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from sacfleet.actors.env_actor import EnvActor, EvalActor
 from sacfleet.checkpointing import FleetCheckpointer
@@ -29,6 +30,8 @@ from sacfleet.supervisor import ActorSlot, FleetError, first_line
 # soak the GCS grew from 156 to 390 MB. Ray Serve turns them off on its actors for the same reason.
 QUIET = {"enable_task_events": False}
 MAX_ACTORS = 10_000  # env-seed streams are numbered per actor below this
+START_TIMEOUT_S = 600.0  # a part not started by then fails the run
+WAIT_NOTE_S = 30.0  # how often a start that waits on Ray's placement says so
 
 
 def connect(address: str | None, num_cpus: int | None, dashboard: bool) -> bool:
@@ -56,10 +59,20 @@ class Fleet:
     """Handles of every Ray actor of one run, created in dependency order and killed together."""
 
     def __init__(self, cfg: Config, env_info, res: Resources, placement: Placement, checkpointer: FleetCheckpointer,
-                 learner_state=None, faults: Mapping | None = None, session: int = 0):
-        self.cfg, self.env_info, self.res, self.placement = cfg, env_info, res, placement
+                 learner_state=None, faults: Mapping | None = None, session: int = 0,
+                 echo: Callable[[str], None] = print):
+        self.cfg, self.env_info, self.res, self.placement, self.echo = cfg, env_info, res, placement, echo
         self.session, self.faults = session, faults
         self.handles: list = []
+        try:
+            self._build(checkpointer, learner_state)
+        except BaseException:  # nothing of a fleet that failed to start outlives it, on a shared cluster too
+            self.kill()
+            raise
+
+    def _build(self, checkpointer: FleetCheckpointer, learner_state) -> None:
+        cfg, env_info, res, placement, faults, session = (self.cfg, self.env_info, self.res, self.placement,
+                                                          self.faults, self.session)
         # Ray restarts a dead shard or learner (up to train.max_failures times each) and the driver
         # restores it; env actors restart on their own budget (actors.max_restarts).
         restarts = cfg.train.max_failures
@@ -115,13 +128,24 @@ class Fleet:
         self.handles.append(handle)
         return handle
 
-    @staticmethod
-    def _ready(handles: list, what: str) -> None:
+    def _ready(self, handles: list, what: str) -> None:
+        """Wait until every one of `handles` answers; says every WAIT_NOTE_S what it still waits for (a
+        cluster that other work keeps busy can leave a planned part unplaced), and gives up after
+        START_TIMEOUT_S."""
+        pings, start = [h.ping.remote() for h in handles], time.monotonic()
         try:
-            ray.get([h.ping.remote() for h in handles], timeout=600)
-        except GetTimeoutError:
-            raise FleetError(f"{what} did not start within 600 s; does the cluster have the resources "
-                             f"(ray status)?") from None
+            while True:
+                waited = time.monotonic() - start
+                pending = ray.wait(pings, num_returns=len(pings), timeout=min(WAIT_NOTE_S, START_TIMEOUT_S - waited))[1]
+                ray.get([p for p in pings if p not in pending])  # raises a failed start
+                if not pending:
+                    return
+                waited = time.monotonic() - start
+                if waited >= START_TIMEOUT_S:
+                    raise FleetError(f"{len(pending)} {what}(s) did not start within {START_TIMEOUT_S:g} s: Ray has "
+                                     f"not placed them; is other work holding the cluster's CPUs (ray status)?")
+                self.echo(f"waiting for {len(pending)} of {len(pings)} {what}(s) to start ({waited:.0f} s): Ray "
+                          f"has not placed them yet; other work may hold the planned CPUs (ray status)")
         except (RayActorError, RayTaskError) as exc:
             raise FleetError(f"{what} failed to start: {first_line(exc)}") from None
 

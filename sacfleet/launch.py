@@ -205,7 +205,8 @@ def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resum
                 echo(f"resume applies: {'; '.join(point.applied)}")
         learner_state = point.learner_state if point else None
         checkpointer = FleetCheckpointer(cfg, run_dir / "checkpoints", point.replay if point else None, learner_state)
-        fleet = Fleet(cfg, env_info, res, placement, checkpointer, learner_state, faults, point.session if point else 0)
+        fleet = Fleet(cfg, env_info, res, placement, checkpointer, learner_state, faults, point.session if point else 0,
+                      echo)
         run = FleetRun(cfg, run_dir, fleet, env_info, res, point, checkpointer, echo, start)
         run.placement = fleet.where()
         echo(f"placement: {describe(run.placement)}")

@@ -444,3 +444,30 @@ def test_env_actors_ask_for_weights_at_most_every_20_ms(monkeypatch):
         assert 5 <= calls <= 0.5 / env_actor.WEIGHT_POLL_MIN_S + 1, calls  # not one per sync point (~700)
     finally:
         ray.kill(source)
+
+
+def test_a_fleet_ray_cannot_place_says_so_while_it_waits_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    from sacfleet import fleet as fleet_module
+
+    @ray.remote(num_cpus=2)
+    class OtherWork:  # holds every CPU the plan counted on, as another job on a shared cluster would
+        def ping(self) -> bool:
+            return True
+
+    monkeypatch.setattr(fleet_module, "WAIT_NOTE_S", 1.0)
+    monkeypatch.setattr(fleet_module, "START_TIMEOUT_S", 3.5)
+    other = OtherWork.remote()
+    ray.get(other.ping.remote())
+    lines: list[str] = []
+    try:
+        with pytest.raises(FleetError, match=r"1 replay shard\(s\) did not start within 3.5 s: Ray has not placed"):
+            train_fleet(load_config("pointmass", SHORT), tmp_path / "run", echo=lines.append)
+        assert sum(line.startswith("waiting for 1 of 1 replay shard(s) to start") for line in lines) >= 2, lines
+    finally:
+        ray.kill(other)
+    # The shard that was waiting is gone too: every CPU is free again.
+    deadline = time.monotonic() + 20
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if "sacfleet-" in str(a)]
