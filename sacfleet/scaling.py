@@ -138,18 +138,19 @@ class Scaler:
         before = self.actors
         if target == before:
             return f"the fleet already has {before} env actors"
-        if target > before:
-            self._add(target - before)
-        else:
-            self._remove(before - target)
-        change = {"env_steps": self.steps(), "wall_seconds": round(self.wall(), 2), "from": before, "to": self.actors}
+        changed = self._add(target - before) if target > before else self._remove(before - target)
+        change = {"env_steps": self.steps(), "wall_seconds": round(self.wall(), 2), "from": before, "to": self.actors,
+                  "actors": changed}
         self.changes.append(change)
+        labels = {n.id: n.label for n in fleet.placement.nodes}
+        where = ", ".join(f"{part} on {labels.get(node, node[:6])}" for part, node in changed.items())
         message = (f"env actors {before} -> {self.actors} at {change['env_steps']:,} env steps "
-                   f"({fleet.res.actor_cpus:g} CPU each)")
+                   f"({fleet.res.actor_cpus:g} CPU each; {'started' if target > before else 'retired'} {where})")
         self.echo(f"scaled: {message}")
         return message
 
-    def _add(self, count: int) -> None:
+    def _add(self, count: int) -> dict[str, str]:
+        """Start `count` actors on nodes with room; returns {"actor i": node id} of those started."""
         fleet = self.fleet
         indices = list(range(self.next_index, self.next_index + count))
         placed = []
@@ -176,12 +177,14 @@ class Scaler:
         for slot in slots:
             slot.run_ref = slot.handle.run.remote(fleet.stream(slot.index, 0))
         fleet.actors.extend(slots)
+        return {f"actor {i}": fleet.placement.parts[f"actor {i}"] for i in indices}
 
-    def _remove(self, count: int) -> None:
+    def _remove(self, count: int) -> dict[str, str]:
         """Retire the newest `count` actors: each stops after pushing what it holds, and what it did
         (restarts, stage seconds, finished episodes) stays in the run's totals."""
         fleet = self.fleet
         retiring = fleet.actors[-count:]
+        retired = {f"actor {slot.index}": fleet.placement.parts.get(f"actor {slot.index}", "") for slot in retiring}
         del fleet.actors[-count:]
         for slot in retiring:
             slot.handle.stop.remote()
@@ -190,3 +193,4 @@ class Scaler:
             self.supervisor.retire(slot)
             ray.kill(slot.handle, no_restart=True)
             fleet.placement.release(f"actor {slot.index}", fleet.res.actor_cpus)
+        return retired
