@@ -21,7 +21,7 @@ from sacfleet.common.config import Config
 from sacfleet.common.reaper import start_reaper
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.learner.service import LearnerService
-from sacfleet.placement import Placement, Resources, strategy
+from sacfleet.placement import Placement, Resources, placement_table, strategy
 from sacfleet.replay_server.shard import ReplayShard
 from sacfleet.supervisor import ActorSlot, FleetError, first_line
 
@@ -120,9 +120,7 @@ class Fleet:
                  **{f"shard {i}": shard for i, shard in enumerate(self.shards)},
                  **{f"actor {slot.index}": slot.handle for slot in self.actors}}
         nodes = ray.get([handle.node.remote() for handle in parts.values()], timeout=60)
-        actual = Placement(self.placement.nodes)
-        actual.parts = dict(zip(parts, nodes))
-        return actual.table()
+        return placement_table(self.placement.nodes, dict(zip(parts, nodes)))
 
     def _keep(self, handle):
         self.handles.append(handle)

@@ -27,8 +27,12 @@ class Node:
 
     @property
     def label(self) -> str:
-        # Nodes of a local cluster share one address; the id's start tells them apart.
-        return f"{self.address}/{self.id[:6]}"
+        return node_label(self.address, self.id)
+
+
+def node_label(address: str, node_id: str) -> str:
+    # Nodes of a local cluster share one address; the id's start tells them apart.
+    return f"{address}/{node_id[:6]}"
 
 
 @dataclass(frozen=True)
@@ -88,20 +92,24 @@ class Placement:
         return ", ".join(f"{self.free[n.id]:.4g} on {n.label}" for n in self.nodes) or "no nodes"
 
     def table(self) -> list[dict]:
-        """Per node: its address, size and the parts it holds (for the start line and summary.json)."""
-        held: dict[str, list[str]] = {n.id: [] for n in self.nodes}
-        for part, node in self.parts.items():
-            held.setdefault(node, []).append(part)
-        rows = [{"node": n.id, "address": n.address, "cpus": n.cpus, "gpus": n.gpus, "driver": n.driver,
-                 "parts": held.get(n.id, [])} for n in self.nodes]
-        known = {n.id for n in self.nodes}  # a node that joined after planning can hold a part too
-        return rows + [{"node": node, "address": "?", "cpus": 0.0, "gpus": 0.0, "driver": False, "parts": parts}
-                       for node, parts in held.items() if node not in known]
+        return placement_table(self.nodes, self.parts)
+
+
+def placement_table(nodes: list[Node], parts: dict[str, str]) -> list[dict]:
+    """Per node: its address, size and the parts (part -> node id) it holds, for the start line and
+    summary.json; a node that joined after planning and holds a part gets a row too."""
+    held: dict[str, list[str]] = {n.id: [] for n in nodes}
+    for part, node in parts.items():
+        held.setdefault(node, []).append(part)
+    sizes = {n.id: (n.address, n.cpus, n.gpus, n.driver) for n in nodes}
+    return [dict(zip(("node", "address", "cpus", "gpus", "driver", "parts"),
+                     (node, *sizes.get(node, ("?", 0.0, 0.0, False)), held_parts)))
+            for node, held_parts in held.items()]
 
 
 def describe(table: list[dict]) -> str:
-    """A placement table (Placement.table) in one line: each node, its size and the parts it holds."""
-    return "; ".join(f"{row['address']}/{row['node'][:6]} ({row['cpus']:g} CPU"
+    """A placement table (placement_table) in one line: each node, its size and the parts it holds."""
+    return "; ".join(f"{node_label(row['address'], row['node'])} ({row['cpus']:g} CPU"
                      f"{', %g GPU' % row['gpus'] if row['gpus'] else ''}{', driver' if row['driver'] else ''}): "
                      f"{summarize(row['parts']) or '-'}" for row in table)
 

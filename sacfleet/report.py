@@ -61,7 +61,6 @@ class Reporter:
                   "actors/env_steps_per_s": fps, "learner/updates_per_s": (now.updates - last.updates) / span,
                   "replay/inserts_per_s": (now.inserts - last.inserts) / span,
                   "replay/samples_per_s": (now.samples - last.samples) / span}
-
         started = self.health.observe(now.env_steps, record)
         record.update(self.health.values())
         self.metrics.log(now.env_steps, now.wall, record)

@@ -18,6 +18,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from sacfleet.common.io import atomic_write_bytes
+from sacfleet.placement import node_label
 from sacfleet.supervisor import ActorSlot, first_line
 
 REQUEST = "scale.request.json"
@@ -143,7 +144,7 @@ class Scaler:
                   "actors": changed}
         self.changes.append(change)
         labels = {n.id: n.label for n in fleet.placement.nodes}
-        where = ", ".join(f"{part} on {labels.get(node, node[:6])}" for part, node in changed.items())
+        where = ", ".join(f"{part} on {labels.get(node, node_label('?', node))}" for part, node in changed.items())
         message = (f"env actors {before} -> {self.actors} at {change['env_steps']:,} env steps "
                    f"({fleet.res.actor_cpus:g} CPU each; {'started' if target > before else 'retired'} {where})")
         self.echo(f"scaled: {message}")

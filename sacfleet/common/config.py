@@ -293,15 +293,13 @@ def from_dict(data: dict | None) -> Config:
             key = f"{name}.{k}"
             if k not in fields:
                 raise _unknown(key)
-            if fields[k].metadata.get("auto"):
-                if isinstance(v, str) and v.strip().lower() == "auto":
-                    v = None
-                try:
-                    values[k] = _coerce(key, v, hints[k])
-                except ConfigError as exc:
-                    raise ConfigError(f"{exc}; or auto") from None
-            else:
+            auto = fields[k].metadata.get("auto")
+            if auto and isinstance(v, str) and v.strip().lower() == "auto":
+                v = None
+            try:
                 values[k] = _coerce(key, v, hints[k])
+            except ConfigError as exc:
+                raise ConfigError(f"{exc}; or auto") if auto else exc from None
             _check(key, values[k], fields[k].metadata)
         built[name] = cls(**values)
     config = Config(**built)

@@ -29,10 +29,7 @@ def peer_handles(peers: dict) -> dict:
 
 
 def this_node() -> str:
-    """The Ray node id of this process ("" outside Ray): where a part of the fleet really runs."""
-    try:
-        import ray
+    """The Ray node id of this Ray actor's process: where a part of the fleet really runs."""
+    import ray
 
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-    except Exception:
-        return ""
+    return ray.get_runtime_context().get_node_id()
