@@ -28,7 +28,7 @@ from sacfleet.common.plots import write_plots
 from sacfleet.common.rundir import RunFailed, check_run_dir, echo_flush
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.learner.checkpoint import kept_checkpoint_note, write_run_checkpoint
-from sacfleet.learner.sac import Batch, LearnerDiverged, SACLearner, resolve_device
+from sacfleet.learner.sac import Batch, LearnerDiverged, SACLearner, resolve_device, set_matmul_precision
 from sacfleet.replay_server.shard import make_table
 from sacfleet.replay_server.snapshot_files import SnapshotWriter
 from sacfleet.replay_server.table import ReplayTable
@@ -75,6 +75,7 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
 
     spec = TransitionSpec.for_env(env_info)
     device = resolve_device(cfg.learner.device)
+    set_matmul_precision(cfg.learner.matmul_precision)
     learner = SACLearner.from_config(cfg.learner, env_info, device)
     tables = build_tables(cfg, spec, insert_size=cfg.actors.envs_per_actor)
     rollouts = [Rollout(cfg.env, env_info, cfg.actors.envs_per_actor, seed=cfg.train.seed, actor_index=i)

@@ -86,6 +86,13 @@ def test_e2e_suite_reports_the_whole_fleet(local_ray, tmp_path):
     stages = {r.metric for r in records if r.metric.startswith("seconds: ")}
     assert {"seconds: learner: SAC updates", "seconds: actors: env step"} <= stages
     assert by_metric["seconds: learner: SAC updates"].value > 0
+    # The learner suite ran here on the fleet learner's device, shapes and threads, and the fleet's
+    # rate is reported as a fraction of it.
+    suite = by_metric["learner suite updates_per_s"].value
+    assert suite > 0 and by_metric["learner suite updates_per_s: blocks"].value > 0
+    assert by_metric["updates_per_s: fraction of learner suite"].value == pytest.approx(
+        by_metric["updates_per_s"].value / suite)
+    assert by_metric["updates_per_s: fraction of learner suite blocks"].value > 0
 
 
 def test_steady_rates_leave_out_the_warm_up(tmp_path):

@@ -12,7 +12,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sacfleet.bench import SUITES
-from sacfleet.bench.learner_suite import ACT_DIM, OBS_DIM, NaiveSAC, flops, matmul_shapes, random_batch
+from sacfleet.bench import learner_suite
+from sacfleet.bench.learner_suite import (ACT_DIM, OBS_DIM, FedUpdates, NaiveSAC, block_of, flops, matmul_shapes,
+                                          random_batch, sample_answers)
+from sacfleet.common.config import LearnerConfig
+from sacfleet.learner.prefetch import to_device_block
 from sacfleet.cli import main
 from sacfleet.learner import SACLearner
 
@@ -30,8 +34,11 @@ def test_bench_learner_json_runs_with_only_torch_and_numpy(tmp_path):
     records = json.loads(out.stdout)  # stdout holds the JSON alone; progress went to stderr
     assert all(list(r) == KEYS for r in records)
     rates = {(r["name"], r["batch_size"]): r["value"] for r in records if r["metric"] == "updates_per_s"}
-    assert set(rates) == {("sacfleet", 32), ("sacfleet", 64), ("naive", 32), ("naive", 64)}
+    names = ("sacfleet", "naive", "sacfleet block 8", "sacfleet fed 8")
+    assert set(rates) == {(name, b) for name in names for b in (32, 64)}  # no tf32 rows on CPU
     assert all(v > 0 for v in rates.values())
+    fed = next(r for r in records if r["metric"] == "fraction_of_block" and r["batch_size"] == 64)
+    assert fed["value"] == pytest.approx(rates[("sacfleet fed 8", 64)] / rates[("sacfleet block 8", 64)])
     assert {r["suite"] for r in records} == {"learner"} and all(r["actors"] is None for r in records)
     speedup = next(r for r in records if r["metric"] == "speedup_vs_naive" and r["batch_size"] == 32)
     assert speedup["value"] == pytest.approx(rates[("sacfleet", 32)] / rates[("naive", 32)])
@@ -72,7 +79,7 @@ def test_the_naive_reference_is_a_working_sac_update():
 
 
 def test_the_compiled_update_computes_the_same_losses_and_gradients_as_the_plain_one(monkeypatch):
-    """learner.compile=on (the CUDA default) checked on CPU: same start, same noise, one update."""
+    """learner.compile=on (the CUDA default) checked on CPU: same start, same noise, a block of two updates."""
     import torch._inductor.config as inductor_config
 
     monkeypatch.setattr(inductor_config, "fallback_random", True)  # eager's RNG, so the noise matches
@@ -85,10 +92,11 @@ def test_the_compiled_update_computes_the_same_losses_and_gradients_as_the_plain
                                    compile=mode))
     plain, fast = learners
     assert not plain.compiled and fast.compiled
+    block = block_of([batch, random_batch(128, OBS_DIM, ACT_DIM, torch.device("cpu"), seed=1)])
     results = []
     for learner in learners:
         torch.manual_seed(2)
-        td_error, values = learner._step(batch)
+        td_error, values = learner._block_step(block)  # two updates: the second starts from the first's result
         grads = [p.grad.clone() for p in [*learner.critic.parameters(), *learner.actor.parameters()]]
         results.append((td_error, values, grads))
     (td0, v0, g0), (td1, v1, g1) = results
@@ -99,3 +107,79 @@ def test_the_compiled_update_computes_the_same_losses_and_gradients_as_the_plain
     for a, b in zip([*fast.critic.parameters(), *fast.actor.parameters(), fast.log_alpha],
                     [*plain.critic.parameters(), *plain.actor.parameters(), plain.log_alpha]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _learner(seed=1, **kwargs):
+    torch.manual_seed(seed)
+    return SACLearner(OBS_DIM, ACT_DIM, -np.ones(ACT_DIM), np.ones(ACT_DIM), hidden_sizes=(32, 32), **kwargs)
+
+
+def test_a_block_of_updates_is_exactly_the_same_updates_one_at_a_time():
+    batches = [random_batch(64, OBS_DIM, ACT_DIM, torch.device("cpu"), seed=s) for s in range(3)]
+    weights = torch.rand(3, 64)
+    for batch, w in zip(batches, weights):
+        batch.weights = w  # prioritized replay's importance weights travel in the block too
+    one_at_a_time, in_a_block = _learner(), _learner()
+    torch.manual_seed(5)
+    td_each = torch.stack([one_at_a_time.update(batch) for batch in batches])
+    torch.manual_seed(5)
+    td_block = in_a_block.update_block(block_of(batches))
+    assert td_block.shape == (3, 64) and torch.equal(td_block, td_each)
+    assert in_a_block.updates == one_at_a_time.updates == 3
+    assert in_a_block.metrics.read() == one_at_a_time.metrics.read()  # means and maxima over the three
+    for a, b in zip(in_a_block.state_dict()["critic"].values(), one_at_a_time.state_dict()["critic"].values()):
+        assert torch.equal(a, b)
+    assert torch.equal(in_a_block.log_alpha, one_at_a_time.log_alpha)
+
+
+def test_a_block_on_the_device_holds_the_sampled_arrays_as_float32():
+    answer = sample_answers(16, 3, count=1)[0]
+    weights = np.random.default_rng(0).random((3, 16))
+    block = to_device_block(answer["data"], weights, torch.device("cpu"))
+    assert block.num_batches == 3
+    for name, array in {**answer["data"], "weights": weights}.items():
+        tensor = getattr(block, name)
+        assert tensor.dtype == torch.float32 and tensor.is_contiguous() and tuple(tensor.shape) == array.shape
+        assert torch.equal(tensor, torch.as_tensor(array.astype(np.float32)))
+    assert set(block.terminated.unique().tolist()) <= {0.0, 1.0}
+    # The block's fields share one buffer (one transfer to the device), and it is not the replay's memory.
+    assert len({tensor.untyped_storage().data_ptr() for tensor in block.tensors().values()}) == 1
+    block.obs.add_(1.0)
+    assert not np.array_equal(block.obs.numpy(), answer["data"]["obs"])
+
+
+def test_updates_fed_through_the_prefetcher_are_the_updates_on_the_sampled_blocks():
+    fed_learner, direct = _learner(), _learner()
+    fed = FedUpdates(fed_learner, 32, 2, torch.device("cpu"))
+    try:
+        torch.manual_seed(3)
+        for _ in range(3):
+            fed()
+    finally:
+        fed.close()
+    answers = sample_answers(32, 2)  # FedUpdates hands out answers 1, 2, 3 of these, in order
+    torch.manual_seed(3)
+    for answer in answers[1:4]:
+        direct.update_block(to_device_block(answer["data"], None, torch.device("cpu")))
+    assert fed_learner.updates == direct.updates == 6
+    for a, b in zip(fed_learner.actor.parameters(), direct.actor.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_suites_block_is_the_fleets_default_block():
+    assert learner_suite.BLOCK == LearnerConfig().prefetch_batches
+
+
+def test_matmul_precision_is_set_for_the_process_and_checked():
+    from sacfleet.learner.sac import matmul_precision, set_matmul_precision
+
+    try:
+        set_matmul_precision("tf32")
+        assert matmul_precision() == "tf32"
+        set_matmul_precision("float32")
+        assert matmul_precision() == "float32"
+        with pytest.raises(ValueError, match="learner.matmul_precision: 'bf16' is not allowed; choose one of: "
+                                             "float32, tf32"):
+            set_matmul_precision("bf16")
+    finally:
+        set_matmul_precision("float32")

@@ -34,6 +34,7 @@ def test_overrides_are_coerced_to_the_declared_types():
     ("lerner.batch_size=3", "unknown config key 'lerner.batch_size'; did you mean 'learner.batch_size'?"),
     ("replay.capacty=10", "did you mean 'replay.capacity'?"),
     ("learner.device=gpu", "learner.device: 'gpu' is not allowed; choose one of: auto, cpu, cuda"),
+    ("learner.matmul_precision=bf16", "learner.matmul_precision: 'bf16' is not allowed; choose one of: float32, tf32"),
     ("replay.sampler=per", "replay.sampler: 'per' is not allowed; choose one of: uniform, prioritized"),
     ("learner.batch_size=0", "learner.batch_size: 0 is too small; it must be >= 1"),
     ("learner.batch_size=12.5", "learner.batch_size: expected an integer, got 12.5"),

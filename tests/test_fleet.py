@@ -64,6 +64,10 @@ def test_replay_ratio_held_within_10_percent(tmp_path, actors):
     expected = (summary["env_steps"] - 400) * 32 / 64
     assert summary["updates"] == pytest.approx(expected, rel=0.10)
     assert summary["policy_lag"]["mean"] is not None and summary["policy_lag"]["mean"] >= 0
+    assert summary["learner_matmul_precision"] == "float32"
+    # Actors pulled weights, each pull one encoded policy of the size published.
+    assert summary["throughput"]["weight_pulls_per_s"] > 0
+    assert 4 * 32 * 32 < summary["throughput"]["weight_bytes_per_pull"] < 100_000  # the 32x32 layer alone: 4 KB
     # One periodic evaluation, then the final one; none doubles it at the last step.
     steps = [point[0] for point in summary["eval"]["curve"]]
     assert len(steps) == 2 and 1250 <= steps[0] < 2500 and steps[1] == summary["env_steps"], steps
@@ -72,9 +76,11 @@ def test_replay_ratio_held_within_10_percent(tmp_path, actors):
 
 def test_goal_env_fleet_keeps_episodes_in_one_shard_and_relabels_there(tmp_path):
     cfg = load_config(None, [*SHORT, "env.id=sacfleet/PointMassGoal-v0", "actors.num=2", "replay.num_shards=2",
-                             "replay.her=future", "replay.her_k=4", "checkpoint.replay=true"])
+                             "replay.her=future", "replay.her_k=4", "checkpoint.replay=true",
+                             "learner.matmul_precision=tf32"])
     summary = train_fleet(cfg, tmp_path / "run", echo=lambda line: None)
     assert summary["env_steps"] >= 2500 and summary["actors"]["restarts"] == 0
+    assert summary["learner_matmul_precision"] == "tf32"  # set in the learner's process (no effect on CPU)
     assert 0.0 <= summary["eval"]["success_rate"] <= 1.0
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     fractions = [r["replay/her_relabeled_fraction"] for r in records if "replay/her_relabeled_fraction" in r]

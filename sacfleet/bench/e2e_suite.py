@@ -1,6 +1,7 @@
 """The e2e suite: the whole fleet (actors, replay shard, learner) training HalfCheetah for a fixed
 wall time, for 1, 2, 4, ... actors up to the cores available: steady-state env steps/s and updates/s,
-the replay ratio held, the policy lag, and where the time went per stage."""
+the updates/s as a fraction of the learner suite's rate on the same device, the replay ratio held,
+the policy lag, and where the time went per stage."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def steady_rates(metrics_path: Path) -> tuple[float, float]:
 
 def run_fleet(config: str, num_actors: int, wall_seconds: float, run_dir: Path, echo: Callable[[str], None]) -> dict:
     from sacfleet.common.config import load_config
+    from sacfleet.common.envs import describe_env
     from sacfleet.launch import train_fleet
 
     cfg = load_config(config, [f"actors.num={num_actors}", "replay.capacity=200000",
@@ -42,7 +44,37 @@ def run_fleet(config: str, num_actors: int, wall_seconds: float, run_dir: Path, 
                                "eval.interval=0", "eval.final_episodes=1"])
     summary = train_fleet(cfg, run_dir, echo=lambda line: echo(f"  {line}"))
     env_rate, update_rate = steady_rates(run_dir / "metrics.jsonl")
-    return {"summary": summary, "env_steps_per_s": env_rate, "updates_per_s": update_rate}
+    info = describe_env(cfg.env)
+    return {"summary": summary, "env_steps_per_s": env_rate, "updates_per_s": update_rate,
+            "shapes": (info.obs_dim, info.act_dim, tuple(cfg.learner.hidden_sizes))}
+
+
+def learner_fraction(summary: dict, shapes: tuple, fleet_rate: float, seconds: float, suite_rates: dict,
+                     common: dict, echo: Callable[[str], None]) -> list[Record]:
+    """The fleet's steady updates/s as a fraction of the learner suite's rate, measured here on the
+    fleet learner's device, batch size, torch threads and matmul precision, one update at a time and in
+    blocks of learner.prefetch_batches (the fleet's way)."""
+    import torch
+
+    from sacfleet.bench import learner_suite
+
+    learner = summary["config"]["learner"]
+    key = (summary["learner_device"], learner["batch_size"], summary["resources"]["learner_threads"],
+           learner["prefetch_batches"], learner["matmul_precision"], shapes)
+    if key not in suite_rates:
+        device, batch_size, threads, k, precision, _ = key
+        suite_rates[key] = learner_suite.update_rates(torch.device(device), batch_size, seconds, threads, k, precision,
+                                                      shapes)
+    single, block = suite_rates[key]
+    echo(f"  learner suite on {key[0]} ({key[2]} threads, {key[4]}): {single:,.0f} updates/s one at a time, "
+         f"{block:,.0f} in blocks of {key[3]}; the fleet ran {fleet_rate / single:.2f} of the first, "
+         f"{fleet_rate / block:.2f} of the second")
+    return [Record(metric="learner suite updates_per_s", value=single, unit="updates/s", **common),
+            Record(metric="learner suite updates_per_s: blocks", value=block, unit="updates/s", **common),
+            Record(metric="updates_per_s: fraction of learner suite", value=fleet_rate / single, unit="ratio",
+                   **common),
+            Record(metric="updates_per_s: fraction of learner suite blocks", value=fleet_rate / block, unit="ratio",
+                   **common)]
 
 
 def run(seconds: float = 2.0, actors: Sequence[int] | None = None, config: str = CONFIG,
@@ -51,6 +83,7 @@ def run(seconds: float = 2.0, actors: Sequence[int] | None = None, config: str =
     actors = actors or actor_counts(cores)
     wall = wall_seconds or max(20.0, 15 * seconds)  # start-up and warm-up take about 10 s of it
     records = []
+    suite_rates: dict[tuple, tuple[float, float]] = {}  # the learner suite's, per (device, batch size, threads)
     scratch = Path(tempfile.mkdtemp(prefix="sacfleet-e2e-"))
     try:
         with ray_session(cores):
@@ -73,6 +106,8 @@ def run(seconds: float = 2.0, actors: Sequence[int] | None = None, config: str =
                             Record(metric="updates_per_env_step: target", value=target, unit="ratio", **common)]
                 if lag is not None:
                     records.append(Record(metric="policy_lag", value=lag, unit="updates", **common))
+                records += learner_fraction(summary, out["shapes"], out["updates_per_s"], seconds, suite_rates, common,
+                                            echo)
                 stages = summary["throughput"]["stage_seconds"]
                 echo("  seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
                 records += [Record(metric=f"seconds: {stage}", value=value, unit="s", **common)

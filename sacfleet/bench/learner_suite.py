@@ -16,11 +16,13 @@ from torch import nn
 from torch.distributions import Normal
 
 from sacfleet.bench import Record
-from sacfleet.learner.sac import Batch, SACLearner
+from sacfleet.learner.prefetch import Prefetcher
+from sacfleet.learner.sac import Batch, SACLearner, matmul_precision, set_matmul_precision
 
 # HalfCheetah-v5's shapes with the MuJoCo presets' networks: the learner that limits a fleet.
 OBS_DIM, ACT_DIM, HIDDEN = 17, 6, (256, 256)
 BATCH_SIZES = (256, 512, 1024, 2048, 4096)
+BLOCK = 8  # updates per block in the fleet: learner.prefetch_batches' default (a test checks they agree)
 
 
 class NaiveSAC:
@@ -176,6 +178,50 @@ def matmul_step(shapes: list[tuple[int, int, int]], device: torch.device) -> Cal
     return step
 
 
+def sample_answers(batch_size: int, k: int, count: int = 4, seed: int = 0) -> list[dict]:
+    """`count` sample answers of k batches as a replay shard sends them (read-only float32 arrays,
+    terminated as bool): what the prefetcher turns into blocks in the fleet."""
+    rng = np.random.default_rng(seed)
+    answers = []
+    for _ in range(count):
+        data = {"obs": rng.standard_normal((k, batch_size, OBS_DIM), dtype=np.float32),
+                "action": rng.uniform(-1, 1, (k, batch_size, ACT_DIM)).astype(np.float32),
+                "reward": rng.standard_normal((k, batch_size), dtype=np.float32),
+                "next_obs": rng.standard_normal((k, batch_size, OBS_DIM), dtype=np.float32),
+                "terminated": rng.random((k, batch_size)) < 0.01}
+        for array in data.values():
+            array.setflags(write=False)
+        answers.append({"shard": 0, "data": data, "keys": None, "weights": None})
+    return answers
+
+
+class FedUpdates:
+    """The fleet learner's update thread without Ray: blocks come through a Prefetcher (its thread
+    packing host arrays into one buffer per block and moving it to the device) from answers already
+    in memory. One call takes one block and updates on it; `close()` stops the thread."""
+
+    def __init__(self, learner: SACLearner, batch_size: int, k: int, device: torch.device):
+        answers = sample_answers(batch_size, k)
+        self.turn = 0
+
+        def source(should_stop):
+            self.turn += 1
+            return answers[self.turn % len(answers)]
+
+        self.learner = learner
+        self.prefetcher = Prefetcher(source, device, depth=2, keep_keys=False)
+        self.prefetcher.start()
+
+    def __call__(self) -> None:
+        item = self.prefetcher.get(timeout=10.0)
+        if item is None:
+            raise RuntimeError("bench learner: the prefetch thread delivered no block in 10 s")
+        self.learner.update_block(item.block)
+
+    def close(self) -> None:
+        self.prefetcher.stop()
+
+
 @dataclass
 class LearnerFigures:
     device: str
@@ -184,6 +230,9 @@ class LearnerFigures:
     naive: float
     matmul_flop_rate: float
     update_flops: float
+    block: float  # updates/s, k at a time
+    fed: float  # updates/s, k at a time through the prefetcher
+    precision: str = "float32"
 
     @property
     def speedup(self) -> float:
@@ -194,21 +243,66 @@ class LearnerFigures:
         return self.sacfleet * self.update_flops / self.matmul_flop_rate
 
 
+def block_of(batches: list[Batch]) -> Batch:
+    return Batch(**{name: torch.stack([b.tensors()[name] for b in batches]) for name in batches[0].tensors()})
+
+
 def measure(device: torch.device, batch_size: int, seconds: float, compile_mode: str = "auto",
-            rounds: int = 5) -> LearnerFigures:
-    """Ours, the naive reference and the matmul baseline on the same device and thread count, each
-    timed for about `seconds` in all."""
+            rounds: int = 5, k: int = BLOCK, precision: str = "float32") -> LearnerFigures:
+    """Ours (one update per call, a block of k per call, and blocks fed through the prefetcher), the
+    naive reference and the matmul baseline on the same device, thread count and matmul precision,
+    each timed for about `seconds` in all."""
+    set_matmul_precision(precision)
     torch.manual_seed(0)
     batch = random_batch(batch_size, OBS_DIM, ACT_DIM, device)
+    block = block_of([random_batch(batch_size, OBS_DIM, ACT_DIM, device, seed=i) for i in range(k)])
     ours = SACLearner(OBS_DIM, ACT_DIM, -np.ones(ACT_DIM), np.ones(ACT_DIM), hidden_sizes=HIDDEN,
                       device=device, compile=compile_mode)
     naive = NaiveSAC(OBS_DIM, ACT_DIM, HIDDEN, device)
     shapes = matmul_shapes(batch_size, OBS_DIM, ACT_DIM, HIDDEN)
-    best = best_rates({"sacfleet": lambda: ours.update(batch), "naive": lambda: naive.update(batch),
-                       "matmul": matmul_step(shapes, device)}, device, seconds, rounds)
+    fed = FedUpdates(ours, batch_size, k, device)
+    try:
+        best = best_rates({"sacfleet": lambda: ours.update(batch), "block": lambda: ours.update_block(block),
+                           "fed": fed, "naive": lambda: naive.update(batch),
+                           "matmul": matmul_step(shapes, device)}, device, seconds, rounds)
+    finally:
+        fed.close()
+    ours.check_finite()
     ours.metrics.read()  # the learner reads its metrics once per logging period; do it once here
     return LearnerFigures(str(device.type), batch_size, best["sacfleet"], best["naive"],
-                          best["matmul"] * flops(shapes), flops(shapes))
+                          best["matmul"] * flops(shapes), flops(shapes), k * best["block"], k * best["fed"],
+                          matmul_precision())
+
+
+def update_rates(device: torch.device, batch_size: int, seconds: float, threads: int | None = None,
+                 k: int = BLOCK, precision: str = "float32", shapes: tuple = (OBS_DIM, ACT_DIM, HIDDEN),
+                 rounds: int = 5) -> tuple[float, float]:
+    """(updates/s one at a time, updates/s in blocks of k) of the suite's learner on `device` with
+    `threads` torch threads and (obs_dim, act_dim, hidden sizes) `shapes`: what the e2e suite
+    compares a fleet's learner with."""
+    obs_dim, act_dim, hidden = shapes
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    set_matmul_precision(precision)
+    try:
+        torch.manual_seed(0)
+        batch = random_batch(batch_size, obs_dim, act_dim, device)
+        block = block_of([random_batch(batch_size, obs_dim, act_dim, device, seed=i) for i in range(k)])
+        ours = SACLearner(obs_dim, act_dim, -np.ones(act_dim), np.ones(act_dim), hidden_sizes=tuple(hidden),
+                          device=device)
+        best = best_rates({"single": lambda: ours.update(batch), "block": lambda: ours.update_block(block)},
+                          device, seconds, rounds)
+        ours.check_finite()
+        return best["single"], k * best["block"]
+    finally:
+        torch.set_num_threads(before)
+        set_matmul_precision("float32")
+
+
+def precisions(device: torch.device) -> tuple[str, ...]:
+    """learner.matmul_precision's values the suite measures: tf32 only changes CUDA matmuls."""
+    return ("float32", "tf32") if device.type == "cuda" else ("float32",)
 
 
 def default_devices() -> list[str]:
@@ -223,21 +317,40 @@ def run(devices: list[str] | None = None, batch_sizes: tuple[int, ...] = BATCH_S
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("bench learner: --devices names cuda, but torch sees no CUDA device")
         for batch_size in batch_sizes:
-            fig = measure(device, batch_size, seconds)
-            echo(f"learner {fig.device} batch {batch_size}: sacfleet {fig.sacfleet:,.0f} updates/s, naive "
-                 f"{fig.naive:,.0f} ({fig.speedup:.2f}x); {fig.flop_fraction:.2f} of the matmul FLOP rate")
-            common = dict(suite="learner", device=fig.device, batch_size=batch_size)
-            records += [
-                Record(name="sacfleet", metric="updates_per_s", value=fig.sacfleet, unit="updates/s", **common),
-                Record(name="naive", metric="updates_per_s", value=fig.naive, unit="updates/s", **common),
-                Record(name="sacfleet", metric="speedup_vs_naive", value=fig.speedup, unit="x", **common),
-                Record(name="sacfleet", metric="flop_rate", value=fig.sacfleet * fig.update_flops / 1e9,
-                       unit="GFLOP/s", **common),
-                Record(name="matmul", metric="flop_rate", value=fig.matmul_flop_rate / 1e9, unit="GFLOP/s", **common),
-                Record(name="sacfleet", metric="flop_fraction_of_matmul", value=fig.flop_fraction, unit="ratio",
-                       **common),
-            ]
+            for precision in precisions(device):
+                fig = measure(device, batch_size, seconds, precision=precision)
+                echo(f"learner {fig.device} batch {batch_size} ({fig.precision}): sacfleet {fig.sacfleet:,.0f} "
+                     f"updates/s, naive {fig.naive:,.0f} ({fig.speedup:.2f}x); {fig.flop_fraction:.2f} of the "
+                     f"matmul FLOP rate; blocks of {BLOCK}: {fig.block:,.0f} updates/s, fed by the prefetcher "
+                     f"{fig.fed:,.0f} ({fig.fed / fig.block:.2f} of blocks)")
+                records += _records(fig)
+    set_matmul_precision("float32")
     return records
+
+
+def _records(fig: LearnerFigures) -> list[Record]:
+    """The float32 figures under their plain names; tf32 ones (CUDA) with the precision in the name."""
+    common = dict(suite="learner", device=fig.device, batch_size=fig.batch_size)
+    tag = "" if fig.precision == "float32" else f" {fig.precision}"
+    block = [Record(name=f"sacfleet block {BLOCK}{tag}", metric="updates_per_s", value=fig.block, unit="updates/s",
+                    **common),
+             Record(name=f"sacfleet fed {BLOCK}{tag}", metric="updates_per_s", value=fig.fed, unit="updates/s",
+                    **common),
+             Record(name=f"sacfleet fed {BLOCK}{tag}", metric="fraction_of_block", value=fig.fed / fig.block,
+                    unit="ratio", **common)]
+    if tag:
+        return [Record(name=f"sacfleet{tag}", metric="updates_per_s", value=fig.sacfleet, unit="updates/s",
+                       **common), *block]
+    return [
+        Record(name="sacfleet", metric="updates_per_s", value=fig.sacfleet, unit="updates/s", **common),
+        Record(name="naive", metric="updates_per_s", value=fig.naive, unit="updates/s", **common),
+        Record(name="sacfleet", metric="speedup_vs_naive", value=fig.speedup, unit="x", **common),
+        Record(name="sacfleet", metric="flop_rate", value=fig.sacfleet * fig.update_flops / 1e9, unit="GFLOP/s",
+               **common),
+        Record(name="matmul", metric="flop_rate", value=fig.matmul_flop_rate / 1e9, unit="GFLOP/s", **common),
+        Record(name="sacfleet", metric="flop_fraction_of_matmul", value=fig.flop_fraction, unit="ratio", **common),
+        *block,
+    ]
 
 
 def threads_note() -> str:

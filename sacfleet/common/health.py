@@ -49,13 +49,15 @@ class RunFacts:
 def expected_policy_lag(cfg) -> float:
     """Learner updates between the policy that made the newest stored transitions and the learner's
     current one, as the fleet's settings imply: a published policy is up to publish_interval updates
-    old; an actor pulls every weight_sync_interval of its steps, and its chunk waits up to
+    old, or a block of prefetch_batches updates where that is more (the learner publishes between
+    blocks); an actor pulls every weight_sync_interval of its steps, and its chunk waits up to
     chunk_length steps to fill and then max_in_flight chunks to be acknowledged, while the whole
     fleet's steps drive updates at samples_per_insert / batch_size per transition."""
     a = cfg.actors
     updates_per_transition = cfg.replay.samples_per_insert / cfg.learner.batch_size
     fleet_steps = a.num * a.envs_per_actor * (a.weight_sync_interval + a.chunk_length * (1 + a.max_in_flight))
-    return cfg.learner.publish_interval + updates_per_transition * fleet_steps
+    publish_every = max(cfg.learner.publish_interval, cfg.learner.prefetch_batches)
+    return publish_every + updates_per_transition * fleet_steps
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""The learner's fast path: the losses compiled with torch.compile and, on CUDA, the whole update
-(losses, backward passes, optimizer steps, Polyak averaging) captured once in a CUDA graph and
-replayed for every batch, so that a small-network update costs one launch instead of hundreds."""
+"""The learner's fast path: the losses compiled with torch.compile and, on CUDA, a block of k whole
+updates (losses, backward passes, optimizer steps, Polyak averaging) captured once in a CUDA graph
+and replayed for every block, so that k small-network updates cost one launch instead of thousands."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 
 from sacfleet.learner.sac import Batch, Losses
 
-WARMUP_UPDATES = 3  # eager (compiled) updates before capture: compilation and optimizer state happen there
+WARMUP_UPDATES = 3  # eager (compiled) blocks before capture: compilation and optimizer state happen there
+MAX_GRAPHS = 16  # block shapes captured: a block of k <= learner.prefetch_batches batches, with or without weights
 
 
 def compile_losses(losses: Losses) -> Losses:
@@ -20,64 +21,70 @@ def compile_losses(losses: Losses) -> Losses:
 
 
 class CudaGraphStep:
-    """Runs `step(batch)` on static input tensors: a few warm-up updates on a side stream, then one
-    capture, then a copy of each batch into the static inputs and a replay. A batch of another
-    shape (or with importance weights where there were none) runs `step` uncaptured."""
+    """Runs `step(block)` (k updates, one per batch of the block) from static input tensors: a few
+    warm-up calls on a side stream, then, for each block shape, one capture, and for every block a copy
+    into that shape's static inputs and a replay. Shapes beyond MAX_GRAPHS (or a capture this torch
+    build cannot make) run `step` uncaptured."""
 
     def __init__(self, step: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]):
         self.step = step
         self.reset()
 
     def reset(self) -> None:
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.static: Batch | None = None
-        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.graphs: dict[tuple, _Captured] = {}
+        self.warmed: set[tuple] = set()
         self.warmup_left = WARMUP_UPDATES
         self.failed = False
 
-    def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.warmup_left > 0:
-            return self._warmup(batch)
-        if self.failed or not self._fits(batch):
-            return self.step(batch)
-        for name, tensor in _fields(batch):
-            getattr(self.static, name).copy_(tensor, non_blocking=True)
-        if self.graph is None:
+    def __call__(self, block: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = tuple((name, tuple(tensor.shape)) for name, tensor in block.tensors().items())
+        captured = self.graphs.get(shape)
+        if captured is None:
+            if self.failed or len(self.graphs) >= MAX_GRAPHS:
+                return self.step(block)
+            # Every shape runs once uncaptured before its capture, so that what it needs (a compiled
+            # loss with importance weights, say) exists; the first shape a few times.
+            if self.warmup_left > 0 or shape not in self.warmed:
+                self.warmed.add(shape)
+                return self._warmup(block)
             try:
-                self._capture()
+                captured = self.graphs[shape] = self._capture(block)
             except RuntimeError as exc:  # an op this torch build cannot capture: run uncaptured, slower
                 warnings.warn(f"learner: CUDA graph capture failed ({exc}); updates run without it")
                 self.failed = True
-                return self.step(batch)
-        self.graph.replay()
-        td_error, values = self.outputs
+                torch.cuda.synchronize()
+                return self.step(block)
+        for name, tensor in block.tensors().items():
+            getattr(captured.inputs, name).copy_(tensor, non_blocking=True)
+        captured.graph.replay()
+        td_error, values = captured.outputs
         # Clones, so that a caller holding them is not overwritten by the next replay.
         return td_error.clone(), values.clone()
 
-    def _warmup(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _warmup(self, block: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         # Warm-up runs on a side stream, as capture requires: it must not see the default
         # stream's pending work as part of its own.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            out = self.step(batch)
+            out = self.step(block)
         torch.cuda.current_stream().wait_stream(side)
-        self.warmup_left -= 1
-        if self.warmup_left == 0:
-            self.static = Batch(**{name: tensor.clone() for name, tensor in _fields(batch)})
+        self.warmup_left = max(0, self.warmup_left - 1)
         return out
 
-    def _fits(self, batch: Batch) -> bool:
-        mine, theirs = dict(_fields(self.static)), dict(_fields(batch))
-        return mine.keys() == theirs.keys() and all(mine[k].shape == theirs[k].shape for k in mine)
-
-    def _capture(self) -> None:
+    def _capture(self, block: Batch) -> "_Captured":
+        inputs = Batch(**{name: torch.empty_like(tensor) for name, tensor in block.tensors().items()})
+        torch.cuda.synchronize()  # the static inputs exist before the capture reads them
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.outputs = self.step(self.static)
-        self.graph = graph
+        # thread_local: the prefetch thread keeps copying batches to the device while this thread
+        # captures; those calls are not part of the graph and must not invalidate it.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            outputs = self.step(inputs)
+        return _Captured(graph, inputs, outputs)
 
 
-def _fields(batch: Batch) -> list[tuple[str, torch.Tensor]]:
-    return [(f.name, getattr(batch, f.name)) for f in dataclasses.fields(batch)
-            if getattr(batch, f.name) is not None]
+@dataclasses.dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    inputs: Batch
+    outputs: tuple[torch.Tensor, torch.Tensor]

@@ -1,6 +1,6 @@
-"""Background prefetch: a thread pulls multi-batch samples, moves them to the learner's device
-(pinned memory and non-blocking copies on CUDA) and keeps batches ready, so updates run back to
-back instead of waiting on replay. Needs only torch and numpy."""
+"""Background prefetch: a thread pulls multi-batch samples, moves each to the learner's device as
+one block (one pinned buffer and one non-blocking copy on CUDA) and keeps blocks ready, so updates
+run back to back instead of waiting on replay. Needs only torch and numpy."""
 
 from __future__ import annotations
 
@@ -20,32 +20,36 @@ LEARNER_FIELDS = ("obs", "action", "reward", "next_obs", "terminated")
 
 @dataclass
 class Prefetched:
-    batch: Batch
+    block: Batch  # k batches, fields [k, B, ...], for SACLearner.update_block
     shard: int
-    keys: np.ndarray | None  # for priority updates; None for uniform replay
+    keys: np.ndarray | None  # [k, B], for priority updates; None for uniform replay
 
 
-def to_device_batches(data: Mapping[str, np.ndarray], weights: np.ndarray | None,
-                      device: torch.device) -> list[Batch]:
-    """Split packed [k, B, ...] arrays into k Batches on `device`, one host-to-device copy per field."""
-    cuda = device.type == "cuda"
-
-    def move(array: np.ndarray) -> torch.Tensor:
-        tensor = torch.tensor(array, dtype=torch.float32)  # copies: sampled arrays may be read-only
-        if cuda:
-            return tensor.pin_memory().to(device, non_blocking=True)
-        return tensor
-
-    fields = {name: move(data[name]).unbind(0) for name in LEARNER_FIELDS}
-    w = move(weights).unbind(0) if weights is not None else None
-    return [Batch(obs=fields["obs"][i], action=fields["action"][i], reward=fields["reward"][i],
-                  next_obs=fields["next_obs"][i], terminated=fields["terminated"][i],
-                  weights=None if w is None else w[i]) for i in range(len(fields["obs"]))]
+def to_device_block(data: Mapping[str, np.ndarray], weights: np.ndarray | None,
+                    device: torch.device) -> Batch:
+    """Packed [k, B, ...] sample arrays as one block on `device`: every field is copied once into one
+    float32 host buffer (pinned on CUDA, from torch's caching host allocator), which then goes to the
+    device in a single non-blocking transfer; the block's fields are contiguous views of it."""
+    arrays = {name: data[name] for name in LEARNER_FIELDS}
+    if weights is not None:
+        arrays["weights"] = weights
+    sizes = [array.size for array in arrays.values()]
+    host = torch.empty(sum(sizes), dtype=torch.float32, pin_memory=device.type == "cuda")
+    flat = host.numpy()
+    offset = 0
+    for array, size in zip(arrays.values(), sizes):
+        # Into the buffer, cast to float32 on the way (terminated is bool): the one host copy.
+        np.copyto(flat[offset:offset + size].reshape(array.shape), array, casting="unsafe")
+        offset += size
+    packed = host.to(device, non_blocking=True) if device.type == "cuda" else host
+    fields = {name: view.view(array.shape)
+              for (name, array), view in zip(arrays.items(), packed.split(sizes))}
+    return Batch(**fields)
 
 
 class Prefetcher:
     """`source(should_stop)` returns one sample answer ({"shard", "data", "keys", "weights"}) or None
-    when stopping; `get()` hands out its batches one at a time."""
+    when stopping; `get()` hands out one answer's batches at a time, as a block; `depth` blocks wait."""
 
     def __init__(self, source: Callable[[Callable[[], bool]], dict | None], device: torch.device,
                  depth: int, keep_keys: bool):
@@ -71,16 +75,14 @@ class Prefetcher:
                 self.seconds_sampling += time.monotonic() - t0
                 if answer is None:
                     return
-                batches = to_device_batches(answer["data"], answer["weights"], self.device)
-                for i, batch in enumerate(batches):
-                    keys = answer["keys"][i] if self.keep_keys else None
-                    item = Prefetched(batch, answer["shard"], keys)
-                    while not self.stopping.is_set():
-                        try:
-                            self.queue.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
+                block = to_device_block(answer["data"], answer["weights"], self.device)
+                item = Prefetched(block, answer["shard"], answer["keys"] if self.keep_keys else None)
+                while not self.stopping.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
         except BaseException as exc:  # handed to the update thread by get()
             self.error = exc
 

@@ -14,6 +14,7 @@ to |Q| and far-away states with huge costs do not drown the small differences ne
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
@@ -64,6 +65,23 @@ class Batch:
         return cls(obs=to(data["obs"]), action=to(data["action"]), reward=to(data["reward"]),
                    next_obs=to(data["next_obs"]), terminated=to(data["terminated"]),
                    weights=None if weights is None else to(weights))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that are set (weights only with prioritized replay), by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    def __getitem__(self, i: int) -> "Batch":
+        """Batch i of a block: a Batch whose fields carry a leading dimension of k batches."""
+        return Batch(**{name: tensor[i] for name, tensor in self.tensors().items()})
+
+    def as_block(self) -> "Batch":
+        """This batch as a block of one (views, no copies)."""
+        return Batch(**{name: tensor.unsqueeze(0) for name, tensor in self.tensors().items()})
+
+    @property
+    def num_batches(self) -> int:
+        """k, for a block."""
+        return self.obs.shape[0]
 
 
 def symlog(x: torch.Tensor) -> torch.Tensor:
@@ -146,9 +164,11 @@ class MetricAccumulator:
         self.count = 0
 
     def add(self, values: torch.Tensor) -> None:
-        self.sums += values
-        torch.maximum(self.maxes, values, out=self.maxes)
-        self.count += 1
+        """One update's metrics, or a block's: [k, len(names)] for k updates."""
+        values = values.reshape(-1, len(self.names))
+        self.sums += values.sum(0)
+        torch.maximum(self.maxes, values.amax(0), out=self.maxes)
+        self.count += values.shape[0]
 
     def read(self) -> dict[str, float]:
         if self.count == 0:
@@ -232,7 +252,7 @@ class SACLearner:
             from sacfleet.learner.compiled import CudaGraphStep, compile_losses
 
             self._losses = compile_losses(self._losses)
-            self._graph = CudaGraphStep(self._step) if cuda_graph else None
+            self._graph = CudaGraphStep(self._block_step) if cuda_graph else None
 
     @classmethod
     def from_config(cls, cfg, env_info, device: str | torch.device) -> "SACLearner":
@@ -249,10 +269,20 @@ class SACLearner:
 
     def update(self, batch: Batch) -> torch.Tensor:
         """One SAC update; returns the per-sample |TD error| (on the device, for priorities)."""
-        td_error, values = self._graph(batch) if self._graph is not None else self._step(batch)
-        self.updates += 1
+        return self.update_block(batch.as_block())[0]
+
+    def update_block(self, block: Batch) -> torch.Tensor:
+        """k SAC updates, one per batch of a block (fields [k, B, ...]), in order: exactly what k calls
+        of `update` compute. On CUDA the k updates replay as one graph, so the host's work (a copy,
+        a launch, the metrics) is paid once per block. Returns |TD errors| [k, B] on the device."""
+        td_error, values = self._graph(block) if self._graph is not None else self._block_step(block)
+        self.updates += block.num_batches
         self.metrics.add(values)
         return td_error
+
+    def _block_step(self, block: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        steps = [self._step(block[i]) for i in range(block.num_batches)]
+        return torch.stack([td for td, _ in steps]), torch.stack([values for _, values in steps])
 
     def _step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The update's tensor work, with no host syncs, so that it can be captured in a CUDA graph."""
@@ -365,6 +395,26 @@ def resolve_compile(requested: str, device: torch.device) -> bool:
     if requested not in ("auto", "on", "off"):
         raise ValueError(f"learner.compile: {requested!r} is not allowed; choose one of: auto, on, off")
     return requested == "on" or (requested == "auto" and device.type == "cuda")
+
+
+def set_matmul_precision(precision: str) -> None:
+    """learner.matmul_precision for this process's CUDA matmuls (torch keeps it per process): float32
+    is IEEE single precision, tf32 rounds the multiplicands to TF32's 10-bit mantissa on Ampere and
+    later GPUs. The one torch API is used (torch >= 2.9 refuses reads after a mix of old and new)."""
+    if precision not in ("float32", "tf32"):
+        raise ValueError(f"learner.matmul_precision: {precision!r} is not allowed; choose one of: float32, tf32")
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32" if precision == "tf32" else "ieee"
+    else:  # torch before 2.9
+        matmul.allow_tf32 = precision == "tf32"
+
+
+def matmul_precision() -> str:
+    """The CUDA matmul precision this process has: float32 or tf32."""
+    matmul = torch.backends.cuda.matmul
+    tf32 = matmul.fp32_precision == "tf32" if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
+    return "tf32" if tf32 else "float32"
 
 
 def resolve_device(requested: str) -> torch.device:

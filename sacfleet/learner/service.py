@@ -16,8 +16,11 @@ from sacfleet.common.codec import encode_weights
 from sacfleet.common.config import Config
 from sacfleet.common.process import peer_handles, restarted_by_ray, this_node
 from sacfleet.learner.prefetch import Prefetcher
-from sacfleet.learner.sac import LearnerDiverged, SACLearner, resolve_device
+from sacfleet.learner.sac import LearnerDiverged, SACLearner, matmul_precision, resolve_device, set_matmul_precision
 from sacfleet.replay_server.client import SampleClient
+
+
+PREFETCH_BLOCKS = 2
 
 
 class InjectedFault(RuntimeError):
@@ -51,12 +54,13 @@ class LearnerService:
         torch.manual_seed(learner_seed(cfg.train.seed, session))
         self.cfg = cfg
         self.device = resolve_device(cfg.learner.device)
+        set_matmul_precision(cfg.learner.matmul_precision)
         self.learner = SACLearner.from_config(cfg.learner, env_info, self.device)
         self.prioritized = cfg.replay.sampler == "prioritized"
         self.sampler = SampleClient(peer_handles(peers)["shards"], cfg.learner.prefetch_batches, cfg.learner.batch_size,
                                     cfg.replay.rate_limit_timeout_s)
-        self.prefetcher = Prefetcher(self.sampler.next, self.device, 2 * cfg.learner.prefetch_batches,
-                                     keep_keys=self.prioritized)
+        # Two blocks ready: one answer's worth of updates always waits while the next is sampled.
+        self.prefetcher = Prefetcher(self.sampler.next, self.device, PREFETCH_BLOCKS, keep_keys=self.prioritized)
         self.fault_at = (faults or {}).get("learner_update")
         self.lock = threading.Lock()  # held for each update, so state and metrics are read between updates
         self.stopping = threading.Event()
@@ -65,6 +69,7 @@ class LearnerService:
         self.diverged: dict | None = None  # {"update", "what", "message"} once the learner diverged
         self.published: tuple[int, bytes] | None = None  # (version, encoded weights)
         self.publishes = 0
+        self.pulls = 0  # weights handed to actors: each sends the encoded bytes (weight_bytes) once more
         self.seconds_update = 0.0
         self.seconds_waiting = 0.0  # update thread idle: no batch ready
         # A process Ray restarted after a crash waits for the driver to restore the newest checkpoint.
@@ -100,10 +105,12 @@ class LearnerService:
                 if item is None:
                     continue
                 with self.lock:
-                    td_error = learner.update(item.batch)
+                    before = learner.updates
+                    td_error = learner.update_block(item.block)
                     if self.fault_at is not None and learner.updates >= self.fault_at:
-                        raise InjectedFault(f"injected fault in the learner at update {learner.updates}")
-                    if learner.updates % interval == 0:
+                        raise InjectedFault(f"injected fault in the learner at update {self.fault_at}")
+                    # Blocks of k updates: publish after the block in which an interval ended.
+                    if learner.updates // interval > before // interval:
                         self._publish()
                 if self.prioritized:
                     self.sampler.update_priorities(item.shard, item.keys, learner.priorities(td_error))
@@ -130,13 +137,17 @@ class LearnerService:
         published = self.published
         if published is None or published[0] == have_version:
             return None
+        self.pulls += 1
         return published
 
     def status(self, read_metrics: bool = False) -> dict:
         starved_since = self.sampler.starved_since
         status = {"updates": self.learner.updates, "error": self.error, "diverged": self.diverged,
                   "awaiting_restore": self.awaiting_restore,
-                  "publishes": self.publishes, "device": str(self.device), "seconds_update": self.seconds_update,
+                  "publishes": self.publishes, "weight_pulls": self.pulls,
+                  "weight_bytes": len(self.published[1]) if self.published else 0,
+                  "matmul_precision": matmul_precision(),
+                  "device": str(self.device), "seconds_update": self.seconds_update,
                   "seconds_waiting_for_data": self.seconds_waiting,
                   "seconds_sampling": self.prefetcher.seconds_sampling,
                   "starved_reason": self.sampler.last_reason if self.sampler.waiting_since is not None else "",
