@@ -63,8 +63,8 @@ def learner_fraction(summary: dict, shapes: tuple, fleet_rate: float, seconds: f
            learner["prefetch_batches"], learner["matmul_precision"], shapes)
     if key not in suite_rates:
         device, batch_size, threads, k, precision, _ = key
-        suite_rates[key] = learner_suite.update_rates(torch.device(device), batch_size, seconds, threads, k, precision,
-                                                      shapes)
+        suite_rates[key] = learner_suite.update_rates(torch.device(device), batch_size, seconds, threads, k,
+                                                      precision, shapes)
     single, block = suite_rates[key]
     echo(f"  learner suite on {key[0]} ({key[2]} threads, {key[4]}): {single:,.0f} updates/s one at a time, "
          f"{block:,.0f} in blocks of {key[3]}; the fleet ran {fleet_rate / single:.2f} of the first, "

@@ -98,15 +98,16 @@ class LearnerConfig:
     compile: str = _key("auto", choices=("auto", "on", "off"),
                         doc="torch.compile the losses and capture the update in a CUDA graph; auto: on with CUDA only")
     matmul_precision: str = _key("float32", choices=("float32", "tf32"),
-                                 doc="internal precision of the learner's float32 matmuls on CUDA: float32 (IEEE), or tf32 "
-                                     "(Ampere and later GPUs: 10-bit mantissas, faster); no effect on CPU")
+                                 doc="internal precision of the learner's float32 matmuls on CUDA: float32 "
+                                     "(IEEE), or tf32 (Ampere and later GPUs: 10-bit mantissas, faster); "
+                                     "no effect on CPU")
     symlog_q: bool = _key(False, doc="critics predict symlog(Q), so errors are relative to |Q|")
-    publish_interval: int = _key(10, ge=1, doc="updates between weight publishes (each encodes the policy once); the fleet "
-                                 "learner publishes between blocks of prefetch_batches updates")
+    publish_interval: int = _key(10, ge=1, doc="updates between weight publishes (each encodes the policy once); "
+                                               "the fleet learner publishes between blocks of prefetch_batches updates")
     num_threads: int = _key(0, ge=0, doc="torch CPU threads for the learner; 0 means its Ray CPUs (inline: torch's default)")
     num_cpus: float = _key(1.0, gt=0, doc="Ray CPUs reserved for the learner (capped at half the cluster's)")
-    prefetch_batches: int = _key(8, ge=1, doc="batches per sample request, updated as one block (one CUDA graph on GPUs); "
-                                                  "one request per shard is kept in flight")
+    prefetch_batches: int = _key(8, ge=1, doc="batches per sample request, updated as one block (one CUDA graph "
+                                              "on GPUs); one request per shard is kept in flight")
 
 
 @dataclass
