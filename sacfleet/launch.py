@@ -307,6 +307,7 @@ def _finish(run: FleetRun, stop_reason: str, restored: int) -> dict:
                        "inserts_per_s": (sup.inserts - start.inserts) / session_wall,
                        "samples_per_s": (sup.samples - start.samples) / session_wall,
                        "weight_publishes_per_s": final_status["publishes"] / session_wall,
+                       "weight_encodes_per_s": final_status["weight_encodes"] / session_wall,
                        "weight_pulls_per_s": final_status["weight_pulls"] / session_wall,
                        "weight_bytes_per_pull": final_status["weight_bytes"],
                        "stage_seconds": {k: round(v, 2) for k, v in stages.items()}},

@@ -162,12 +162,14 @@ def test_updates_fed_through_the_prefetcher_are_the_updates_on_the_sampled_block
     for answer in answers[1:4]:
         direct.update_block(to_device_block(answer["data"], None, torch.device("cpu")))
     assert fed_learner.updates == direct.updates == 6
+    assert fed.publisher.snapshots == 0  # no publish interval (10 updates) ended yet
     for a, b in zip(fed_learner.actor.parameters(), direct.actor.parameters()):
         assert torch.equal(a, b)
 
 
-def test_the_suites_block_is_the_fleets_default_block():
+def test_the_suites_block_and_publish_interval_are_the_fleets_defaults():
     assert learner_suite.BLOCK == LearnerConfig().prefetch_batches
+    assert learner_suite.PUBLISH_INTERVAL == LearnerConfig().publish_interval
 
 
 def test_matmul_precision_is_set_for_the_process_and_checked():
@@ -183,3 +185,44 @@ def test_matmul_precision_is_set_for_the_process_and_checked():
             set_matmul_precision("bf16")
     finally:
         set_matmul_precision("float32")
+
+
+def test_the_publisher_encodes_only_pulled_versions_from_copies_taken_at_the_snapshot():
+    from sacfleet.common.codec import decode_weights
+    from sacfleet.learner.publish import PolicyPublisher
+
+    learner = _learner()
+    publisher = PolicyPublisher(learner)
+    batches = [random_batch(32, OBS_DIM, ACT_DIM, torch.device("cpu"), seed=s) for s in range(4)]
+    assert publisher.latest(-1) is None  # nothing published yet
+    for batch in batches[:3]:
+        learner.update(batch)
+        publisher.snapshot()
+    at_snapshot = {k: v.clone() for k, v in learner.actor.state_dict().items()}
+    learner.update(batches[3])  # after the snapshot: not in what is pulled
+    version, payload = publisher.latest(-1)
+    assert version == 3 and publisher.snapshots == 3 and publisher.encodes == 1  # versions 1 and 2 never pulled
+    weights, decoded_version = decode_weights(payload)
+    assert decoded_version == 3
+    for name, tensor in at_snapshot.items():
+        np.testing.assert_array_equal(weights[name], tensor.numpy())
+    assert publisher.latest(3) is None and publisher.encodes == 1 and publisher.pulls == 1
+    assert publisher.latest(0)[0] == 3 and publisher.encodes == 1  # one encoding for every puller
+    assert publisher.bytes_per_pull == len(payload)
+
+
+def test_the_publisher_never_hands_out_a_policy_taken_after_the_learner_diverged():
+    from sacfleet.learner.publish import PolicyPublisher
+    from sacfleet.learner.sac import LearnerDiverged
+
+    learner = _learner(reward_scale=1e38)
+    publisher = PolicyPublisher(learner)
+    publisher.snapshot()
+    assert publisher.latest(-1)[0] == 0 and not publisher.diverged_before()
+    learner.update(random_batch(32, OBS_DIM, ACT_DIM, torch.device("cpu")))  # the critic target overflows
+    publisher.snapshot()
+    assert publisher.diverged_before()
+    assert publisher.latest(0) is None  # actors keep version 0
+    assert publisher.latest(-1)[0] == 0 and publisher.diverged
+    with pytest.raises(LearnerDiverged, match="at update 1"):
+        learner.check_finite()

@@ -310,6 +310,23 @@ def test_a_nan_batch_is_caught_and_named_at_the_update_where_it_happened():
     assert all(np.isfinite(w).all() for w in weights_before.values())
 
 
+def test_in_a_block_the_divergence_is_named_at_the_update_of_the_bad_batch():
+    from sacfleet.learner.sac import Batch
+
+    learner = _learner()
+    learner.update(_random_batch(0))
+    batches = [_random_batch(i) for i in range(1, 5)]
+    batches[2].next_obs[1, 0] = float("inf")  # the third update of the block: update 1 + 3
+
+    def block():
+        return Batch(**{name: torch.stack([getattr(b, name) for b in batches]) for name in batches[0].tensors()})
+
+    learner.update_block(block())
+    learner.update_block(block())  # later bad updates do not move the blame
+    with pytest.raises(LearnerDiverged, match=r"learner diverged at update 4: non-finite train/critic_loss"):
+        learner.check_finite()
+
+
 def test_overflow_from_huge_rewards_is_divergence_too():
     learner = _learner(reward_scale=1e30)  # finite rewards whose squared TD errors overflow float32
     learner.update(_random_batch(0))

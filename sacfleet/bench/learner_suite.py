@@ -17,12 +17,14 @@ from torch.distributions import Normal
 
 from sacfleet.bench import Record
 from sacfleet.learner.prefetch import Prefetcher
+from sacfleet.learner.publish import PolicyPublisher
 from sacfleet.learner.sac import Batch, SACLearner, matmul_precision, set_matmul_precision
 
 # HalfCheetah-v5's shapes with the MuJoCo presets' networks: the learner that limits a fleet.
 OBS_DIM, ACT_DIM, HIDDEN = 17, 6, (256, 256)
 BATCH_SIZES = (256, 512, 1024, 2048, 4096)
 BLOCK = 8  # updates per block in the fleet: learner.prefetch_batches' default (a test checks they agree)
+PUBLISH_INTERVAL = 10  # learner.publish_interval's default, as BLOCK
 
 
 class NaiveSAC:
@@ -198,7 +200,8 @@ def sample_answers(batch_size: int, k: int, count: int = 4, seed: int = 0) -> li
 class FedUpdates:
     """The fleet learner's update thread without Ray: blocks come through a Prefetcher (its thread
     packing host arrays into one buffer per block and moving it to the device) from answers already
-    in memory. One call takes one block and updates on it; `close()` stops the thread."""
+    in memory. One call takes one block, updates on it and snapshots the policy when a publish
+    interval ended; `close()` stops the thread."""
 
     def __init__(self, learner: SACLearner, batch_size: int, k: int, device: torch.device):
         answers = sample_answers(batch_size, k)
@@ -209,6 +212,7 @@ class FedUpdates:
             return answers[self.turn % len(answers)]
 
         self.learner = learner
+        self.publisher = PolicyPublisher(learner)
         self.prefetcher = Prefetcher(source, device, depth=2, keep_keys=False)
         self.prefetcher.start()
 
@@ -216,7 +220,10 @@ class FedUpdates:
         item = self.prefetcher.get(timeout=10.0)
         if item is None:
             raise RuntimeError("bench learner: the prefetch thread delivered no block in 10 s")
+        before = self.learner.updates
         self.learner.update_block(item.block)
+        if self.learner.updates // PUBLISH_INTERVAL > before // PUBLISH_INTERVAL:
+            self.publisher.snapshot()
 
     def close(self) -> None:
         self.prefetcher.stop()

@@ -192,10 +192,14 @@ class DivergenceWatch:
         self.bad_values = torch.zeros(len(names), device=device)
 
     def observe(self, values: torch.Tensor) -> None:
-        self.update.add_(1)
-        newly = torch.logical_and(~torch.isfinite(values).all(), self.first_bad < 0)
-        self.first_bad.copy_(torch.where(newly, self.update, self.first_bad))
-        self.bad_values.copy_(torch.where(newly, values, self.bad_values))
+        """The metrics of one update, or of a block of k updates ([k, len(names)]): one check per block."""
+        values = values.reshape(-1, len(self.names))
+        bad = ~torch.isfinite(values).all(-1)
+        first = bad.to(torch.int64).argmax()  # the block's first bad update (0 when none is)
+        newly = torch.logical_and(bad.any(), self.first_bad < 0)
+        self.first_bad.copy_(torch.where(newly, self.update + first + 1, self.first_bad))
+        self.bad_values.copy_(torch.where(newly, values[first], self.bad_values))
+        self.update.add_(values.shape[0])
 
     def restart_at(self, updates: int) -> None:
         self.update.fill_(updates)
@@ -281,8 +285,11 @@ class SACLearner:
         return td_error
 
     def _block_step(self, block: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's updates with no host syncs, so that they can be captured in one CUDA graph."""
         steps = [self._step(block[i]) for i in range(block.num_batches)]
-        return torch.stack([td for td, _ in steps]), torch.stack([values for _, values in steps])
+        td_error, values = torch.stack([td for td, _ in steps]), torch.stack([values for _, values in steps])
+        self.divergence.observe(values)
+        return td_error, values
 
     def _step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The update's tensor work, with no host syncs, so that it can be captured in a CUDA graph."""
@@ -314,7 +321,6 @@ class SACLearner:
         values = torch.stack([loss_q.detach(), loss_pi.detach(), alpha, loss_alpha.detach(),
                               -log_prob.detach().mean(), q_target.mean(), q_each[0], q_each[1],
                               critic_grad_norm, actor_grad_norm, batch.reward.abs().max()])
-        self.divergence.observe(values)
         return td_error, values
 
     def check_finite(self) -> None:

@@ -12,10 +12,10 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from sacfleet.common.codec import encode_weights
 from sacfleet.common.config import Config
 from sacfleet.common.process import peer_handles, restarted_by_ray, this_node
 from sacfleet.learner.prefetch import Prefetcher
+from sacfleet.learner.publish import PolicyPublisher
 from sacfleet.learner.sac import LearnerDiverged, SACLearner, matmul_precision, resolve_device, set_matmul_precision
 from sacfleet.replay_server.client import SampleClient
 
@@ -67,9 +67,7 @@ class LearnerService:
         self.thread = threading.Thread(target=self._run, name="sacfleet-update", daemon=True)
         self.error: str | None = None
         self.diverged: dict | None = None  # {"update", "what", "message"} once the learner diverged
-        self.published: tuple[int, bytes] | None = None  # (version, encoded weights)
-        self.publishes = 0
-        self.pulls = 0  # weights handed to actors: each sends the encoded bytes (weight_bytes) once more
+        self.publisher = PolicyPublisher(self.learner)
         self.seconds_update = 0.0
         self.seconds_waiting = 0.0  # update thread idle: no batch ready
         # A process Ray restarted after a crash waits for the driver to restore the newest checkpoint.
@@ -84,7 +82,7 @@ class LearnerService:
         if state is not None:
             self.learner.load_state_dict(state)
         self.awaiting_restore = False
-        self._publish()
+        self.publisher.snapshot()
         return self.learner.updates
 
     def start(self) -> str:
@@ -111,7 +109,10 @@ class LearnerService:
                         raise InjectedFault(f"injected fault in the learner at update {self.fault_at}")
                     # Blocks of k updates: publish after the block in which an interval ended.
                     if learner.updates // interval > before // interval:
-                        self._publish()
+                        self.publisher.snapshot()
+                    if self.publisher.diverged_before() or self.publisher.diverged:
+                        learner.check_finite()  # raises, naming the first bad update
+                        raise LearnerDiverged(learner.updates, "actor parameters")
                 if self.prioritized:
                     self.sampler.update_priorities(item.shard, item.keys, learner.priorities(td_error))
                 self.seconds_update += time.monotonic() - t1
@@ -122,30 +123,21 @@ class LearnerService:
         except BaseException as exc:
             self.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
 
-    def _publish(self) -> None:
-        payload = encode_weights(self.learner.policy_weights(), self.learner.updates)
-        # The bytes themselves, not a ray.put: each put object's reference bookkeeping (the actors
-        # borrow it) grew the learner by 3 to 7 MB a minute at one publish per 10 updates.
-        self.published = (self.learner.updates, payload)
-        self.publishes += 1
-
     # ---------------------------------------------------------------------- calls from the fleet
 
     def latest_weights(self, have_version: int):
         """(version, encoded weights) if other than `have_version`, else None. Other, not newer:
         a learner recovered from a checkpoint publishes an older version, and actors take it."""
-        published = self.published
-        if published is None or published[0] == have_version:
-            return None
-        self.pulls += 1
-        return published
+        # The bytes themselves, not a ray.put: each put object's reference bookkeeping (the actors
+        # borrow it) grew the learner by 3 to 7 MB a minute at one publish per 10 updates.
+        return self.publisher.latest(have_version)
 
     def status(self, read_metrics: bool = False) -> dict:
         starved_since = self.sampler.starved_since
         status = {"updates": self.learner.updates, "error": self.error, "diverged": self.diverged,
                   "awaiting_restore": self.awaiting_restore,
-                  "publishes": self.publishes, "weight_pulls": self.pulls,
-                  "weight_bytes": len(self.published[1]) if self.published else 0,
+                  "publishes": self.publisher.snapshots, "weight_encodes": self.publisher.encodes,
+                  "weight_pulls": self.publisher.pulls, "weight_bytes": self.publisher.bytes_per_pull,
                   "matmul_precision": matmul_precision(),
                   "device": str(self.device), "seconds_update": self.seconds_update,
                   "seconds_waiting_for_data": self.seconds_waiting,
@@ -170,9 +162,10 @@ class LearnerService:
             self.thread.join(timeout=30)
         self.prefetcher.stop()
         with self.lock:
-            fresh = self.published is None or self.published[0] != self.learner.updates
+            newest = self.publisher.newest
+            fresh = newest is None or newest.version != self.learner.updates
             if self.learner.updates > 0 and fresh and self.diverged is None:
-                self._publish()
+                self.publisher.snapshot()
         return self.status()
 
     def ping(self) -> bool:
