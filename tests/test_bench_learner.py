@@ -226,3 +226,84 @@ def test_the_publisher_never_hands_out_a_policy_taken_after_the_learner_diverged
     assert publisher.latest(-1)[0] == 0 and publisher.diverged
     with pytest.raises(LearnerDiverged, match="at update 1"):
         learner.check_finite()
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on CPU: capture records the step it ran, replay runs that
+    step again on the same (static) input tensors, writing into the captured outputs."""
+    capturing = None
+
+    def __init__(self):
+        self.run = None
+
+    def replay(self):
+        self.run()
+
+
+def test_cuda_graph_step_warms_each_block_shape_then_replays_one_graph_per_shape(monkeypatch):
+    """CudaGraphStep's bookkeeping, on CPU with a fake CUDA graph: every shape runs once uncaptured
+    before its capture, each block's data is copied into its shape's static inputs, replays give
+    the step's results, and outputs are copies that the next replay does not overwrite."""
+    import contextlib
+
+    from sacfleet.learner import compiled
+    from sacfleet.learner.sac import Batch
+
+    calls = []
+
+    def step(block):
+        calls.append(tuple(block.obs.shape))
+        out = (block.obs.sum(-1), block.reward.sum(-1, keepdim=True))
+        if _FakeGraph.capturing is not None:  # replays recompute into the same output tensors
+            def rerun(inputs=block, outputs=out):
+                outputs[0].copy_(inputs.obs.sum(-1))
+                outputs[1].copy_(inputs.reward.sum(-1, keepdim=True))
+            _FakeGraph.capturing.run = rerun
+        return out
+
+    @contextlib.contextmanager
+    def graph(g, capture_error_mode="global"):
+        assert capture_error_mode == "thread_local"  # the prefetch thread copies while this one captures
+        _FakeGraph.capturing = g
+        try:
+            yield
+        finally:
+            _FakeGraph.capturing = None
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "Stream", Stream)
+    monkeypatch.setattr(cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(cuda, "current_stream", Stream)
+    monkeypatch.setattr(cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(cuda, "graph", graph)
+
+    def block(k, seed):
+        g = torch.Generator().manual_seed(seed)
+        return Batch(obs=torch.randn(k, 4, 3, generator=g), action=torch.zeros(k, 4, 2), reward=torch.randn(k, 4,
+                     generator=g), next_obs=torch.zeros(k, 4, 3), terminated=torch.zeros(k, 4))
+
+    runner = compiled.CudaGraphStep(step)
+    for i in range(compiled.WARMUP_UPDATES):  # warm-up: uncaptured
+        runner(block(8, i))
+    assert len(calls) == compiled.WARMUP_UPDATES and not runner.graphs
+    first = block(8, 10)
+    out = runner(first)  # capture (the step runs once, as capture records it) and replay
+    assert len(runner.graphs) == 1 and len(calls) == compiled.WARMUP_UPDATES + 1
+    torch.testing.assert_close(out[0], first.obs.sum(-1))
+    second = block(8, 11)
+    out2 = runner(second)  # a replay: the step is not called again
+    assert len(calls) == compiled.WARMUP_UPDATES + 1
+    torch.testing.assert_close(out2[0], second.obs.sum(-1))
+    torch.testing.assert_close(out[0], first.obs.sum(-1))  # the earlier outputs were copies
+    small = block(3, 12)
+    torch.testing.assert_close(runner(small)[0], small.obs.sum(-1))  # a new shape: uncaptured once
+    assert len(runner.graphs) == 1 and calls[-1] == (3, 4, 3)
+    torch.testing.assert_close(runner(block(3, 13))[0], block(3, 13).obs.sum(-1))  # then its own graph
+    assert len(runner.graphs) == 2
+    torch.testing.assert_close(runner(block(8, 14))[0], block(8, 14).obs.sum(-1))  # the first graph again
+    assert len(calls) == compiled.WARMUP_UPDATES + 3

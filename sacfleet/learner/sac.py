@@ -198,7 +198,8 @@ class DivergenceWatch:
         first = bad.to(torch.int64).argmax()  # the block's first bad update (0 when none is)
         newly = torch.logical_and(bad.any(), self.first_bad < 0)
         self.first_bad.copy_(torch.where(newly, self.update + first + 1, self.first_bad))
-        self.bad_values.copy_(torch.where(newly, values[first], self.bad_values))
+        first_values = values.index_select(0, first.view(1))[0]  # not values[first]: that may sync
+        self.bad_values.copy_(torch.where(newly, first_values, self.bad_values))
         self.update.add_(values.shape[0])
 
     def restart_at(self, updates: int) -> None:
