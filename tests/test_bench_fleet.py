@@ -61,6 +61,18 @@ def test_actor_counts_double_up_to_the_cores():
     assert actors_suite.actor_counts(6) == (1, 2, 4)
 
 
+def test_actors_suite_measures_what_a_weight_pull_costs(local_ray):
+    pull = actors_suite.weight_pull_cost(pulls=30)
+    # The halfcheetah preset's policy: 17 -> 256 -> 256 -> 12 in float32, and the codec's framing.
+    assert 4 * (17 * 256 + 256 * 256 + 256 * 12) < pull["bytes"] < 4 * (17 * 256 + 256 * 256 + 256 * 12) + 4096
+    assert set(pull["best"]) == {"nothing new", "weights"}
+    assert all(per_call > 0 and cpu >= 0 for per_call, cpu in pull["best"].values())
+    deadline = time.monotonic() + 30  # both stand-ins are gone: their CPUs are free again
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
 def test_actors_suite_measures_collection_with_the_policy(local_ray):
     figures = actors_suite.collect_rate(POINTMASS_ID, num_actors=1, settings=(4, 10, 10), seconds=0.3)
     assert figures["env_steps_per_s"] > 100

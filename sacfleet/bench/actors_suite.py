@@ -2,7 +2,8 @@
 policy network and pushing encoded chunks of T steps to a replay shard and pulling weights every K
 steps, with no learner to hold them back; and the same rate as a fraction of the raw single-process
 env rate times the cores the actors were given. Measured at the halfcheetah preset's (M, T, K), at
-one env per actor with T=K=10, and at 16 envs per actor with T=32."""
+one env per actor with T=K=10, and at 16 envs per actor with T=32. Also what one weight pull costs
+the actor and the learner's process, with nothing new and with the preset's policy bytes."""
 
 from __future__ import annotations
 
@@ -49,6 +50,73 @@ class StaticWeights:
 
     def ping(self) -> bool:
         return True
+
+
+class PublishingLearner:
+    """Stands in for the fleet learner's process when actors pull weights: the real PolicyPublisher
+    over a SACLearner of the preset's shapes, one snapshot published, and its process's CPU time."""
+
+    def __init__(self, cfg, env_info):
+        import torch
+
+        from sacfleet.learner.publish import PolicyPublisher
+        from sacfleet.learner.sac import SACLearner
+
+        torch.set_num_threads(1)
+        self.publisher = PolicyPublisher(SACLearner.from_config(cfg.learner, env_info, "cpu"))
+        self.publisher.snapshot()
+        self.publisher.latest(-1)  # encoded once, as the first actor's pull does
+
+    def latest_weights(self, have_version: int):
+        return self.publisher.latest(have_version)
+
+    def cpu_seconds(self) -> float:
+        return time.process_time()
+
+    def bytes_per_pull(self) -> int:
+        return self.publisher.bytes_per_pull
+
+
+class Puller:
+    def pull(self, source, have_version: int, n: int) -> float:
+        """Seconds per `latest_weights` call, n calls one after another."""
+        import ray
+
+        start = time.perf_counter()
+        for _ in range(n):
+            ray.get(source.latest_weights.remote(have_version))
+        return (time.perf_counter() - start) / n
+
+
+def weight_pull_cost(pulls: int = 1000) -> dict:
+    """What one weight pull costs the puller (seconds per call) and the learner's process (CPU
+    seconds per call beyond its idle use), when nothing is new and when the policy's bytes go back;
+    best of ROUNDS."""
+    import ray
+
+    from sacfleet.common.config import load_config
+    from sacfleet.common.envs import describe_env
+
+    cfg = load_config(PRESET)
+    source = ray.remote(PublishingLearner).options(num_cpus=0.5).remote(cfg, describe_env(cfg.env))
+    puller = ray.remote(Puller).options(num_cpus=0.5).remote()
+    try:
+        c0 = ray.get(source.cpu_seconds.remote())
+        w0 = time.perf_counter()
+        time.sleep(1.0)
+        idle = (ray.get(source.cpu_seconds.remote()) - c0) / (time.perf_counter() - w0)
+        best = {}
+        for _ in range(ROUNDS):
+            for what, have in (("nothing new", 0), ("weights", -1)):
+                c0, w0 = ray.get(source.cpu_seconds.remote()), time.perf_counter()
+                per_call = ray.get(puller.pull.remote(source, have, pulls))
+                cpu = (ray.get(source.cpu_seconds.remote()) - c0 - idle * (time.perf_counter() - w0)) / pulls
+                if what not in best or per_call < best[what][0]:
+                    best[what] = (per_call, max(cpu, 0.0))
+        return {"best": best, "bytes": ray.get(source.bytes_per_pull.remote())}
+    finally:
+        ray.kill(source)
+        ray.kill(puller)
 
 
 def preset_settings(preset: str = PRESET) -> tuple[int, int, int]:
@@ -165,4 +233,11 @@ def run(seconds: float = 2.0, env_id: str = ENV_ID, settings: Sequence[tuple[int
                 records += [Record(metric=f"{stage}_share", value=figures[f"{stage}_share"],
                                    unit="fraction of actor time", **common)
                             for stage in ("env", "inference", "insert_wait")]
+        pull = weight_pull_cost()
+        common = dict(suite="actors", name=f"weight pull ({PRESET} policy, {pull['bytes']:,} bytes)", device="cpu")
+        for what, (per_call, cpu) in pull["best"].items():
+            echo(f"actors weight pull, {what}: {per_call * 1e6:,.0f} us per pull at the actor, {cpu * 1e6:,.0f} us of "
+                 f"the learner process's CPU")
+            records += [Record(metric=f"us_per_pull: {what}", value=per_call * 1e6, unit="us", **common),
+                        Record(metric=f"learner_cpu_us_per_pull: {what}", value=cpu * 1e6, unit="us", **common)]
     return records
