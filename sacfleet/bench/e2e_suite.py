@@ -83,7 +83,7 @@ def run(seconds: float = 2.0, actors: Sequence[int] | None = None, config: str =
     actors = actors or actor_counts(cores)
     wall = wall_seconds or max(20.0, 15 * seconds)  # start-up and warm-up take about 10 s of it
     records = []
-    suite_rates: dict[tuple, tuple[float, float]] = {}  # the learner suite's, per (device, batch size, threads)
+    suite_rates: dict[tuple, tuple[float, float]] = {}  # the learner suite's, per fleet learner setting
     scratch = Path(tempfile.mkdtemp(prefix="sacfleet-e2e-"))
     try:
         with ray_session(cores):
