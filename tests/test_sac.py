@@ -318,11 +318,8 @@ def test_in_a_block_the_divergence_is_named_at_the_update_of_the_bad_batch():
     batches = [_random_batch(i) for i in range(1, 5)]
     batches[2].next_obs[1, 0] = float("inf")  # the third update of the block: update 1 + 3
 
-    def block():
-        return Batch(**{name: torch.stack([getattr(b, name) for b in batches]) for name in batches[0].tensors()})
-
-    learner.update_block(block())
-    learner.update_block(block())  # later bad updates do not move the blame
+    learner.update_block(Batch.stack(batches))
+    learner.update_block(Batch.stack(batches))  # later bad updates do not move the blame
     with pytest.raises(LearnerDiverged, match=r"learner diverged at update 4: non-finite train/critic_loss"):
         learner.check_finite()
 

@@ -63,7 +63,8 @@ class PublishingLearner:
         from sacfleet.learner.sac import SACLearner
 
         torch.set_num_threads(1)
-        self.publisher = PolicyPublisher(SACLearner.from_config(cfg.learner, env_info, "cpu"))
+        self.publisher = PolicyPublisher(SACLearner.from_config(cfg.learner, env_info, "cpu"),
+                                         cfg.learner.publish_interval)
         self.publisher.snapshot()
         self.publisher.latest(-1)  # encoded once, as the first actor's pull does
 

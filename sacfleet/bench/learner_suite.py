@@ -212,7 +212,7 @@ class FedUpdates:
             return answers[self.turn % len(answers)]
 
         self.learner = learner
-        self.publisher = PolicyPublisher(learner)
+        self.publisher = PolicyPublisher(learner, PUBLISH_INTERVAL)
         self.prefetcher = Prefetcher(source, device, depth=2, keep_keys=False)
         self.prefetcher.start()
 
@@ -222,8 +222,7 @@ class FedUpdates:
             raise RuntimeError("bench learner: the prefetch thread delivered no block in 10 s")
         before = self.learner.updates
         self.learner.update_block(item.block)
-        if self.learner.updates // PUBLISH_INTERVAL > before // PUBLISH_INTERVAL:
-            self.publisher.snapshot()
+        self.publisher.after_block(before)
 
     def close(self) -> None:
         self.prefetcher.stop()
@@ -250,8 +249,16 @@ class LearnerFigures:
         return self.sacfleet * self.update_flops / self.matmul_flop_rate
 
 
-def block_of(batches: list[Batch]) -> Batch:
-    return Batch(**{name: torch.stack([b.tensors()[name] for b in batches]) for name in batches[0].tensors()})
+def _ours(device: torch.device, batch_size: int, k: int, shapes: tuple = (OBS_DIM, ACT_DIM, HIDDEN),
+          compile_mode: str = "auto") -> tuple[SACLearner, Batch, Batch]:
+    """The suite's learner for (obs_dim, act_dim, hidden sizes) `shapes`, a batch and a block of k."""
+    obs_dim, act_dim, hidden = shapes
+    torch.manual_seed(0)
+    batch = random_batch(batch_size, obs_dim, act_dim, device)
+    block = Batch.stack([random_batch(batch_size, obs_dim, act_dim, device, seed=i) for i in range(k)])
+    learner = SACLearner(obs_dim, act_dim, -np.ones(act_dim), np.ones(act_dim), hidden_sizes=tuple(hidden),
+                         device=device, compile=compile_mode)
+    return learner, batch, block
 
 
 def measure(device: torch.device, batch_size: int, seconds: float, compile_mode: str = "auto",
@@ -260,25 +267,24 @@ def measure(device: torch.device, batch_size: int, seconds: float, compile_mode:
     naive reference and the matmul baseline on the same device, thread count and matmul precision,
     each timed for about `seconds` in all."""
     set_matmul_precision(precision)
-    torch.manual_seed(0)
-    batch = random_batch(batch_size, OBS_DIM, ACT_DIM, device)
-    block = block_of([random_batch(batch_size, OBS_DIM, ACT_DIM, device, seed=i) for i in range(k)])
-    ours = SACLearner(OBS_DIM, ACT_DIM, -np.ones(ACT_DIM), np.ones(ACT_DIM), hidden_sizes=HIDDEN,
-                      device=device, compile=compile_mode)
-    naive = NaiveSAC(OBS_DIM, ACT_DIM, HIDDEN, device)
-    shapes = matmul_shapes(batch_size, OBS_DIM, ACT_DIM, HIDDEN)
-    fed = FedUpdates(ours, batch_size, k, device)
     try:
-        best = best_rates({"sacfleet": lambda: ours.update(batch), "block": lambda: ours.update_block(block),
-                           "fed": fed, "naive": lambda: naive.update(batch),
-                           "matmul": matmul_step(shapes, device)}, device, seconds, rounds)
+        ours, batch, block = _ours(device, batch_size, k, compile_mode=compile_mode)
+        naive = NaiveSAC(OBS_DIM, ACT_DIM, HIDDEN, device)
+        shapes = matmul_shapes(batch_size, OBS_DIM, ACT_DIM, HIDDEN)
+        fed = FedUpdates(ours, batch_size, k, device)
+        try:
+            best = best_rates({"sacfleet": lambda: ours.update(batch), "block": lambda: ours.update_block(block),
+                               "fed": fed, "naive": lambda: naive.update(batch),
+                               "matmul": matmul_step(shapes, device)}, device, seconds, rounds)
+        finally:
+            fed.close()
+        ours.check_finite()
+        ours.metrics.read()  # the learner reads its metrics once per logging period; do it once here
+        return LearnerFigures(str(device.type), batch_size, best["sacfleet"], best["naive"],
+                              best["matmul"] * flops(shapes), flops(shapes), k * best["block"], k * best["fed"],
+                              matmul_precision())
     finally:
-        fed.close()
-    ours.check_finite()
-    ours.metrics.read()  # the learner reads its metrics once per logging period; do it once here
-    return LearnerFigures(str(device.type), batch_size, best["sacfleet"], best["naive"],
-                          best["matmul"] * flops(shapes), flops(shapes), k * best["block"], k * best["fed"],
-                          matmul_precision())
+        set_matmul_precision("float32")
 
 
 def update_rates(device: torch.device, batch_size: int, seconds: float, threads: int | None = None,
@@ -287,17 +293,12 @@ def update_rates(device: torch.device, batch_size: int, seconds: float, threads:
     """(updates/s one at a time, updates/s in blocks of k) of the suite's learner on `device` with
     `threads` torch threads and (obs_dim, act_dim, hidden sizes) `shapes`: what the e2e suite
     compares a fleet's learner with."""
-    obs_dim, act_dim, hidden = shapes
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     set_matmul_precision(precision)
     try:
-        torch.manual_seed(0)
-        batch = random_batch(batch_size, obs_dim, act_dim, device)
-        block = block_of([random_batch(batch_size, obs_dim, act_dim, device, seed=i) for i in range(k)])
-        ours = SACLearner(obs_dim, act_dim, -np.ones(act_dim), np.ones(act_dim), hidden_sizes=tuple(hidden),
-                          device=device)
+        ours, batch, block = _ours(device, batch_size, k, shapes)
         best = best_rates({"single": lambda: ours.update(batch), "block": lambda: ours.update_block(block)},
                           device, seconds, rounds)
         ours.check_finite()
@@ -331,32 +332,27 @@ def run(devices: list[str] | None = None, batch_sizes: tuple[int, ...] = BATCH_S
                      f"matmul FLOP rate; blocks of {BLOCK}: {fig.block:,.0f} updates/s, fed by the prefetcher "
                      f"{fig.fed:,.0f} ({fig.fed / fig.block:.2f} of blocks)")
                 records += _records(fig)
-    set_matmul_precision("float32")
     return records
 
 
 def _records(fig: LearnerFigures) -> list[Record]:
-    """The float32 figures under their plain names; tf32 ones (CUDA) with the precision in the name."""
+    """float32 figures under their plain names; tf32 ones (CUDA) with the precision after the name."""
     common = dict(suite="learner", device=fig.device, batch_size=fig.batch_size)
     tag = "" if fig.precision == "float32" else f" {fig.precision}"
-    block = [Record(name=f"sacfleet block {BLOCK}{tag}", metric="updates_per_s", value=fig.block, unit="updates/s",
-                    **common),
-             Record(name=f"sacfleet fed {BLOCK}{tag}", metric="updates_per_s", value=fig.fed, unit="updates/s",
-                    **common),
-             Record(name=f"sacfleet fed {BLOCK}{tag}", metric="fraction_of_block", value=fig.fed / fig.block,
-                    unit="ratio", **common)]
-    if tag:
-        return [Record(name=f"sacfleet{tag}", metric="updates_per_s", value=fig.sacfleet, unit="updates/s",
-                       **common), *block]
     return [
-        Record(name="sacfleet", metric="updates_per_s", value=fig.sacfleet, unit="updates/s", **common),
-        Record(name="naive", metric="updates_per_s", value=fig.naive, unit="updates/s", **common),
-        Record(name="sacfleet", metric="speedup_vs_naive", value=fig.speedup, unit="x", **common),
-        Record(name="sacfleet", metric="flop_rate", value=fig.sacfleet * fig.update_flops / 1e9, unit="GFLOP/s",
+        Record(name=f"sacfleet{tag}", metric="updates_per_s", value=fig.sacfleet, unit="updates/s", **common),
+        Record(name=f"naive{tag}", metric="updates_per_s", value=fig.naive, unit="updates/s", **common),
+        Record(name=f"sacfleet{tag}", metric="speedup_vs_naive", value=fig.speedup, unit="x", **common),
+        Record(name=f"sacfleet{tag}", metric="flop_rate", value=fig.sacfleet * fig.update_flops / 1e9,
+               unit="GFLOP/s", **common),
+        Record(name=f"matmul{tag}", metric="flop_rate", value=fig.matmul_flop_rate / 1e9, unit="GFLOP/s", **common),
+        Record(name=f"sacfleet{tag}", metric="flop_fraction_of_matmul", value=fig.flop_fraction, unit="ratio",
                **common),
-        Record(name="matmul", metric="flop_rate", value=fig.matmul_flop_rate / 1e9, unit="GFLOP/s", **common),
-        Record(name="sacfleet", metric="flop_fraction_of_matmul", value=fig.flop_fraction, unit="ratio", **common),
-        *block,
+        Record(name=f"sacfleet block {BLOCK}{tag}", metric="updates_per_s", value=fig.block, unit="updates/s",
+               **common),
+        Record(name=f"sacfleet fed {BLOCK}{tag}", metric="updates_per_s", value=fig.fed, unit="updates/s", **common),
+        Record(name=f"sacfleet fed {BLOCK}{tag}", metric="fraction_of_block", value=fig.fed / fig.block,
+               unit="ratio", **common),
     ]
 
 

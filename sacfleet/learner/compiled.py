@@ -37,7 +37,8 @@ class CudaGraphStep:
         self.failed = False
 
     def __call__(self, block: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = tuple((name, tuple(tensor.shape)) for name, tensor in block.tensors().items())
+        tensors = block.tensors()
+        shape = tuple((name, tuple(tensor.shape)) for name, tensor in tensors.items())
         captured = self.graphs.get(shape)
         if captured is None:
             if self.failed or len(self.graphs) >= MAX_GRAPHS:
@@ -54,7 +55,7 @@ class CudaGraphStep:
                 self.failed = True
                 torch.cuda.synchronize()
                 return self.step(block)
-        for name, tensor in block.tensors().items():
+        for name, tensor in tensors.items():
             getattr(captured.inputs, name).copy_(tensor, non_blocking=True)
         captured.graph.replay()
         td_error, values = captured.outputs

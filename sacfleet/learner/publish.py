@@ -1,6 +1,6 @@
 """The learner's newest policy as actors pull it: snapshots taken by the update thread without waiting
-for the device, encoded once per version on the first pull, never when diverged. Snapshots need only torch and
-numpy; encoding needs msgpack."""
+for the device, encoded once per version on the first pull, never when diverged. Snapshots need only
+torch and numpy; encoding needs msgpack."""
 
 from __future__ import annotations
 
@@ -34,15 +34,22 @@ class PolicyPublisher:
     device and then encoding. `latest()` (any thread) waits for the newest snapshot's copy, checks it,
     and encodes it once; a learner publishing faster than actors pull encodes only what is pulled."""
 
-    def __init__(self, learner: SACLearner):
+    def __init__(self, learner: SACLearner, interval: int):
         self.learner = learner
+        self.interval = interval  # learner.publish_interval
         self.newest: Snapshot | None = None
         self.encoded: tuple[int, bytes] | None = None  # (version, encoded weights) of the newest good snapshot
         self.encode_lock = threading.Lock()
         self.snapshots = 0
         self.encodes = 0
         self.pulls = 0  # weights handed to actors: each sends the encoded bytes once more
-        self.diverged = False  # a snapshot was taken after the learner diverged: it was not published
+        self.refused = False  # a snapshot was taken after the learner diverged: it was not published
+
+    def after_block(self, updates_before: int) -> None:
+        """Snapshot if a publish interval ended in the block of updates just made (blocks of k
+        updates: the publish follows the block)."""
+        if self.learner.updates // self.interval > updates_before // self.interval:
+            self.snapshot()
 
     def snapshot(self) -> None:
         learner = self.learner
@@ -80,21 +87,19 @@ class PolicyPublisher:
         from sacfleet.common.codec import encode_weights
 
         snap.wait()
-        if int(snap.first_bad) >= 0:  # the update thread raises LearnerDiverged; actors keep the last good one
-            self.diverged = True
-            return
         weights = {name: tensor.numpy() for name, tensor in snap.weights.items()}
-        if not all(np.isfinite(array).all() for array in weights.values()):
-            self.diverged = True
+        if int(snap.first_bad) >= 0 or not all(np.isfinite(array).all() for array in weights.values()):
+            self.refused = True  # the update thread raises LearnerDiverged; actors keep the last good one
             return
         self.encoded = (snap.version, encode_weights(weights, snap.version))
         self.encodes += 1
 
-    def diverged_before(self) -> bool:
-        """Whether a snapshot whose copy has finished shows the learner diverged (no waiting): the
-        update thread checks this between blocks, and syncs (check_finite) only once it is true."""
+    def diverged(self) -> bool:
+        """Whether a snapshot was refused, or the newest one whose copy has finished shows the learner
+        diverged (no waiting): the update thread checks this between blocks, and syncs
+        (check_finite) only once it is true."""
         snap = self.newest
-        return snap is not None and snap.ready() and int(snap.first_bad) >= 0
+        return self.refused or (snap is not None and snap.ready() and int(snap.first_bad) >= 0)
 
     @property
     def bytes_per_pull(self) -> int:

@@ -74,6 +74,11 @@ class Batch:
         """Batch i of a block: a Batch whose fields carry a leading dimension of k batches."""
         return Batch(**{name: tensor[i] for name, tensor in self.tensors().items()})
 
+    @classmethod
+    def stack(cls, batches: list["Batch"]) -> "Batch":
+        """Batches of one shape as a block (copies)."""
+        return cls(**{name: torch.stack([b.tensors()[name] for b in batches]) for name in batches[0].tensors()})
+
     def as_block(self) -> "Batch":
         """This batch as a block of one (views, no copies)."""
         return Batch(**{name: tensor.unsqueeze(0) for name, tensor in self.tensors().items()})

@@ -67,7 +67,7 @@ class LearnerService:
         self.thread = threading.Thread(target=self._run, name="sacfleet-update", daemon=True)
         self.error: str | None = None
         self.diverged: dict | None = None  # {"update", "what", "message"} once the learner diverged
-        self.publisher = PolicyPublisher(self.learner)
+        self.publisher = PolicyPublisher(self.learner, cfg.learner.publish_interval)
         self.seconds_update = 0.0
         self.seconds_waiting = 0.0  # update thread idle: no batch ready
         # A process Ray restarted after a crash waits for the driver to restore the newest checkpoint.
@@ -93,7 +93,7 @@ class LearnerService:
         return str(self.device)
 
     def _run(self) -> None:
-        learner, interval = self.learner, self.cfg.learner.publish_interval
+        learner = self.learner
         try:
             while not self.stopping.is_set():
                 t0 = time.monotonic()
@@ -107,10 +107,8 @@ class LearnerService:
                     td_error = learner.update_block(item.block)
                     if self.fault_at is not None and learner.updates >= self.fault_at:
                         raise InjectedFault(f"injected fault in the learner at update {self.fault_at}")
-                    # Blocks of k updates: publish after the block in which an interval ended.
-                    if learner.updates // interval > before // interval:
-                        self.publisher.snapshot()
-                    if self.publisher.diverged_before() or self.publisher.diverged:
+                    self.publisher.after_block(before)
+                    if self.publisher.diverged():
                         learner.check_finite()  # raises, naming the first bad update
                         raise LearnerDiverged(learner.updates, "actor parameters")
                 if self.prioritized:
