@@ -12,6 +12,10 @@
 # Environment: RAY (the ray executable; default .venv/bin/ray when present, else ray on PATH),
 # SACFLEET_CLUSTER_PORT (default 6390). `stop` stops only this cluster's processes, never another
 # Ray running on the machine.
+#
+# Ports: the head's GCS listens on P; node N (0 is the head) takes P+100+10N .. P+105+10N. `start`
+# checks them all before starting anything. Pick P below the kernel's ephemeral range (32768 and up on
+# Linux) and outside Ray's worker ports (10002-19999), or an outgoing connection can take one of them.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -65,6 +69,30 @@ alive() {  # those of the pids given that still run
   for pid in "$@"; do kill -0 "$pid" 2>/dev/null && echo "$pid"; done || true
 }
 
+node_ports() {  # $1: node number; the ports start_node gives it, the GCS port too for the head
+  local base=$((port + 100 + 10 * $1))
+  [[ "$1" == 0 ]] && echo "$port"
+  echo $((base)) $((base + 1)) $((base + 2)) $((base + 3)) $((base + 4)) $((base + 5))
+}
+
+busy_ports() {  # those of the ports given that a socket holds, by binding them as Ray's gRPC servers do
+  # (SO_REUSEADDR: a port whose old connections linger in TIME_WAIT is free to them, one that a listening
+  # socket or a live outgoing connection holds is not)
+  local py
+  py="$(dirname "$(command -v "$RAY")")/python"
+  [[ -x "$py" ]] || py=python3
+  "$py" - "$@" <<'PY'
+import socket, sys
+for port in sys.argv[1:]:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", int(port)))
+        except OSError:
+            print(port)
+PY
+}
+
 start_node() {  # $1: node number (0 is the head)
   local n="$1" base=$((port + 100 + 10 * $1))
   local node_cpus="$cpus"
@@ -81,30 +109,77 @@ start_node() {  # $1: node number (0 is the head)
   fi
 }
 
+node_raylet() {  # $1: worker node number; its raylet's pid, if it runs
+  pgrep -f -- "raylet.*$state/.*--node_manager_port=$((port + 100 + 10 * $1 + 4))( |$)" || true
+}
+
+stop_processes() {  # every process of this cluster: SIGTERM, then SIGKILL for what is left
+  local pids
+  pids="$(node_pids)"
+  [[ -z "$pids" ]] && return 0
+  # SIGTERM lets the raylets take their workers down. The list is taken first: once a raylet is gone
+  # its agents are orphans that no longer look like ours.
+  kill $pids 2>/dev/null || true
+  for _ in $(seq 50); do [[ -z "$(alive $pids)$(node_pids)" ]] && break; sleep 0.2; done
+  pids="$(alive $pids) $(node_pids)"
+  [[ -n "${pids// /}" ]] && kill -9 $pids 2>/dev/null || true
+}
+
+active_nodes() {  # how many nodes `ray status` lists as active
+  "$RAY" status --address="$address" 2>/dev/null | awk '/^Active:/ {on = 1; next} /^[A-Z]/ {on = 0} on && / node_/ {n++} END {print n + 0}'
+}
+
+fail_start() {  # $1: what failed. Shows the end of the log, stops what did start, keeps the logs.
+  {
+    echo "local_cluster.sh: $1"
+    echo "--- the end of $state.log (Ray's own logs: $state/session_latest/logs):"
+    tail -n 15 "$state.log" 2>/dev/null || true
+    # A raylet that cannot bind a port dies with a fatal line naming it.
+    grep -h -E "Check failed|Address already in use" "$state"/session_latest/logs/raylet*.out 2>/dev/null \
+      | cut -c 1-400 | tail -n 4 | sed 's/^/raylet: /' || true
+  } >&2
+  stop_processes
+  exit 1
+}
+
 case "$command" in
   start)
     if [[ -n "$(node_pids)" ]]; then
       echo "local_cluster.sh: a cluster on port $port is already running; stop it first" >&2
       exit 1
     fi
+    busy=()
+    for ((i = 0; i <= workers; i++)); do
+      for p in $(busy_ports $(node_ports "$i")); do busy+=("$p (node $i)"); done
+    done
+    if [[ ${#busy[@]} -gt 0 ]]; then
+      echo "local_cluster.sh: ports in use: ${busy[*]}; nothing was started. Choose another --port" \
+           "(node N takes --port+100+10N .. +105+10N; see the header of $0)" >&2
+      exit 1
+    fi
     mkdir -p "$state"
     # Every node must agree on Ray's token authentication: use it, with the user's token
     # (~/.ray/auth_token, created if missing), which drivers on this machine also find.
     "$RAY" get-auth-token --generate > /dev/null
-    start_node 0 || { echo "local_cluster.sh: the head node failed to start; see $state.log" >&2; exit 1; }
+    start_node 0 || fail_start "the head node failed to start"
     for ((i = 1; i <= workers; i++)); do
-      start_node "$i" || { echo "local_cluster.sh: worker node $i failed to start; see $state.log" >&2; exit 1; }
+      if ! start_node "$i"; then
+        # `ray start` gives a raylet 30 s to register, which a loaded machine can miss: try once more,
+        # from scratch, so that a late raylet does not join as a second node.
+        echo "local_cluster.sh: worker node $i did not start; trying it once more" >&2
+        raylet="$(node_raylet "$i")"
+        [[ -n "$raylet" ]] && kill -9 $(tree "$raylet") 2>/dev/null || true
+        for _ in $(seq 50); do [[ -z "$(busy_ports $(node_ports "$i"))" ]] && break; sleep 0.2; done
+        start_node "$i" || fail_start "worker node $i failed to start, twice"
+      fi
     done
     # Wait until every node has registered, so that the cluster is usable when this returns.
     for _ in $(seq 120); do
-      nodes="$("$RAY" status --address="$address" 2>/dev/null | grep -c ' node_' || true)"
+      nodes="$(active_nodes)"
       [[ "$nodes" -ge $((workers + 1)) ]] && break
       sleep 0.5
     done
-    if [[ "$nodes" -lt $((workers + 1)) ]]; then
-      echo "local_cluster.sh: only $nodes of $((workers + 1)) nodes registered within 60 s; see $state.log" >&2
-      exit 1
-    fi
+    [[ "$nodes" -ge $((workers + 1)) ]] || fail_start "only $nodes of $((workers + 1)) nodes registered within 60 s"
     echo "local Ray cluster: head (${head_cpus:-$cpus} CPU) + $workers worker node(s) ($cpus CPU each) at $address"
     echo "train on it:  sacfleet train --address $address ...      stop it:  $0 stop --port $port"
     ;;
@@ -113,20 +188,14 @@ case "$command" in
     "$RAY" status --address="$address"
     ;;
   stop)
-    pids="$(node_pids)"
-    if [[ -z "$pids" ]]; then echo "no local cluster on port $port"; exit 0; fi
-    # SIGTERM lets the raylets take their workers down; anything left gets SIGKILL. The list is
-    # taken first: once a raylet is gone its agents are orphans that no longer look like ours.
-    kill $pids 2>/dev/null || true
-    for _ in $(seq 50); do [[ -z "$(alive $pids)$(node_pids)" ]] && break; sleep 0.2; done
-    pids="$(alive $pids) $(node_pids)"
-    [[ -n "${pids// /}" ]] && kill -9 $pids 2>/dev/null || true
+    if [[ -z "$(node_pids)" ]]; then echo "no local cluster on port $port"; exit 0; fi
+    stop_processes
     rm -rf "$state" "$state.log"
     echo "stopped the local cluster on port $port"
     ;;
   kill-node)
     [[ "$node" =~ ^[1-9][0-9]*$ ]] || { echo "local_cluster.sh: kill-node needs --node N, a worker node (1, 2, ...), got '$node'" >&2; exit 2; }
-    raylet="$(pgrep -f -- "raylet.*$state/.*--node_manager_port=$((port + 100 + 10 * node + 4))( |$)" || true)"
+    raylet="$(node_raylet "$node")"
     if [[ -z "$raylet" ]]; then echo "local_cluster.sh: no worker node $node in the cluster on port $port" >&2; exit 1; fi
     pids="$(tree "$raylet")"
     kill -9 $pids 2>/dev/null || true

@@ -4,6 +4,7 @@ actors, and the script stops only that cluster."""
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -26,6 +27,35 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def node_ports(port: int, node: int) -> list[int]:
+    """The ports local_cluster.sh gives node `node` (0 is the head, which has the GCS port too)."""
+    base = port + 100 + 10 * node
+    return ([port] if node == 0 else []) + list(range(base, base + 6))
+
+
+def cluster_port(workers: int) -> int:
+    """A --port for a cluster of `workers` worker nodes whose ports are all free now. Drawn below the
+    kernel's ephemeral range and above Ray's worker ports: a port from the ephemeral range (as
+    free_port gives) has its neighbours taken at random by outgoing connections, which made a node
+    fail to start once in CI."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, 32_000 - 200)
+        if all(_bindable(p) for node in range(workers + 1) for p in node_ports(port, node)):
+            return port
+    raise RuntimeError("no free block of ports in 20000-32000")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+            return True
+        except OSError:
+            return False
+
+
 def cluster(*args, port):
     env = {**os.environ, "RAY": str(RAY)}
     return subprocess.run(["bash", str(SCRIPT), *args, "--port", str(port)], env=env, capture_output=True,
@@ -34,7 +64,7 @@ def cluster(*args, port):
 
 @pytest.fixture
 def local_cluster():
-    port = free_port()
+    port = cluster_port(workers=2)
     started = cluster("start", "--workers", "2", "--cpus-per-node", "1", port=port)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
@@ -119,6 +149,19 @@ def test_cluster_script_stops_only_its_own_cluster(local_cluster):
     assert cluster("status", port=port).returncode == 1
 
 
+def test_cluster_script_names_a_busy_port_and_starts_nothing():
+    port = cluster_port(workers=2)
+    taken = node_ports(port, 2)[4]  # worker node 2's node manager
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", taken))
+        holder.listen()
+        started = cluster("start", "--workers", "2", port=port)
+    assert started.returncode == 1, started.stdout + started.stderr
+    assert f"ports in use: {taken} (node 2); nothing was started" in started.stderr, started.stderr
+    assert cluster_processes(port) == {} and not Path(f"/tmp/sfc-{port}").exists()
+    assert cluster("status", port=port).returncode == 1
+
+
 def fleet_processes_of_node(port: int, node: int) -> list[str]:
     """Titles (ray::EnvActor, ...) of the fleet's actor processes on worker node `node` of the cluster."""
     flag = f"--node_manager_port={port + 100 + 10 * node + 4}"
@@ -143,7 +186,7 @@ def _cmdline(pid: int) -> str:
 
 
 def test_a_lost_worker_node_is_recovered_on_the_others_and_the_run_finishes(tmp_path):
-    port = free_port()
+    port = cluster_port(workers=2)
     # No actors on the head; two workers of 2 CPUs, and a fleet of 1.9 CPUs that fits on either alone.
     started = cluster("start", "--workers", "2", "--cpus-per-node", "2", "--head-cpus", "0", port=port)
     try:
