@@ -133,8 +133,10 @@ class Fleet:
         pings, start = [h.ping.remote() for h in handles], time.monotonic()
         try:
             while True:
-                waited = time.monotonic() - start
-                pending = ray.wait(pings, num_returns=len(pings), timeout=min(WAIT_NOTE_S, START_TIMEOUT_S - waited))[1]
+                # Clamped: the deadline may pass between the check below and this line, and Ray refuses a
+                # negative timeout.
+                timeout = max(0.0, min(WAIT_NOTE_S, START_TIMEOUT_S - (time.monotonic() - start)))
+                pending = ray.wait(pings, num_returns=len(pings), timeout=timeout)[1]
                 ray.get([p for p in pings if p not in pending])  # raises a failed start
                 if not pending:
                     return

@@ -452,6 +452,33 @@ def test_env_actors_ask_for_weights_at_most_every_20_ms(monkeypatch):
         ray.kill(source)
 
 
+def test_a_start_whose_deadline_passes_between_checks_gives_up_with_the_cause(monkeypatch):
+    """The deadline can pass between the wait loop's check and its next ray.wait: once, in a full
+    suite, the wait was handed a negative timeout and Ray raised ValueError instead of the cause."""
+    from types import SimpleNamespace
+
+    from sacfleet import fleet as fleet_module
+
+    @ray.remote(num_cpus=100)
+    class Unplaceable:
+        def ping(self) -> bool:
+            return True
+
+    # Clock readings: the start, the first wait's timeout, the check (3.4 s: not yet), then past it.
+    readings = iter([0.0, 0.0, 3.4])
+    monkeypatch.setattr(fleet_module, "time", SimpleNamespace(monotonic=lambda: next(readings, 3.6)))
+    monkeypatch.setattr(fleet_module, "WAIT_NOTE_S", 0.2)
+    monkeypatch.setattr(fleet_module, "START_TIMEOUT_S", 3.5)
+    lines: list[str] = []
+    handle = Unplaceable.remote()
+    try:
+        with pytest.raises(FleetError, match=r"1 replay shard\(s\) did not start within 3.5 s: Ray has not placed"):
+            fleet_module.Fleet._ready(SimpleNamespace(echo=lines.append), [handle], "replay shard")
+        assert len(lines) == 1 and lines[0].startswith("waiting for 1 of 1 replay shard(s) to start (3 s)"), lines
+    finally:
+        ray.kill(handle)
+
+
 def test_a_fleet_ray_cannot_place_says_so_while_it_waits_and_leaves_nothing_behind(tmp_path, monkeypatch):
     from sacfleet import fleet as fleet_module
 
