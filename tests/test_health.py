@@ -66,9 +66,14 @@ def test_q_growing_far_beyond_what_rewards_allow_warns_after_two_records():
     assert first == []  # one record is not enough: it must persist
     [warning] = feed(mon, [{**HEALTHY, "train/q_mean": -900.0}], start=3000)
     assert warning.check == "q_blowup" and "mean Q -900 is 29.9x the largest value the rewards allow" in warning.symptom
-    assert "overestimation" in warning.cause and warning.limit_key == "health.q_bound_factor"
+    # Far below every return: underestimation, with the runaway it usually follows.
+    assert warning.cause.startswith("underestimation feedback") and "train.learning_starts" in warning.cause
+    assert warning.limit_key == "health.q_bound_factor"
     assert "health warning (q_blowup) at 3,000 env steps" in warning.line()
     assert mon.active() == ["q_blowup"] and mon.values()["health/q_blowup"] == pytest.approx(29.9, abs=0.05)
+    # Far above: overestimation.
+    [above] = feed(monitor(), [{**HEALTHY, "train/q_mean": 900.0}] * 2)
+    assert above.check == "q_blowup" and above.cause.startswith("overestimation feedback"), above.cause
 
 
 def test_critics_disagreeing_by_an_order_of_magnitude_warn():

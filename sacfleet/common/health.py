@@ -65,6 +65,7 @@ class Reading:
     measure: float  # what the check compares with its limit; logged as health/<check>
     bad: bool
     symptom: str = ""  # what is wrong, with the numbers, when bad
+    cause: str = ""  # when the usual cause depends on the reading: replaces the check's own
 
 
 def _have(values: Mapping[str, float], *keys: str) -> bool:
@@ -102,6 +103,14 @@ class QBlowup(Check):
     cause = ("overestimation feedback: targets built on overestimated Q train the critics to overestimate further. "
              "Check that rewards are bounded, that learner.tau is small (0.005) and Polyak averaging runs, and try a "
              "lower learner.critic_lr")
+    # Q far below every return the rewards allow is the other direction, and has another usual cause:
+    # in the point-mass preset's runaways (README, "Tuning the point-mass preset") it followed early
+    # policies that drove into far-away, costly states.
+    cause_below = ("underestimation feedback: targets built on the critics' too-low values train them lower still, "
+                   "the clipped double-Q minimum pulling the same way. It usually follows a runaway: early policies "
+                   "that drive into far-away, costly states (training returns, rollout/ep_rew_mean, far below "
+                   "eval/mean_reward) and critics extrapolating there. Try a longer random phase "
+                   "(train.learning_starts) or a lower learner.critic_lr")
 
     def __init__(self, facts, limits):
         super().__init__(facts, limits)
@@ -119,7 +128,8 @@ class QBlowup(Check):
         ratio = abs(q) / bound
         return Reading(ratio, ratio > self.limits.q_bound_factor,
                        f"mean Q {q:.4g} is {ratio:.1f}x the largest value the rewards allow (|r| <= {r_max:.3g}, "
-                       f"reward_scale {f.reward_scale:g}, gamma {f.gamma:g}: |Q| <= {bound:.3g})")
+                       f"reward_scale {f.reward_scale:g}, gamma {f.gamma:g}: |Q| <= {bound:.3g})",
+                       self.cause_below if q < 0 else self.cause)
 
 
 class CriticDisagreement(Check):
@@ -387,8 +397,8 @@ class HealthMonitor:
                     state.warning.last_env_steps, state.warning.symptom = env_steps, reading.symptom
                     state.warning.readings += 1
                 elif state.bad_run >= check.confirm:
-                    state.warning = HealthWarning(check.name, reading.symptom, check.cause, check.limit_key,
-                                             env_steps, env_steps)
+                    state.warning = HealthWarning(check.name, reading.symptom, reading.cause or check.cause,
+                                                  check.limit_key, env_steps, env_steps)
                     self.history.append(state.warning)
                     started.append(state.warning)
             else:
