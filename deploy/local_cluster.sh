@@ -69,9 +69,9 @@ alive() {  # those of the pids given that still run
   for pid in "$@"; do kill -0 "$pid" 2>/dev/null && echo "$pid"; done || true
 }
 
-node_ports() {  # $1: node number; the ports start_node gives it, the GCS port too for the head
+node_ports() {  # $1: node number (0 is the head); its dashboard-agent, agent gRPC, runtime-env agent,
+  # metrics, node manager and object manager ports, in that order
   local base=$((port + 100 + 10 * $1))
-  [[ "$1" == 0 ]] && echo "$port"
   echo $((base)) $((base + 1)) $((base + 2)) $((base + 3)) $((base + 4)) $((base + 5))
 }
 
@@ -94,13 +94,14 @@ PY
 }
 
 start_node() {  # $1: node number (0 is the head)
-  local n="$1" base=$((port + 100 + 10 * $1))
+  local n="$1" agent grpc runtime_env metrics manager objects
+  read -r agent grpc runtime_env metrics manager objects <<< "$(node_ports "$n")"
   local node_cpus="$cpus"
   [[ "$n" == 0 && -n "$head_cpus" ]] && node_cpus="$head_cpus"  # 0: the head holds no actors
   local common=(--node-ip-address=127.0.0.1 --num-cpus="$node_cpus" --disable-usage-stats
-                --dashboard-agent-listen-port=$((base)) --dashboard-agent-grpc-port=$((base + 1))
-                --runtime-env-agent-port=$((base + 2)) --metrics-export-port=$((base + 3))
-                --node-manager-port=$((base + 4)) --object-manager-port=$((base + 5)))
+                --dashboard-agent-listen-port="$agent" --dashboard-agent-grpc-port="$grpc"
+                --runtime-env-agent-port="$runtime_env" --metrics-export-port="$metrics"
+                --node-manager-port="$manager" --object-manager-port="$objects")
   if [[ "$n" == 0 ]]; then
     "$RAY" start --head --port="$port" --include-dashboard=false --temp-dir="$state" "${common[@]}" \
       > "$state.log" 2>&1
@@ -110,7 +111,9 @@ start_node() {  # $1: node number (0 is the head)
 }
 
 node_raylet() {  # $1: worker node number; its raylet's pid, if it runs
-  pgrep -f -- "raylet.*$state/.*--node_manager_port=$((port + 100 + 10 * $1 + 4))( |$)" || true
+  local manager
+  manager="$(node_ports "$1" | cut -d ' ' -f 5)"
+  pgrep -f -- "raylet.*$state/.*--node_manager_port=$manager( |$)" || true
 }
 
 stop_processes() {  # every process of this cluster: SIGTERM, then SIGKILL for what is left
@@ -149,6 +152,7 @@ case "$command" in
       exit 1
     fi
     busy=()
+    for p in $(busy_ports "$port"); do busy+=("$p (node 0, GCS)"); done
     for ((i = 0; i <= workers; i++)); do
       for p in $(busy_ports $(node_ports "$i")); do busy+=("$p (node $i)"); done
     done

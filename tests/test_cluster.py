@@ -28,9 +28,10 @@ def free_port() -> int:
 
 
 def node_ports(port: int, node: int) -> list[int]:
-    """The ports local_cluster.sh gives node `node` (0 is the head, which has the GCS port too)."""
+    """The ports local_cluster.sh gives node `node` (0 is the head), in its order: the node manager's
+    is the fifth."""
     base = port + 100 + 10 * node
-    return ([port] if node == 0 else []) + list(range(base, base + 6))
+    return list(range(base, base + 6))
 
 
 def cluster_port(workers: int) -> int:
@@ -41,7 +42,7 @@ def cluster_port(workers: int) -> int:
     rng = random.Random()
     for _ in range(200):
         port = rng.randrange(20_000, 32_000 - 200)
-        if all(_bindable(p) for node in range(workers + 1) for p in node_ports(port, node)):
+        if _bindable(port) and all(_bindable(p) for node in range(workers + 1) for p in node_ports(port, node)):
             return port
     raise RuntimeError("no free block of ports in 20000-32000")
 
@@ -164,7 +165,7 @@ def test_cluster_script_names_a_busy_port_and_starts_nothing():
 
 def fleet_processes_of_node(port: int, node: int) -> list[str]:
     """Titles (ray::EnvActor, ...) of the fleet's actor processes on worker node `node` of the cluster."""
-    flag = f"--node_manager_port={port + 100 + 10 * node + 4}"
+    flag = f"--node_manager_port={node_ports(port, node)[4]}"
     raylets = [pid for pid in (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
                if "/raylet " in _cmdline(pid) and flag in _cmdline(pid).split()]
     assert len(raylets) == 1, f"worker node {node}'s raylet not found"
