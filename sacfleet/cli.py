@@ -143,7 +143,7 @@ def _bench(args) -> int:
 
 def _train(args) -> int:
     from sacfleet.common.config import load_config
-    from sacfleet.inline import train_inline
+    from sacfleet.driver.train_inline import train_inline
 
     if args.resume is not None:
         if args.inline:
@@ -171,7 +171,7 @@ def _train(args) -> int:
             return 0
         if args.address:
             _prefer_token_auth()
-        from sacfleet.launch import train_fleet
+        from sacfleet.driver.train_fleet import train_fleet
 
         signal.signal(signal.SIGTERM, _terminate_gracefully)
         train_fleet(cfg, run_dir, address=args.address, resume=args.resume is not None,
@@ -208,9 +208,9 @@ def _eval(args) -> int:
 
     from sacfleet.actors.evaluate import evaluate
     from sacfleet.common.config import from_dict
-    from sacfleet.learner.checkpoint import load_checkpoint
+    from sacfleet.driver.checkpoint_files import load_checkpoint
     from sacfleet.learner.networks import Actor
-    from sacfleet.report import success_note
+    from sacfleet.driver.report import success_note
 
     if args.episodes < 1:
         print("sacfleet eval: --episodes must be >= 1", file=sys.stderr)
@@ -228,7 +228,7 @@ def _eval(args) -> int:
 
 
 def _scale(args) -> int:
-    from sacfleet.scaling import ScaleRefused, request_scale
+    from sacfleet.driver.scaling import ScaleRefused, request_scale
 
     try:
         reply = request_scale(args.run_dir, args.actors, args.timeout)
@@ -240,7 +240,7 @@ def _scale(args) -> int:
 
 
 def _drill(args) -> int:
-    from sacfleet import drills
+    from sacfleet.drills import child_run as drills
 
     run_dir = args.run_dir or Path("runs") / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}"
     if run_dir.exists():
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         return _scale(args)
     from sacfleet.common.config import ConfigError
     from sacfleet.common.rundir import RunDirInUse
-    from sacfleet.learner.checkpoint import CheckpointError
+    from sacfleet.driver.checkpoint_files import CheckpointError
     from sacfleet.replay_server.storage import ReplayMemoryError
 
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sacfleet.common.reaper import children_by_parent
-from sacfleet.drills import actor_title
+from sacfleet.drills.child_run import actor_title
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "deploy" / "local_cluster.sh"

@@ -16,10 +16,10 @@ from sacfleet.common.config import load_config
 from sacfleet.common.reaper import children_by_parent
 from sacfleet.common.envs import describe_env
 from sacfleet.common.transitions import TransitionSpec
-from sacfleet.drills import actor_title
-from sacfleet.inline import seed_everything
-from sacfleet.launch import FleetError, train_fleet
-from sacfleet.learner.checkpoint import load_checkpoint
+from sacfleet.drills.child_run import actor_title
+from sacfleet.driver.train_inline import seed_everything
+from sacfleet.driver.train_fleet import FleetError, train_fleet
+from sacfleet.driver.checkpoint_files import load_checkpoint
 from sacfleet.learner.sac import SACLearner
 from sacfleet.learner.service import LearnerService
 from sacfleet.replay_server.shard import ReplayShard, make_table
@@ -259,7 +259,7 @@ def test_a_killed_eval_actor_is_counted_once(tmp_path, moment):
 
 def test_processes_lost_together_count_as_one_failure(monkeypatch):
     """A lost node takes several processes within seconds: train.max_failures counts incidents."""
-    from sacfleet import recovery as recovery_module
+    from sacfleet.driver import recovery as recovery_module
 
     clock = [1000.0]
     monkeypatch.setattr(recovery_module.time, "monotonic", lambda: clock[0])
@@ -457,7 +457,7 @@ def test_a_start_whose_deadline_passes_between_checks_gives_up_with_the_cause(mo
     suite, the wait was handed a negative timeout and Ray raised ValueError instead of the cause."""
     from types import SimpleNamespace
 
-    from sacfleet import fleet as fleet_module
+    from sacfleet.driver import fleet as fleet_module
 
     @ray.remote(num_cpus=100)
     class Unplaceable:
@@ -480,7 +480,7 @@ def test_a_start_whose_deadline_passes_between_checks_gives_up_with_the_cause(mo
 
 
 def test_a_fleet_ray_cannot_place_says_so_while_it_waits_and_leaves_nothing_behind(tmp_path, monkeypatch):
-    from sacfleet import fleet as fleet_module
+    from sacfleet.driver import fleet as fleet_module
 
     @ray.remote(num_cpus=2)
     class OtherWork:  # holds every CPU the plan counted on, as another job on a shared cluster would

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from sacfleet.drills import process_kind
-from sacfleet.learner.checkpoint import load_checkpoint
+from sacfleet.drills.child_run import process_kind
+from sacfleet.driver.checkpoint_files import load_checkpoint
 
 
 def processes_of(marker: str) -> list[str]:

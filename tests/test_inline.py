@@ -14,8 +14,8 @@ from sacfleet.cli import main
 from sacfleet.common.config import load_config
 from sacfleet.common.pointmass import PointMassEnv
 from sacfleet.common.rundir import RunFailed
-from sacfleet.inline import train_inline
-from sacfleet.learner.checkpoint import load_checkpoint
+from sacfleet.driver.train_inline import train_inline
+from sacfleet.driver.checkpoint_files import load_checkpoint
 
 SHORT = ["train.total_env_steps=1200", "train.learning_starts=400", "train.log_interval=400",
          "learner.hidden_sizes=[32, 32]", "learner.batch_size=64", "replay.samples_per_insert=64",
@@ -216,8 +216,8 @@ def _copy_run(run, tmp_path):
 
 def test_a_resume_refuses_snapshot_files_that_do_not_belong_to_the_checkpoint(run, tmp_path):
     from sacfleet.common.envs import describe_env
-    from sacfleet.learner.checkpoint import CheckpointError
-    from sacfleet.resume import load_resume
+    from sacfleet.driver.checkpoint_files import CheckpointError
+    from sacfleet.driver.resume import load_resume
 
     cfg = load_config("pointmass", [*SHORT, "checkpoint.replay=true", "train.total_env_steps=5000"])
     info = describe_env(cfg.env)

@@ -3,7 +3,7 @@
 import pytest
 
 from sacfleet.common.config import load_config
-from sacfleet.inline import train_inline
+from sacfleet.driver.train_inline import train_inline
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The fleet's env actor and eval actor (hosted in Ray actors by `sacfleet.launch`).
+"""The fleet's env actor and eval actor (hosted in Ray actors by `sacfleet.driver.fleet`).
 
 An env actor steps its rollout, pushes chunks of T steps straight to the replay shards and pulls
 the newest weights every K steps without ever making the learner wait; the eval actor runs

@@ -36,7 +36,7 @@ def steady_rates(metrics_path: Path) -> tuple[float, float]:
 def run_fleet(config: str, num_actors: int, wall_seconds: float, run_dir: Path, echo: Callable[[str], None]) -> dict:
     from sacfleet.common.config import load_config
     from sacfleet.common.envs import describe_env
-    from sacfleet.launch import train_fleet
+    from sacfleet.driver.train_fleet import train_fleet
 
     cfg = load_config(config, [f"actors.num={num_actors}", "replay.capacity=200000",
                                f"train.learning_starts={LEARNING_STARTS}", "train.total_env_steps=100000000",

@@ -156,7 +156,7 @@ def snapshot_costs(capacity: int = SNAPSHOT_CAPACITY, increments: Sequence[int] 
 
     import ray
 
-    from sacfleet.checkpointing import FleetCheckpointer
+    from sacfleet.driver.checkpointing import FleetCheckpointer
     from sacfleet.replay_server.shard import ReplayShard
 
     cfg = _config(capacity, "uniform")

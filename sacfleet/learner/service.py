@@ -1,4 +1,4 @@
-"""The learner as a fleet service (hosted in a Ray actor by `sacfleet.launch`): an update thread fed
+"""The learner as a fleet service (hosted in a Ray actor by `sacfleet.driver.fleet`): an update thread fed
 by the prefetcher, versioned weights encoded once per version, and calls the driver
 and actors make while it trains (status, newest weights, state for checkpoints, stop)."""
 

@@ -1,6 +1,6 @@
 """One replay shard as a service: a ReplayTable behind wire-level calls that never block.
 
-The fleet wraps `ReplayShard` in a Ray actor (see `sacfleet.launch`); the class itself is plain
+The fleet wraps `ReplayShard` in a Ray actor (see `sacfleet.driver.fleet`); the class itself is plain
 Python, so it is tested and benchmarked without Ray. A call the rate limiter does not allow now
 returns {"ok": False, "retry_after": seconds, "reason": ...} and stores or samples nothing.
 """

@@ -16,14 +16,14 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from sacfleet.actors.env_actor import EnvActor, EvalActor
-from sacfleet.checkpointing import FleetCheckpointer
+from sacfleet.driver.checkpointing import FleetCheckpointer
 from sacfleet.common.config import Config
 from sacfleet.common.reaper import start_reaper
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.learner.service import LearnerService
-from sacfleet.placement import Placement, Resources, placement_table, strategy
+from sacfleet.driver.placement import Placement, Resources, placement_table, strategy
 from sacfleet.replay_server.shard import ReplayShard
-from sacfleet.supervisor import ActorSlot, FleetError, first_line
+from sacfleet.driver.supervisor import ActorSlot, FleetError, first_line
 
 # The fleet's actors make thousands of calls a minute (inserts, samples, weight polls). Ray reports
 # every one to the GCS as a task event, kept there for the dashboard's task list: in a 30-minute

@@ -10,10 +10,10 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from sacfleet.common.config import Config
-from sacfleet.learner.checkpoint import write_run_checkpoint
+from sacfleet.driver.checkpoint_files import write_run_checkpoint
 from sacfleet.learner.sac import LearnerDiverged
 from sacfleet.replay_server.snapshot_files import SnapshotFileError, SnapshotWriter, read_shard
-from sacfleet.supervisor import CALL_TIMEOUT, FleetDiverged, FleetError, first_line
+from sacfleet.driver.supervisor import CALL_TIMEOUT, FleetDiverged, FleetError, first_line
 
 
 class CheckpointSkipped(FleetError):

@@ -13,7 +13,7 @@ import torch
 
 from sacfleet.common.config import Config, to_dict
 from sacfleet.common.envs import EnvInfo
-from sacfleet.learner.checkpoint import CheckpointError, load_checkpoint, replay_manifest
+from sacfleet.driver.checkpoint_files import CheckpointError, load_checkpoint, replay_manifest
 
 # Keys a resumed run cannot change, and why.
 FIXED_KEYS = {

@@ -12,8 +12,8 @@ from typing import Callable
 import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
-from sacfleet.checkpointing import FleetCheckpointer
-from sacfleet.supervisor import FleetError, first_line
+from sacfleet.driver.checkpointing import FleetCheckpointer
+from sacfleet.driver.supervisor import FleetError, first_line
 
 RESTART_TIMEOUT = 120.0
 # A failure noticed this soon after the previous one was noticed or recovered is part of it: a lost

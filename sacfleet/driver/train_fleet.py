@@ -22,19 +22,19 @@ from typing import Callable, Mapping
 import ray
 import torch
 
-from sacfleet.checkpointing import CheckpointSkipped, FleetCheckpointer
+from sacfleet.driver.checkpointing import CheckpointSkipped, FleetCheckpointer
 from sacfleet.common.config import Config, save_config, to_dict
 from sacfleet.common.envs import EnvInfo, check_env_config, describe_env
 from sacfleet.common.plots import write_plots
 from sacfleet.common.rundir import check_run_dir, echo_flush
-from sacfleet.fleet import Fleet, connect
-from sacfleet.learner.checkpoint import kept_checkpoint_note
-from sacfleet.placement import Resources, cluster_nodes, describe, plan_fleet
-from sacfleet.recovery import FleetRecovery
-from sacfleet.report import Point, Reporter, her_values, success_note
-from sacfleet.resume import ResumePoint, load_resume
-from sacfleet.scaling import Scaler
-from sacfleet.supervisor import FleetDiverged, FleetError, FleetSupervisor
+from sacfleet.driver.fleet import Fleet, connect
+from sacfleet.driver.checkpoint_files import kept_checkpoint_note
+from sacfleet.driver.placement import Resources, cluster_nodes, describe, plan_fleet
+from sacfleet.driver.recovery import FleetRecovery
+from sacfleet.driver.report import Point, Reporter, her_values, success_note
+from sacfleet.driver.resume import ResumePoint, load_resume
+from sacfleet.driver.scaling import Scaler
+from sacfleet.driver.supervisor import FleetDiverged, FleetError, FleetSupervisor
 
 __all__ = ["FleetError", "Resources", "connect", "plan_fleet", "train_fleet"]
 

@@ -18,8 +18,8 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from sacfleet.common.io import atomic_write_bytes
-from sacfleet.placement import node_label
-from sacfleet.supervisor import ActorSlot, first_line
+from sacfleet.driver.placement import node_label
+from sacfleet.driver.supervisor import ActorSlot, first_line
 
 REQUEST = "scale.request.json"
 REPLY = "scale.reply.json"

@@ -27,12 +27,12 @@ from sacfleet.common.envs import EnvInfo, check_env_config, describe_env
 from sacfleet.common.plots import write_plots
 from sacfleet.common.rundir import RunFailed, check_run_dir, echo_flush
 from sacfleet.common.transitions import TransitionSpec
-from sacfleet.learner.checkpoint import kept_checkpoint_note, write_run_checkpoint
+from sacfleet.driver.checkpoint_files import kept_checkpoint_note, write_run_checkpoint
 from sacfleet.learner.sac import Batch, LearnerDiverged, SACLearner, resolve_device, set_matmul_precision
 from sacfleet.replay_server.shard import make_table
 from sacfleet.replay_server.snapshot_files import SnapshotWriter
 from sacfleet.replay_server.table import ReplayTable
-from sacfleet.report import Point, Reporter, her_values, success_note
+from sacfleet.driver.report import Point, Reporter, her_values, success_note
 
 
 def build_tables(cfg: Config, spec: TransitionSpec, insert_size: int) -> list[ReplayTable]:
