@@ -2,9 +2,11 @@
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -504,3 +506,24 @@ def test_a_fleet_ray_cannot_place_says_so_while_it_waits_and_leaves_nothing_behi
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == 2
     assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if "sacfleet-" in str(a)]
+
+
+OLD_RUN = Path(__file__).parent / "data" / "run-c99ef5f"
+
+
+def test_a_run_directory_written_before_the_driver_package_resumes(tmp_path):
+    """tests/data/run-c99ef5f: a fleet run stopped at 1,420 env steps by the code of commit c99ef5f,
+    before the driver's modules moved into sacfleet/driver/. It resumes with its learner state, its
+    replay snapshot and its earlier session's counters."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(OLD_RUN, run_dir)
+    cfg = load_config(str(run_dir / "config.yaml"), ["train.total_env_steps=2400", "eval.interval=0"])
+    lines = []
+    summary = train_fleet(cfg, run_dir, resume=True, echo=lines.append)
+    assert any(line.startswith("resuming at 1,420 env steps, 496 updates, replay restored") for line in lines), lines
+    assert summary["replay"]["restored_size"] == 1420 and summary["env_steps"] >= 2400
+    assert summary["updates"] > 496 and summary["eval"]["curve"][:2] == json.loads(
+        (OLD_RUN / "summary.json").read_text())["eval"]["curve"]
+    state = load_checkpoint(run_dir)
+    assert state["fleet"]["session"] == 1 and state["env_steps"] == summary["env_steps"]
+    assert wait_for_released_resources()
