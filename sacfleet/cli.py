@@ -161,7 +161,7 @@ def _train(args) -> int:
         cfg = load_config(args.config or "pointmass", args.overrides)
         name = Path(args.config or "pointmass").stem
         run_dir = args.run_dir or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from sacfleet.common.rundir import RunFailed
+    from sacfleet.driver.run_dir import RunFailed
 
     try:
         if args.inline:
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "scale":
         return _scale(args)
     from sacfleet.common.config import ConfigError
-    from sacfleet.common.rundir import RunDirInUse
+    from sacfleet.driver.run_dir import RunDirInUse
     from sacfleet.driver.checkpoint_files import CheckpointError
     from sacfleet.replay_server.storage import ReplayMemoryError
 

@@ -13,7 +13,7 @@ import torch
 from sacfleet.cli import main
 from sacfleet.common.config import load_config
 from sacfleet.common.pointmass import PointMassEnv
-from sacfleet.common.rundir import RunFailed
+from sacfleet.driver.run_dir import RunFailed
 from sacfleet.driver.train_inline import train_inline
 from sacfleet.driver.checkpoint_files import load_checkpoint
 

@@ -11,7 +11,7 @@ from typing import Callable
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
-from sacfleet.common.rundir import RunFailed
+from sacfleet.driver.run_dir import RunFailed
 
 CALL_TIMEOUT = 120.0  # a status call unanswered this long means the component hangs
 RESTART_TIMEOUT = 120.0

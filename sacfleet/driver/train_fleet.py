@@ -26,7 +26,7 @@ from sacfleet.driver.checkpointing import CheckpointSkipped, FleetCheckpointer
 from sacfleet.common.config import Config, save_config, to_dict
 from sacfleet.common.envs import EnvInfo, check_env_config, describe_env
 from sacfleet.common.plots import write_plots
-from sacfleet.common.rundir import check_run_dir, echo_flush
+from sacfleet.driver.run_dir import check_run_dir, echo_flush
 from sacfleet.driver.fleet import Fleet, connect
 from sacfleet.driver.checkpoint_files import kept_checkpoint_note
 from sacfleet.driver.placement import Resources, cluster_nodes, describe, plan_fleet

@@ -25,7 +25,7 @@ from sacfleet.actors.rollout import Rollout
 from sacfleet.common.config import Config, save_config, to_dict
 from sacfleet.common.envs import EnvInfo, check_env_config, describe_env
 from sacfleet.common.plots import write_plots
-from sacfleet.common.rundir import RunFailed, check_run_dir, echo_flush
+from sacfleet.driver.run_dir import RunFailed, check_run_dir, echo_flush
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.driver.checkpoint_files import kept_checkpoint_note, write_run_checkpoint
 from sacfleet.learner.sac import Batch, LearnerDiverged, SACLearner, resolve_device, set_matmul_precision
