@@ -161,7 +161,7 @@ def _train(args) -> int:
         cfg = load_config(args.config or "pointmass", args.overrides)
         name = Path(args.config or "pointmass").stem
         run_dir = args.run_dir or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from sacfleet.driver.run_dir import RunFailed
+    from sacfleet.driver.errors import RunFailed
 
     try:
         if args.inline:

@@ -15,10 +15,10 @@ from sacfleet.bench import SUITES
 from sacfleet.bench import learner_suite
 from sacfleet.bench.learner_suite import (ACT_DIM, OBS_DIM, FedUpdates, NaiveSAC, flops, matmul_shapes,
                                           random_batch, sample_answers)
-from sacfleet.common.config import LearnerConfig
-from sacfleet.learner.prefetch import to_device_block
 from sacfleet.cli import main
+from sacfleet.common.config import LearnerConfig
 from sacfleet.learner import Batch, SACLearner
+from sacfleet.learner.prefetch import to_device_block
 
 BLOCK = "import sys\nfor name in {names}:\n    sys.modules[name] = None\n"
 KEYS = ["suite", "name", "device", "batch_size", "actors", "metric", "value", "unit"]

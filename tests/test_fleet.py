@@ -15,13 +15,13 @@ import torch
 
 from sacfleet.common.codec import CodecError, encode_chunk
 from sacfleet.common.config import load_config
-from sacfleet.common.reaper import children_by_parent
 from sacfleet.common.envs import describe_env
+from sacfleet.common.reaper import children_by_parent
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.drills.child_run import actor_title
-from sacfleet.driver.train_inline import seed_everything
-from sacfleet.driver.train_fleet import FleetError, train_fleet
 from sacfleet.driver.checkpoint_files import load_checkpoint
+from sacfleet.driver.train_fleet import FleetError, train_fleet
+from sacfleet.driver.train_inline import seed_everything
 from sacfleet.learner.sac import SACLearner
 from sacfleet.learner.service import LearnerService
 from sacfleet.replay_server.shard import ReplayShard, make_table
@@ -259,12 +259,11 @@ def test_a_killed_eval_actor_is_counted_once(tmp_path, moment):
     assert wait_for_released_resources()
 
 
-def test_processes_lost_together_count_as_one_failure(monkeypatch):
+def test_processes_lost_together_count_as_one_failure():
     """A lost node takes several processes within seconds: train.max_failures counts incidents."""
     from sacfleet.driver import recovery as recovery_module
 
     clock = [1000.0]
-    monkeypatch.setattr(recovery_module.time, "monotonic", lambda: clock[0])
     lines = []
     cfg = load_config("pointmass", ["train.max_failures=2"])
     # A resumed run's earlier events: two of one incident, and one saved before incidents were recorded.
@@ -273,10 +272,10 @@ def test_processes_lost_together_count_as_one_failure(monkeypatch):
                 "lost_transitions": 0, "lost_updates": 0, **more}
 
     earlier = [event("learner", incident=1), event("replay shard 0", incident=1), event("eval actor")]
-    rec = recovery_module.FleetRecovery(cfg, None, None, lines.append, earlier=earlier)
+    rec = recovery_module.FleetRecovery(cfg, None, None, lines.append, earlier=earlier, clock=lambda: clock[0])
     assert rec.failures == 2
     cfg = load_config("pointmass", ["train.max_failures=3"])
-    rec = recovery_module.FleetRecovery(cfg, None, None, lines.append, earlier=earlier)
+    rec = recovery_module.FleetRecovery(cfg, None, None, lines.append, earlier=earlier, clock=lambda: clock[0])
     rec.evaluator("process died", 10)
     clock[0] += 4.0
     rec.evaluator("process died", 20)  # noticed 4 s after the previous one: the same failure
@@ -457,8 +456,6 @@ def test_env_actors_ask_for_weights_at_most_every_20_ms(monkeypatch):
 def test_a_start_whose_deadline_passes_between_checks_gives_up_with_the_cause(monkeypatch):
     """The deadline can pass between the wait loop's check and its next ray.wait: once, in a full
     suite, the wait was handed a negative timeout and Ray raised ValueError instead of the cause."""
-    from types import SimpleNamespace
-
     from sacfleet.driver import fleet as fleet_module
 
     @ray.remote(num_cpus=100)
@@ -468,14 +465,13 @@ def test_a_start_whose_deadline_passes_between_checks_gives_up_with_the_cause(mo
 
     # Clock readings: the start, the first wait's timeout, the check (3.4 s: not yet), then past it.
     readings = iter([0.0, 0.0, 3.4])
-    monkeypatch.setattr(fleet_module, "time", SimpleNamespace(monotonic=lambda: next(readings, 3.6)))
     monkeypatch.setattr(fleet_module, "WAIT_NOTE_S", 0.2)
     monkeypatch.setattr(fleet_module, "START_TIMEOUT_S", 3.5)
     lines: list[str] = []
     handle = Unplaceable.remote()
     try:
         with pytest.raises(FleetError, match=r"1 replay shard\(s\) did not start within 3.5 s: Ray has not placed"):
-            fleet_module.Fleet._ready(SimpleNamespace(echo=lines.append), [handle], "replay shard")
+            fleet_module.wait_started([handle], "replay shard", lines.append, clock=lambda: next(readings, 3.6))
         assert len(lines) == 1 and lines[0].startswith("waiting for 1 of 1 replay shard(s) to start (3 s)"), lines
     finally:
         ray.kill(handle)

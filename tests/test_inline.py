@@ -13,9 +13,9 @@ import torch
 from sacfleet.cli import main
 from sacfleet.common.config import load_config
 from sacfleet.common.pointmass import PointMassEnv
-from sacfleet.driver.run_dir import RunFailed
-from sacfleet.driver.train_inline import train_inline
 from sacfleet.driver.checkpoint_files import load_checkpoint
+from sacfleet.driver.errors import RunFailed
+from sacfleet.driver.train_inline import train_inline
 
 SHORT = ["train.total_env_steps=1200", "train.learning_starts=400", "train.log_interval=400",
          "learner.hidden_sizes=[32, 32]", "learner.batch_size=64", "replay.samples_per_insert=64",

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sacfleet.common.config import ConfigError, load_config
+from sacfleet.driver.errors import FleetError
 from sacfleet.driver.placement import Node, PlacementError, plan_fleet
-from sacfleet.driver.supervisor import FleetError
 
 
 def nodes(*cpus, gpus=(), driver=0):

@@ -5,12 +5,12 @@ import pytest
 
 from sacfleet.common.codec import CodecError
 from sacfleet.common.transitions import InvalidTransitions, TransitionSpec
+from sacfleet.driver.checkpoint_files import load_checkpoint, write_run_checkpoint
 from sacfleet.replay_server import (RateLimited, RateLimiter, RateLimiterTimeout, ReplayMemoryError, ReplayTable,
                                     RingStorage, estimate_bytes, wait_until_allowed)
+from sacfleet.replay_server.snapshot_files import SnapshotWriter, entry_files, read_shard
 from sacfleet.replay_server.storage import check_fits
 from sacfleet.replay_server.sum_tree import SumTree
-from sacfleet.driver.checkpoint_files import load_checkpoint, write_run_checkpoint
-from sacfleet.replay_server.snapshot_files import SnapshotWriter, entry_files, read_shard
 from sacfleet.replay_server.table import snapshot_parts
 
 SPEC = TransitionSpec(obs_dim=3, act_dim=2)

@@ -10,10 +10,11 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from sacfleet.common.config import Config
+from sacfleet.driver.calls import CALL_TIMEOUT
 from sacfleet.driver.checkpoint_files import write_run_checkpoint
+from sacfleet.driver.errors import FleetDiverged, FleetError, ray_cause
 from sacfleet.learner.sac import LearnerDiverged
 from sacfleet.replay_server.snapshot_files import SnapshotFileError, SnapshotWriter, read_shard
-from sacfleet.driver.supervisor import CALL_TIMEOUT, FleetDiverged, FleetError, first_line
 
 
 class CheckpointSkipped(FleetError):
@@ -56,9 +57,9 @@ class FleetCheckpointer:
         except RayTaskError as exc:
             if isinstance(exc.cause, LearnerDiverged):
                 raise FleetDiverged(exc.cause.update, exc.cause.what, str(exc.cause)) from None
-            raise FleetError(f"checkpoint failed: {first_line(exc)}") from None
+            raise FleetError(f"checkpoint failed: {ray_cause(exc)}") from None
         except (RayActorError, GetTimeoutError) as exc:
-            raise CheckpointSkipped(f"checkpoint skipped, a component is gone or hangs: {first_line(exc)}") from None
+            raise CheckpointSkipped(f"checkpoint skipped, a component is gone or hangs: {ray_cause(exc)}") from None
 
     def snapshot_shard(self, index: int, handle, timeout: float = CALL_TIMEOUT) -> int:
         """Write shard `index`'s changed segments and header (part of the generation begun by
@@ -100,4 +101,4 @@ class FleetCheckpointer:
                 ray.get(handle.restore_segment.remote(payload), timeout=timeout)
             return ray.get(handle.restore_end.remote(), timeout=timeout)
         except (RayTaskError, SnapshotFileError) as exc:
-            raise FleetError(f"cannot restore replay shard {index} from its snapshot: {first_line(exc)}") from None
+            raise FleetError(f"cannot restore replay shard {index} from its snapshot: {ray_cause(exc)}") from None

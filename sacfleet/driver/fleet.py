@@ -16,14 +16,15 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from sacfleet.actors.env_actor import EnvActor, EvalActor
-from sacfleet.driver.checkpointing import FleetCheckpointer
 from sacfleet.common.config import Config
 from sacfleet.common.reaper import start_reaper
 from sacfleet.common.transitions import TransitionSpec
-from sacfleet.learner.service import LearnerService
+from sacfleet.driver.checkpointing import FleetCheckpointer
+from sacfleet.driver.env_actors import EnvActorPool
+from sacfleet.driver.errors import FleetError, ray_cause
 from sacfleet.driver.placement import Placement, Resources, placement_table, strategy
+from sacfleet.learner.service import LearnerService
 from sacfleet.replay_server.shard import ReplayShard
-from sacfleet.driver.supervisor import ActorSlot, FleetError, first_line
 
 # The fleet's actors make thousands of calls a minute (inserts, samples, weight polls). Ray reports
 # every one to the GCS as a task event, kept there for the dashboard's task list: in a 30-minute
@@ -84,7 +85,7 @@ class Fleet:
         self.shards = [self._keep(ray.remote(ReplayShard).options(
             name=name, num_cpus=res.shard_cpus, max_restarts=restarts, **strategy(where(f"shard {i}")), **QUIET
         ).remote(cfg, TransitionSpec.for_env(env_info), i)) for i, name in enumerate(names["shards"])]
-        self._ready(self.shards, "replay shard")
+        wait_started(self.shards, "replay shard", self.echo)
         # Counters at the start of this session: the restored contents are not this session's work.
         base = [checkpointer.restore_shard(i, shard) for i, shard in enumerate(self.shards)]
         self.inserts_at_start = sum(stats["inserts"] for stats in base)
@@ -95,19 +96,20 @@ class Fleet:
             max_concurrency=4, **strategy(where("learner")), **QUIET)
         self.learner = self._keep(learner_cls.remote(
             cfg, env_info, {"shards": names["shards"]}, faults, res.learner_threads, session))
-        self._ready([self.learner], "learner")
+        wait_started([self.learner], "learner", self.echo)
         if learner_state is not None:  # by a call: a constructor argument this large would stay in the object store
             ray.get(self.learner.restore.remote(learner_state))
-        self.actors = [ActorSlot(self._new_actor(i), index=i) for i in range(cfg.actors.num)]
+        self.actors = EnvActorPool(self.new_env_actor, self.stream, cfg.actors.max_restarts, self.echo)
+        slots = self.actors.create(range(cfg.actors.num))
         eval_cls = ray.remote(EvalActor).options(num_cpus=res.eval_cpus, max_restarts=restarts,
                                                  **strategy(where("eval")), **QUIET)
         self.evaluator = self._keep(eval_cls.remote(cfg, env_info, {"learner": names["learner"]}))
-        self._ready([slot.handle for slot in self.actors] + [self.evaluator], "env or eval actor")
+        wait_started([slot.handle for slot in slots] + [self.evaluator], "env or eval actor", self.echo)
         self.device = ray.get(self.learner.start.remote())
-        for slot in self.actors:
-            slot.run_ref = slot.handle.run.remote(self.stream(slot.index, 0))
+        self.actors.launch(slots)
 
-    def _new_actor(self, index: int):
+    def new_env_actor(self, index: int):
+        """The Ray actor of env actor `index`, on its planned node (placement.place it first)."""
         node = self.placement.parts.get(f"actor {index}")
         return self._keep(ray.remote(EnvActor).options(
             num_cpus=self.res.actor_cpus, max_restarts=self.cfg.actors.max_restarts, max_concurrency=2,
@@ -126,29 +128,6 @@ class Fleet:
         self.handles.append(handle)
         return handle
 
-    def _ready(self, handles: list, what: str) -> None:
-        """Wait until every one of `handles` answers; says every WAIT_NOTE_S what it still waits for (a
-        cluster that other work keeps busy can leave a planned part unplaced), and gives up after
-        START_TIMEOUT_S."""
-        pings, start = [h.ping.remote() for h in handles], time.monotonic()
-        try:
-            while True:
-                # Clamped: the deadline may pass between the check below and this line, and Ray refuses a
-                # negative timeout.
-                timeout = max(0.0, min(WAIT_NOTE_S, START_TIMEOUT_S - (time.monotonic() - start)))
-                pending = ray.wait(pings, num_returns=len(pings), timeout=timeout)[1]
-                ray.get([p for p in pings if p not in pending])  # raises a failed start
-                if not pending:
-                    return
-                waited = time.monotonic() - start
-                if waited >= START_TIMEOUT_S:
-                    raise FleetError(f"{len(pending)} {what}(s) did not start within {START_TIMEOUT_S:g} s: Ray has "
-                                     f"not placed them; is other work holding the cluster's CPUs (ray status)?")
-                self.echo(f"waiting for {len(pending)} of {len(pings)} {what}(s) to start ({waited:.0f} s): Ray "
-                          f"has not placed them yet; other work may hold the planned CPUs (ray status)")
-        except (RayActorError, RayTaskError) as exc:
-            raise FleetError(f"{what} failed to start: {first_line(exc)}") from None
-
     def stream(self, actor: int, restarts: int) -> int:
         """Env-seed stream of an actor process: distinct per actor (up to MAX_ACTORS, counting those a
         scale-up adds), restart and resumed session."""
@@ -163,3 +142,28 @@ class Fleet:
         self.handles.clear()
 
 
+
+
+def wait_started(handles: list, what: str, echo: Callable[[str], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+    """Wait until every one of `handles` (Ray actors of one kind, `what`) answers; says every WAIT_NOTE_S
+    what it still waits for (a cluster that other work keeps busy can leave a planned part unplaced),
+    and gives up after START_TIMEOUT_S."""
+    pings, start = [h.ping.remote() for h in handles], clock()
+    try:
+        while True:
+            # Clamped: the deadline may pass between the check below and this line, and Ray refuses a
+            # negative timeout.
+            timeout = max(0.0, min(WAIT_NOTE_S, START_TIMEOUT_S - (clock() - start)))
+            pending = ray.wait(pings, num_returns=len(pings), timeout=timeout)[1]
+            ray.get([p for p in pings if p not in pending])  # raises a failed start
+            if not pending:
+                return
+            waited = clock() - start
+            if waited >= START_TIMEOUT_S:
+                raise FleetError(f"{len(pending)} {what}(s) did not start within {START_TIMEOUT_S:g} s: Ray has "
+                                 f"not placed them; is other work holding the cluster's CPUs (ray status)?")
+            echo(f"waiting for {len(pending)} of {len(pings)} {what}(s) to start ({waited:.0f} s): Ray "
+                 f"has not placed them yet; other work may hold the planned CPUs (ray status)")
+    except (RayActorError, RayTaskError) as exc:
+        raise FleetError(f"{what} failed to start: {ray_cause(exc, detail=True)}") from None

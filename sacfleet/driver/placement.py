@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 from sacfleet.common.config import Config
-from sacfleet.driver.supervisor import FleetError
+from sacfleet.driver.errors import FleetError
 
 EPS = 1e-6  # Ray accounts resources in units of 1e-4; sums of fractions must not fail on float noise
 

@@ -13,7 +13,7 @@ import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from sacfleet.driver.checkpointing import FleetCheckpointer
-from sacfleet.driver.supervisor import FleetError, first_line
+from sacfleet.driver.errors import FleetError, ray_cause
 
 RESTART_TIMEOUT = 120.0
 # A failure noticed this soon after the previous one was noticed or recovered is part of it: a lost
@@ -34,11 +34,12 @@ class Recovery:
 
 
 class FleetRecovery:
-    """`earlier`: the recoveries of a resumed run's earlier sessions (they count against the limit)."""
+    """`earlier`: the recoveries of a resumed run's earlier sessions (they count against the limit);
+    `clock`: seconds, for the incidents and the restart deadline."""
 
     def __init__(self, cfg, fleet, checkpointer: FleetCheckpointer, echo: Callable[[str], None],
-                 earlier: list | None = None):
-        self.cfg, self.fleet, self.checkpointer, self.echo = cfg, fleet, checkpointer, echo
+                 earlier: list | None = None, clock: Callable[[], float] = time.monotonic):
+        self.cfg, self.fleet, self.checkpointer, self.echo, self.clock = cfg, fleet, checkpointer, echo, clock
         self.earlier = [dict(event) for event in earlier or []]
         self.events: list[Recovery] = []
         # Events saved before incidents were recorded count one each.
@@ -61,7 +62,7 @@ class FleetRecovery:
         """Recover shard `index`, last seen holding `last_inserts`; returns (what happened, its new
         statistics), or None when the process turns out not to have restarted (a passing error)."""
         what, handle = f"replay shard {index}", self.fleet.shards[index]
-        t0 = time.monotonic()
+        t0 = self.clock()
         self._count(what, cause)
         stats = self._restarted(what, cause, handle.stats.remote)
         if not stats["awaiting_restore"]:
@@ -71,7 +72,7 @@ class FleetRecovery:
                   if self.cfg.checkpoint.replay else "empty (checkpoint.replay=false keeps no snapshots)")
         self.echo(f"{what} failed ({cause}); recovering it ({self._budget()}) {source}")
         stats = self.checkpointer.restore_shard(index, handle)
-        event = Recovery(what, cause, env_steps, time.monotonic() - t0,
+        event = Recovery(what, cause, env_steps, self.clock() - t0,
                          lost_transitions=max(0, last_inserts - stats["inserts"]), incident=self.incidents)
         self._record(event)
         self.echo(f"{what} recovered in {event.seconds:.1f}s holding {stats['size']:,} transitions; lost "
@@ -82,7 +83,7 @@ class FleetRecovery:
         """Recover the learner from the newest checkpoint; returns (what happened, its update count),
         or None when the process turns out not to have restarted."""
         learner = self.fleet.learner
-        t0 = time.monotonic()
+        t0 = self.clock()
         self._count("learner", cause)
         status = self._restarted("learner", cause, learner.status.remote)
         if not status["awaiting_restore"]:
@@ -95,8 +96,8 @@ class FleetRecovery:
             updates = ray.get(learner.restore.remote(state), timeout=RESTART_TIMEOUT)
             ray.get(learner.start.remote(), timeout=RESTART_TIMEOUT)
         except (RayActorError, GetTimeoutError) as exc:
-            raise FleetError(f"the restarted learner failed while restoring: {first_line(exc)}") from None
-        event = Recovery("learner", cause, env_steps, time.monotonic() - t0,
+            raise FleetError(f"the restarted learner failed while restoring: {ray_cause(exc)}") from None
+        event = Recovery("learner", cause, env_steps, self.clock() - t0,
                          lost_updates=max(0, last_updates - updates), incident=self.incidents)
         self._record(event)
         self.echo(f"learner recovered in {event.seconds:.1f}s at {updates:,} updates; lost "
@@ -114,7 +115,7 @@ class FleetRecovery:
 
     def _count(self, what: str, cause: str) -> None:
         """Open a new incident unless this failure belongs to the current one; past the limit, stop."""
-        now = time.monotonic()
+        now = self.clock()
         if self.incident_last is None or now - self.incident_last > INCIDENT_S:
             limit = self.cfg.train.max_failures
             if self.failures >= limit:
@@ -125,25 +126,25 @@ class FleetRecovery:
 
     def _record(self, event: Recovery) -> None:
         self.events.append(event)
-        self.incident_last = time.monotonic()
+        self.incident_last = self.clock()
 
     def _budget(self) -> str:
         return f"failure {self.failures}/{self.cfg.train.max_failures}"
 
     def _restarted(self, what: str, cause: str, call) -> dict:
         """The first answer of the component's process once Ray has it running again."""
-        deadline = time.monotonic() + RESTART_TIMEOUT
+        deadline = self.clock() + RESTART_TIMEOUT
         died_since = None
         while True:
             try:
-                return ray.get(call(), timeout=max(0.1, deadline - time.monotonic()))
+                return ray.get(call(), timeout=max(0.1, deadline - self.clock()))
             except ActorDiedError as exc:  # out of restarts, or nowhere left to place it, once it persists
-                died_since = died_since or time.monotonic()
-                if time.monotonic() - died_since > DEAD_FOR_S:
-                    raise FleetError(f"{what} failed ({cause}) and cannot be restarted: {first_line(exc)}") from None
+                died_since = died_since or self.clock()
+                if self.clock() - died_since > DEAD_FOR_S:
+                    raise FleetError(f"{what} failed ({cause}) and cannot be restarted: {ray_cause(exc, detail=True)}") from None
                 time.sleep(0.2)
             except RayActorError:  # still restarting
-                if time.monotonic() > deadline:
+                if self.clock() > deadline:
                     break
                 time.sleep(0.2)
             except GetTimeoutError:

@@ -19,7 +19,3 @@ def check_run_dir(run_dir: Path) -> None:
 def echo_flush(line: str) -> None:
     """Progress lines reach a log file or pipe as they happen, not when a buffer fills."""
     print(line, flush=True)
-
-
-class RunFailed(RuntimeError):
-    """A run stopped before its end because something failed; the message names what and why."""

@@ -15,11 +15,12 @@ import uuid
 from pathlib import Path
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError
 
 from sacfleet.common.io import atomic_write_bytes
+from sacfleet.driver.calls import CALL_ERRORS
+from sacfleet.driver.errors import ray_cause
 from sacfleet.driver.placement import node_label
-from sacfleet.driver.supervisor import ActorSlot, first_line
 
 REQUEST = "scale.request.json"
 REPLY = "scale.reply.json"
@@ -88,8 +89,8 @@ def driver_alive(run_dir: Path) -> bool:
 class Scaler:
     """Carries out scale requests for one fleet session; `changes` lists each one for the summary."""
 
-    def __init__(self, run_dir: Path, fleet, supervisor, echo, steps, wall):
-        self.run_dir, self.fleet, self.supervisor, self.echo = Path(run_dir), fleet, supervisor, echo
+    def __init__(self, run_dir: Path, fleet, echo, steps, wall):
+        self.run_dir, self.fleet, self.echo = Path(run_dir), fleet, echo
         self.steps, self.wall = steps, wall  # callables: the run's env steps and wall seconds
         self.changes: list[dict] = []
         self.next_index = max((slot.index for slot in fleet.actors), default=-1) + 1
@@ -134,7 +135,7 @@ class Scaler:
         if cfg.replay.her != "off" and target < cfg.replay.num_shards:
             raise ScaleRefused(f"with replay.her on each actor feeds its own shard: at least replay.num_shards="
                                f"{cfg.replay.num_shards} env actors are needed, not {target}")
-        if self.supervisor.stopping:
+        if fleet.actors.stopping:
             raise ScaleRefused("the run is stopping")
         before = self.actors
         if target == before:
@@ -165,33 +166,26 @@ class Scaler:
                                    f"run with actors.max_num (CPU shares are planned for that many actors) or a "
                                    f"smaller actors.num_cpus")
             placed.append(i)
-        slots = [ActorSlot(fleet._new_actor(i), index=i) for i in indices]
+        slots = fleet.actors.create(indices)
         try:
             ray.get([slot.handle.ping.remote() for slot in slots], timeout=START_TIMEOUT)
-        except (GetTimeoutError, RayActorError, RayTaskError) as exc:
+        except CALL_ERRORS as exc:
+            fleet.actors.discard(slots)
             for slot in slots:
-                ray.kill(slot.handle, no_restart=True)
                 fleet.placement.release(f"actor {slot.index}", fleet.res.actor_cpus)
-            cause = "Ray did not place them" if isinstance(exc, GetTimeoutError) else first_line(exc)
+            cause = "Ray did not place them" if isinstance(exc, GetTimeoutError) else ray_cause(exc)
             raise ScaleRefused(f"the new env actors did not start within {START_TIMEOUT:g} s ({cause})") from None
         self.next_index += count
-        for slot in slots:
-            slot.run_ref = slot.handle.run.remote(fleet.stream(slot.index, 0))
-        fleet.actors.extend(slots)
+        fleet.actors.launch(slots)
         return {f"actor {i}": fleet.placement.parts[f"actor {i}"] for i in indices}
 
     def _remove(self, count: int) -> dict[str, str]:
         """Retire the newest `count` actors: each stops after pushing what it holds, and what it did
         (restarts, stage seconds, finished episodes) stays in the run's totals."""
         fleet = self.fleet
-        retiring = fleet.actors[-count:]
-        retired = {f"actor {slot.index}": fleet.placement.parts.get(f"actor {slot.index}", "") for slot in retiring}
-        del fleet.actors[-count:]
-        for slot in retiring:
-            slot.handle.stop.remote()
-        ray.wait([slot.run_ref for slot in retiring], num_returns=len(retiring), timeout=STOP_TIMEOUT)
-        for slot in retiring:
-            self.supervisor.retire(slot)
-            ray.kill(slot.handle, no_restart=True)
-            fleet.placement.release(f"actor {slot.index}", fleet.res.actor_cpus)
-        return retired
+        nodes = {}
+        for slot in fleet.actors.retire(count, STOP_TIMEOUT):
+            part = f"actor {slot.index}"
+            nodes[part] = fleet.placement.parts.get(part, "")
+            fleet.placement.release(part, fleet.res.actor_cpus)
+        return nodes

@@ -22,19 +22,20 @@ from typing import Callable, Mapping
 import ray
 import torch
 
-from sacfleet.driver.checkpointing import CheckpointSkipped, FleetCheckpointer
 from sacfleet.common.config import Config, save_config, to_dict
 from sacfleet.common.envs import EnvInfo, check_env_config, describe_env
 from sacfleet.common.plots import write_plots
-from sacfleet.driver.run_dir import check_run_dir, echo_flush
-from sacfleet.driver.fleet import Fleet, connect
 from sacfleet.driver.checkpoint_files import kept_checkpoint_note
+from sacfleet.driver.checkpointing import CheckpointSkipped, FleetCheckpointer
+from sacfleet.driver.errors import FleetDiverged, FleetError
+from sacfleet.driver.fleet import Fleet, connect
 from sacfleet.driver.placement import Resources, cluster_nodes, describe, plan_fleet
 from sacfleet.driver.recovery import FleetRecovery
 from sacfleet.driver.report import Point, Reporter, her_values, success_note
 from sacfleet.driver.resume import ResumePoint, load_resume
+from sacfleet.driver.run_dir import check_run_dir, echo_flush
 from sacfleet.driver.scaling import Scaler
-from sacfleet.driver.supervisor import FleetDiverged, FleetError, FleetSupervisor
+from sacfleet.driver.supervisor import FleetSupervisor
 
 __all__ = ["FleetError", "Resources", "connect", "plan_fleet", "train_fleet"]
 
@@ -63,9 +64,9 @@ class FleetRun:
         self.reporter = Reporter(cfg, run_dir, echo, act_dim=env_info.act_dim, fleet=True,
                                  start=self.session_start, evals=resume.evals if resume else None)
         self.recovery = FleetRecovery(cfg, fleet, checkpointer, echo, resume.recoveries if resume else None)
-        self.supervisor = FleetSupervisor(cfg, fleet, echo, self.reporter.episodes, self.recovery,
-                                          lambda: self.env_steps, restarts_before=resume.restarts if resume else 0)
-        self.scaler = Scaler(run_dir, fleet, self.supervisor, echo, lambda: self.env_steps, lambda: self.wall)
+        fleet.actors.restarts_before = resume.restarts if resume else 0
+        self.supervisor = FleetSupervisor(fleet, echo, self.reporter.episodes, self.recovery, lambda: self.env_steps)
+        self.scaler = Scaler(run_dir, fleet, echo, lambda: self.env_steps, lambda: self.wall)
         self.eval_at: tuple[int, float] | None = None
         self.placement: list[dict] = []  # each node and the parts running there, as the fleet started
         self.reported_lost_updates = 0
@@ -104,7 +105,7 @@ class FleetRun:
         values = {**sup.learner_status.get("metrics", {}),
                   "replay/size": sum(s["size"] for s in sup.shard_stats),
                   "replay/samples_per_insert": sup.replay_ratio(), "learner/policy_lag": lag,
-                  "actors/restarts": sup.restarts, "fleet/actors": len(self.fleet.actors),
+                  "actors/restarts": self.fleet.actors.restarts, "fleet/actors": len(self.fleet.actors),
                   "fleet/recoveries": recovery["recoveries"],
                   "fleet/lost_transitions": recovery["lost_transitions"],
                   "fleet/lost_updates": recovery["lost_updates"], **sup.stall_values(), **her_values(sup.shard_stats),
@@ -126,11 +127,11 @@ class FleetRun:
         return samples / inserts
 
     def start_eval(self, episodes: int) -> None:
-        if self.supervisor.start_eval(episodes):
+        if self.supervisor.evaluations.start(episodes):
             self.eval_at = (self.env_steps, self.wall)
 
     def collect_eval(self, wait: bool = False) -> dict | None:
-        result = self.supervisor.eval_result(wait)
+        result = self.supervisor.evaluations.result(wait)
         if result is None:
             return None
         mean, std = self.reporter.evaluation(*self.eval_at, result["returns"], result.get("success_rate"))
@@ -148,7 +149,7 @@ class FleetRun:
             "env_info": self.env_info.to_dict(), "fleet": self.fleet_totals()})
 
     def fleet_totals(self) -> dict:
-        return {"wall_seconds": self.wall, "evals": self.reporter.evals, "restarts": self.supervisor.restarts,
+        return {"wall_seconds": self.wall, "evals": self.reporter.evals, "restarts": self.fleet.actors.restarts,
                 "session": self.fleet.session, "lags": self.lags[-1000:],
                 "recoveries": self.recovery.totals()["events"]}
 
@@ -317,7 +318,7 @@ def _finish(run: FleetRun, stop_reason: str, restored: int) -> dict:
         "policy_lag": {"mean": sum(lags) / len(lags) if lags else None, "last": lags[-1] if lags else None,
                        "unit": "learner updates between the policy that acted and the learner's current one"},
         "actors": {"num": len(fleet.actors), "initial": cfg.actors.num, "envs_per_actor": cfg.actors.envs_per_actor,
-                   "restarts": sup.restarts, "scaling": run.scaler.changes},
+                   "restarts": fleet.actors.restarts, "scaling": run.scaler.changes},
         "recovery": run.recovery.totals(),
         "resources": asdict(run.res),
         "placement": run.placement,

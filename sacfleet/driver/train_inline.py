@@ -25,14 +25,15 @@ from sacfleet.actors.rollout import Rollout
 from sacfleet.common.config import Config, save_config, to_dict
 from sacfleet.common.envs import EnvInfo, check_env_config, describe_env
 from sacfleet.common.plots import write_plots
-from sacfleet.driver.run_dir import RunFailed, check_run_dir, echo_flush
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.driver.checkpoint_files import kept_checkpoint_note, write_run_checkpoint
+from sacfleet.driver.errors import RunFailed
+from sacfleet.driver.report import Point, Reporter, her_values, success_note
+from sacfleet.driver.run_dir import check_run_dir, echo_flush
 from sacfleet.learner.sac import Batch, LearnerDiverged, SACLearner, resolve_device, set_matmul_precision
 from sacfleet.replay_server.shard import make_table
 from sacfleet.replay_server.snapshot_files import SnapshotWriter
 from sacfleet.replay_server.table import ReplayTable
-from sacfleet.driver.report import Point, Reporter, her_values, success_note
 
 
 def build_tables(cfg: Config, spec: TransitionSpec, insert_size: int) -> list[ReplayTable]:

@@ -1,0 +1,60 @@
+"""The driver's calls to fleet components: what they can raise, how long an unanswered one may take
+before the component counts as hung, and status calls polled without blocking."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from sacfleet.driver.errors import FleetError, ray_cause
+
+CALL_TIMEOUT = 120.0  # a status call unanswered this long means the component hangs
+# A call fails because the component's process died (RayActorError: Ray may be restarting it), its
+# method raised (RayTaskError), or it did not answer in time (GetTimeoutError).
+CALL_ERRORS = (RayActorError, RayTaskError, GetTimeoutError)
+
+
+@dataclass
+class Lost:
+    """A component's process died while a call was in flight."""
+
+    cause: str
+
+
+class PendingCalls:
+    """At most one call in flight per name (a status poll of the learner, of shard 2, ...): `answer`
+    sends it when none is in flight and hands back its answer once it has come, without waiting unless
+    asked to. A call unanswered for `timeout` means the component hangs: FleetError."""
+
+    def __init__(self, timeout: float = CALL_TIMEOUT, clock: Callable[[], float] = time.monotonic):
+        self.timeout, self.clock = timeout, clock
+        self.sent: dict[str, tuple[object, float]] = {}  # name -> (ref in flight, when sent)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.sent
+
+    def drop(self, name: str) -> None:
+        """Forget the call in flight (its answer may predate a restart of the component)."""
+        self.sent.pop(name, None)
+
+    def answer(self, name: str, what: str, send: Callable[[], object], wait: bool = False):
+        """The answer to `name` once it has come (sending the call first if none is in flight), Lost
+        if the component's process died, else None. `what` names the component in errors."""
+        if name not in self.sent:
+            self.sent[name] = (send(), self.clock())
+        ref, sent = self.sent[name]
+        timeout = max(0.0, self.timeout - (self.clock() - sent)) if wait else 0.0
+        ready, _ = ray.wait([ref], timeout=timeout)
+        if not ready:
+            if self.clock() - sent >= self.timeout:
+                raise FleetError(f"{what} hangs: no answer to a status call within {self.timeout:g} s")
+            return None
+        del self.sent[name]
+        try:
+            return ray.get(ref)
+        except RayActorError as exc:
+            return Lost(ray_cause(exc))

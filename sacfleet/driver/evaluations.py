@@ -1,0 +1,86 @@
+"""Evaluations on the fleet's eval actor, seen from the driver: started on schedule, collected when
+done, and run again when the actor's process dies during one. The actor holds no state, so Ray's
+restart is the whole recovery; each death is counted once, also one between evaluations."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from sacfleet.driver.calls import Lost, PendingCalls
+from sacfleet.driver.errors import FleetError, ray_cause
+
+EVAL_TIMEOUT = 1800.0  # longest wait for an evaluation (Humanoid's 100 final episodes fit)
+RESTART_TIMEOUT = 120.0  # a dead eval actor not answering again by then stops the run
+
+
+class Evaluations:
+    """`recovery` (recovery.FleetRecovery) counts a death; `env_steps()` is the run's count, for the record."""
+
+    def __init__(self, evaluator, calls: PendingCalls, recovery, env_steps: Callable[[], int],
+                 clock: Callable[[], float] = time.monotonic):
+        self.evaluator, self.calls, self.recovery, self.env_steps, self.clock = (evaluator, calls, recovery,
+                                                                                 env_steps, clock)
+        self.ref = None  # the evaluation running
+        self.episodes = 0
+        self.pid: int | None = None  # of the eval actor's process, to notice one that died idle
+        self.down = False  # its death was counted; calls fail until Ray has restarted it
+        self.down_since = 0.0
+
+    def watch(self) -> None:
+        """Count an eval actor that died between evaluations: Ray restarts it without a word, so the
+        driver compares its pid. A death during an evaluation is handled by result()."""
+        if self.ref is not None:
+            return  # its one thread runs evaluate(); a pid call would wait behind it
+        answer = self.calls.answer("evaluator", "eval actor", self.evaluator.pid.remote)
+        if isinstance(answer, Lost):
+            self._lost(answer.cause, evaluating=False)
+        elif answer is not None:
+            if not self.down and self.pid is not None and answer != self.pid:
+                self.recovery.evaluator("process died: Ray restarted it", self.env_steps(), evaluating=False)
+            self.pid, self.down = answer, False
+
+    def _lost(self, cause: str, evaluating: bool) -> None:
+        """A call to the eval actor failed because its process died. Calls fail until Ray has it
+        running again: the death is counted once, and the pid it answers next is not a second one."""
+        if not self.down:
+            self.recovery.evaluator(cause, self.env_steps(), evaluating)
+            self.down, self.down_since, self.pid = True, self.clock(), None
+        elif self.clock() - self.down_since > RESTART_TIMEOUT:
+            raise FleetError(f"eval actor did not come back within {RESTART_TIMEOUT:g} s")
+
+    def start(self, episodes: int) -> bool:
+        """Ask for `episodes` of the newest policy; False if an evaluation is running already."""
+        if self.ref is not None:
+            return False
+        self.calls.drop("evaluator")  # an answer from before the evaluation could predate a death in it
+        self.ref, self.episodes = self.evaluator.evaluate.remote(episodes), episodes
+        return True
+
+    def result(self, wait: bool = False) -> dict | None:
+        """The running evaluation's result ({"version", "returns", "success_rate", "seconds"}) once it
+        is done; waiting at most EVAL_TIMEOUT."""
+        while self.ref is not None:
+            ready, _ = ray.wait([self.ref], timeout=EVAL_TIMEOUT if wait else 0)
+            if not ready:
+                if wait:
+                    raise FleetError(f"eval actor hangs: an evaluation did not finish within {EVAL_TIMEOUT:g} s")
+                return None
+            ref, self.ref = self.ref, None
+            try:
+                result = ray.get(ref)
+                self.down = False
+                return result
+            except RayActorError as exc:
+                # Its process died: Ray restarts it (it holds nothing to restore) and the evaluation runs again.
+                self._lost(ray_cause(exc), evaluating=True)
+                time.sleep(0.2)  # calls fail at once while it restarts
+                self.start(self.episodes)
+                if not wait:
+                    return None
+            except RayTaskError as exc:
+                raise FleetError(f"eval actor failed: {ray_cause(exc)}") from None
+        return None
