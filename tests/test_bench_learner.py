@@ -82,14 +82,16 @@ def test_the_compiled_update_computes_the_same_losses_and_gradients_as_the_plain
     """learner.compile=on (the CUDA default) checked on CPU: same start, same noise, a block of two updates."""
     import torch._inductor.config as inductor_config
 
+    from sacfleet.learner import compiled
+
     monkeypatch.setattr(inductor_config, "fallback_random", True)  # eager's RNG, so the noise matches
     torch.manual_seed(0)
     batch = random_batch(128, OBS_DIM, ACT_DIM, torch.device("cpu"))
     learners = []
     for mode in ("off", "on"):
         torch.manual_seed(1)
-        learners.append(SACLearner(OBS_DIM, ACT_DIM, -np.ones(ACT_DIM), np.ones(ACT_DIM), hidden_sizes=(32, 32),
-                                   compile=mode))
+        learner = SACLearner(OBS_DIM, ACT_DIM, -np.ones(ACT_DIM), np.ones(ACT_DIM), hidden_sizes=(32, 32))
+        learners.append(compiled.accelerate(learner) if mode == "on" else learner)
     plain, fast = learners
     assert not plain.compiled and fast.compiled
     block = Batch.stack([batch, random_batch(128, OBS_DIM, ACT_DIM, torch.device("cpu"), seed=1)])

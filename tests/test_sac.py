@@ -233,6 +233,31 @@ def test_a_resume_takes_the_configured_learning_rates_not_the_checkpoint_ones():
     assert _learning_rates(b) == pytest.approx([1e-4, 3e-4, 3e-4])
 
 
+def test_a_checkpoint_loads_into_the_optimizer_settings_of_the_learner_that_loads_it():
+    """A CUDA-graph learner's optimizers keep their step counts on the device (capturable), and so do
+    its checkpoints' param groups; a plain learner resuming one keeps its own settings, and a graph
+    learner resuming a plain one its own."""
+    from sacfleet.learner.compiled import arm_for_capture
+
+    armed = _learner()
+    armed.update(_random_batch(0))
+    for optim in armed.optimizers:
+        arm_for_capture(optim)
+    plain = _learner()
+    plain.load_state_dict(copy.deepcopy(armed.state_dict()))
+    assert not any(group["capturable"] for optim in plain.optimizers for group in optim.param_groups)
+    plain.update(_random_batch(1))
+    again = _learner()
+    for optim in again.optimizers:
+        arm_for_capture(optim)
+    again.load_state_dict(copy.deepcopy(plain.state_dict()))
+    for optim in again.optimizers:
+        assert all(group["capturable"] for group in optim.param_groups)
+        steps = [state["step"] for state in optim.state.values()]
+        assert steps and all(torch.is_tensor(step) and step.dtype == torch.float32 and float(step) == 2
+                             for step in steps)
+
+
 def test_symlog_and_symexp_are_inverse_and_odd():
     x = torch.tensor([-1e4, -3.0, -1e-3, 0.0, 1e-3, 3.0, 1e4], dtype=torch.float64)
     torch.testing.assert_close(symexp(symlog(x)), x)

@@ -16,9 +16,11 @@ from torch import nn
 from torch.distributions import Normal
 
 from sacfleet.bench import Record
+from sacfleet.learner.batch import Batch
+from sacfleet.learner.compiled import accelerate, resolve_compile
 from sacfleet.learner.prefetch import Prefetcher
 from sacfleet.learner.publish import PolicyPublisher
-from sacfleet.learner.sac import Batch, SACLearner, matmul_precision, set_matmul_precision
+from sacfleet.learner.sac import SACLearner, matmul_precision, set_matmul_precision
 
 # HalfCheetah-v5's shapes with the MuJoCo presets' networks: the learner that limits a fleet.
 OBS_DIM, ACT_DIM, HIDDEN = 17, 6, (256, 256)
@@ -257,7 +259,9 @@ def _ours(device: torch.device, batch_size: int, k: int, shapes: tuple = (OBS_DI
     batch = random_batch(batch_size, obs_dim, act_dim, device)
     block = Batch.stack([random_batch(batch_size, obs_dim, act_dim, device, seed=i) for i in range(k)])
     learner = SACLearner(obs_dim, act_dim, -np.ones(act_dim), np.ones(act_dim), hidden_sizes=tuple(hidden),
-                         device=device, compile=compile_mode)
+                         device=device)
+    if resolve_compile(compile_mode, learner.device):
+        accelerate(learner)
     return learner, batch, block
 
 

@@ -30,7 +30,9 @@ from sacfleet.driver.checkpoint_files import kept_checkpoint_note, write_run_che
 from sacfleet.driver.errors import RunFailed
 from sacfleet.driver.report import Point, Reporter, her_values, success_note
 from sacfleet.driver.run_dir import check_run_dir, echo_flush
-from sacfleet.learner.sac import Batch, LearnerDiverged, SACLearner, resolve_device, set_matmul_precision
+from sacfleet.learner.batch import Batch
+from sacfleet.learner.builder import make_learner
+from sacfleet.learner.sac import LearnerDiverged, SACLearner, resolve_device, set_matmul_precision
 from sacfleet.replay_server.shard import make_table
 from sacfleet.replay_server.snapshot_files import SnapshotWriter
 from sacfleet.replay_server.table import ReplayTable
@@ -77,7 +79,7 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
     spec = TransitionSpec.for_env(env_info)
     device = resolve_device(cfg.learner.device)
     set_matmul_precision(cfg.learner.matmul_precision)
-    learner = SACLearner.from_config(cfg.learner, env_info, device)
+    learner = make_learner(cfg.learner, env_info, device)
     tables = build_tables(cfg, spec, insert_size=cfg.actors.envs_per_actor)
     rollouts = [Rollout(cfg.env, env_info, cfg.actors.envs_per_actor, seed=cfg.train.seed, actor_index=i)
                 for i in range(cfg.actors.num)]

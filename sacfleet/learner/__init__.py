@@ -1,7 +1,9 @@
-"""The learner: SAC networks, losses, update step and checkpoints. Needs only torch and numpy."""
+"""The learner: networks, SAC losses and update step, the speed-ups wrapped around it, weight publishing
+and the fleet's learner service. All but the service need only torch and numpy."""
 
+from sacfleet.learner.batch import Batch
 from sacfleet.learner.networks import Actor, TwinCritic, squashed_log_prob
-from sacfleet.learner.sac import (Batch, LearnerDiverged, SACLearner, actor_loss, alpha_loss, critic_loss,
+from sacfleet.learner.sac import (LearnerDiverged, SACLearner, actor_loss, alpha_loss, critic_loss,
                                   critic_target, polyak_update, q_values, resolve_device, symexp, symlog)
 
 __all__ = ["Actor", "Batch", "LearnerDiverged", "SACLearner", "TwinCritic", "actor_loss", "alpha_loss",

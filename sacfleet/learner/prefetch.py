@@ -13,7 +13,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from sacfleet.learner.sac import Batch
+from sacfleet.learner.batch import Batch
 
 LEARNER_FIELDS = ("obs", "action", "reward", "next_obs", "terminated")
 

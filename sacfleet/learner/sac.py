@@ -14,7 +14,6 @@ to |Q| and far-away states with huge costs do not drown the small differences ne
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
@@ -22,6 +21,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import torch
 
+from sacfleet.learner.batch import Batch
 from sacfleet.learner.networks import Actor, TwinCritic
 
 # What each update reports, averaged over a logging period. q_mean is the mean critic target;
@@ -45,48 +45,6 @@ class LearnerDiverged(RuntimeError):
 
     def __reduce__(self):  # crosses process boundaries (Ray) with its fields
         return type(self), (self.update, self.what)
-
-
-@dataclass
-class Batch:
-    obs: torch.Tensor
-    action: torch.Tensor
-    reward: torch.Tensor
-    next_obs: torch.Tensor
-    terminated: torch.Tensor  # float 0/1; truncation is deliberately absent: it is not a terminal state
-    weights: torch.Tensor | None = None  # importance weights from prioritized replay
-
-    @classmethod
-    def from_numpy(cls, data: Mapping[str, np.ndarray], weights: np.ndarray | None,
-                   device: torch.device) -> "Batch":
-        def to(array: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(array, device=device, dtype=torch.float32)
-
-        return cls(obs=to(data["obs"]), action=to(data["action"]), reward=to(data["reward"]),
-                   next_obs=to(data["next_obs"]), terminated=to(data["terminated"]),
-                   weights=None if weights is None else to(weights))
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The fields that are set (weights only with prioritized replay), by name."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
-
-    def __getitem__(self, i: int) -> "Batch":
-        """Batch i of a block: a Batch whose fields carry a leading dimension of k batches."""
-        return Batch(**{name: tensor[i] for name, tensor in self.tensors().items()})
-
-    @classmethod
-    def stack(cls, batches: list["Batch"]) -> "Batch":
-        """Batches of one shape as a block (copies)."""
-        return cls(**{name: torch.stack([b.tensors()[name] for b in batches]) for name in batches[0].tensors()})
-
-    def as_block(self) -> "Batch":
-        """This batch as a block of one (views, no copies)."""
-        return Batch(**{name: tensor.unsqueeze(0) for name, tensor in self.tensors().items()})
-
-    @property
-    def num_batches(self) -> int:
-        """k, for a block."""
-        return self.obs.shape[0]
 
 
 def symlog(x: torch.Tensor) -> torch.Tensor:
@@ -140,18 +98,18 @@ def polyak_update(params: Iterable[torch.Tensor], target_params: Iterable[torch.
         torch._foreach_lerp_(list(target_params), list(params), tau)
 
 
-def _adam(params, lr: float, device: torch.device, capturable: bool = False) -> torch.optim.Adam:
-    # The fused kernel updates every tensor in one pass (CPU and CUDA in current torch);
-    # capturable keeps its step counters on the device, as a CUDA graph needs.
+def _adam(params, lr: float) -> torch.optim.Adam:
+    # The fused kernel updates every tensor in one pass (CPU and CUDA in current torch).
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
+        return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, TypeError):
-        return torch.optim.Adam(params, lr=lr, foreach=True, capturable=capturable)
+        return torch.optim.Adam(params, lr=lr, foreach=True)
 
 
 @dataclass(frozen=True)
 class Losses:
-    """The loss functions an update calls: the plain ones above, or their compiled versions."""
+    """The loss functions an update calls: the plain ones above, or (learner.compiled.accelerate) their
+    compiled versions."""
     critic_target: Callable
     critic_loss: Callable
     actor_loss: Callable
@@ -231,17 +189,15 @@ def nonfinite_tensors(state: Mapping, prefix: str = "") -> list[str]:
 
 
 class SACLearner:
-    """Owns the SAC state and performs updates; has no knowledge of replay, actors or Ray."""
+    """Owns the SAC state and performs updates; has no knowledge of replay, actors or Ray. Speed-ups
+    wrap it from outside (learner.compiled.accelerate): they replace `losses` and `block_step`."""
 
     def __init__(self, obs_dim: int, act_dim: int, action_low: np.ndarray, action_high: np.ndarray, *,
                  hidden_sizes=(256, 256), actor_lr: float = 3e-4, critic_lr: float = 3e-4,
                  alpha_lr: float = 3e-4, gamma: float = 0.99, tau: float = 0.005, init_alpha: float = 1.0,
                  learn_alpha: bool = True, target_entropy: float | None = None, reward_scale: float = 1.0,
-                 obs_clip: float | None = None, symlog_q: bool = False, compile: str = "off",
-                 device: str | torch.device = "cpu"):
+                 obs_clip: float | None = None, symlog_q: bool = False, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
-        self.compiled = resolve_compile(compile, self.device)
-        cuda_graph = self.compiled and self.device.type == "cuda"
         self.gamma, self.tau, self.reward_scale, self.learn_alpha = gamma, tau, reward_scale, learn_alpha
         self.symlog_q = symlog_q
         self.target_entropy = -float(act_dim) if target_entropy is None else float(target_entropy)
@@ -249,20 +205,19 @@ class SACLearner:
         self.critic = TwinCritic(obs_dim, act_dim, hidden_sizes, obs_clip=obs_clip).to(self.device)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.tensor(math.log(init_alpha), device=self.device, requires_grad=True)
-        self.actor_optim = _adam(self.actor.parameters(), actor_lr, self.device, cuda_graph)
-        self.critic_optim = _adam(self.critic.parameters(), critic_lr, self.device, cuda_graph)
-        self.alpha_optim = _adam([self.log_alpha], alpha_lr, self.device, cuda_graph)
-        self.learning_rates = (actor_lr, critic_lr, alpha_lr)
+        self.actor_optim = _adam(self.actor.parameters(), actor_lr)
+        self.critic_optim = _adam(self.critic.parameters(), critic_lr)
+        self.alpha_optim = _adam([self.log_alpha], alpha_lr)
         self.updates = 0
         self.metrics = MetricAccumulator(METRIC_NAMES, self.device, maxima=("train/reward_abs_max",))
         self.divergence = DivergenceWatch(METRIC_NAMES, self.device)
-        self._losses = Losses(critic_target, critic_loss, actor_loss)
-        self._graph = None
-        if self.compiled:
-            from sacfleet.learner.compiled import CudaGraphStep, compile_losses
+        self.losses = Losses(critic_target, critic_loss, actor_loss)
+        self.block_step: Callable[[Batch], tuple[torch.Tensor, torch.Tensor]] = self._block_step
+        self.compiled = False  # set by learner.compiled.accelerate
 
-            self._losses = compile_losses(self._losses)
-            self._graph = CudaGraphStep(self._block_step) if cuda_graph else None
+    @property
+    def optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
+        return self.actor_optim, self.critic_optim, self.alpha_optim
 
     @classmethod
     def from_config(cls, cfg, env_info, device: str | torch.device) -> "SACLearner":
@@ -270,8 +225,7 @@ class SACLearner:
                    hidden_sizes=tuple(cfg.hidden_sizes), actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr,
                    alpha_lr=cfg.alpha_lr, gamma=cfg.gamma, tau=cfg.tau, init_alpha=cfg.init_alpha,
                    learn_alpha=cfg.learn_alpha, target_entropy=cfg.target_entropy,
-                   reward_scale=cfg.reward_scale, obs_clip=cfg.obs_clip, symlog_q=cfg.symlog_q,
-                   compile=cfg.compile, device=device)
+                   reward_scale=cfg.reward_scale, obs_clip=cfg.obs_clip, symlog_q=cfg.symlog_q, device=device)
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -285,7 +239,7 @@ class SACLearner:
         """k SAC updates, one per batch of a block (fields [k, B, ...]), in order: exactly what k calls
         of `update` compute. On CUDA the k updates replay as one graph, so the host's work (a copy,
         a launch, the metrics) is paid once per block. Returns |TD errors| [k, B] on the device."""
-        td_error, values = self._graph(block) if self._graph is not None else self._block_step(block)
+        td_error, values = self.block_step(block)
         self.updates += block.num_batches
         self.metrics.add(values)
         return td_error
@@ -300,9 +254,9 @@ class SACLearner:
     def _step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The update's tensor work, with no host syncs, so that it can be captured in a CUDA graph."""
         alpha = self.alpha
-        q_target = self._losses.critic_target(self.actor, self.target_critic, batch, alpha, self.gamma,
+        q_target = self.losses.critic_target(self.actor, self.target_critic, batch, alpha, self.gamma,
                                               self.reward_scale, self.symlog_q)
-        loss_q, td_error, q_each = self._losses.critic_loss(self.critic, batch, q_target, self.symlog_q)
+        loss_q, td_error, q_each = self.losses.critic_loss(self.critic, batch, q_target, self.symlog_q)
         self.critic_optim.zero_grad(set_to_none=True)
         loss_q.backward()
         critic_grad_norm = _grad_norm(self.critic)
@@ -310,7 +264,7 @@ class SACLearner:
 
         # The critic is only evaluated for the actor loss; freezing it skips its weight gradients.
         self.critic.requires_grad_(False)
-        loss_pi, log_prob = self._losses.actor_loss(self.actor, self.critic, batch.obs, alpha, self.symlog_q)
+        loss_pi, log_prob = self.losses.actor_loss(self.actor, self.critic, batch.obs, alpha, self.symlog_q)
         self.actor_optim.zero_grad(set_to_none=True)
         loss_pi.backward()
         actor_grad_norm = _grad_norm(self.actor)
@@ -375,23 +329,20 @@ class SACLearner:
             module.load_state_dict({**state[name], **dict(module.named_buffers())})
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
-        self.actor_optim.load_state_dict(state["actor_optim"])
-        self.critic_optim.load_state_dict(state["critic_optim"])
-        self.alpha_optim.load_state_dict(state["alpha_optim"])
+        for optim, name in zip(self.optimizers, ("actor_optim", "critic_optim", "alpha_optim")):
+            _load_keeping_settings(optim, state[name])
         self.updates = int(state["updates"])
         self.divergence.restart_at(self.updates)
-        # Optimizer states carry their learning rates; the configured ones win, so that
-        # `--resume DIR --set learner.actor_lr=...` takes effect.
-        capturable = self._graph is not None
-        for optim, lr in zip((self.actor_optim, self.critic_optim, self.alpha_optim), self.learning_rates):
-            for group in optim.param_groups:
-                group["lr"] = lr
-                group["capturable"] = capturable
-        if capturable:
-            for optim in (self.actor_optim, self.critic_optim, self.alpha_optim):
-                for state in optim.state.values():
-                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=self.device)
-            self._graph.reset()  # the optimizers' state tensors are new: capture again
+
+
+def _load_keeping_settings(optim: torch.optim.Optimizer, state: Mapping) -> None:
+    """Load an optimizer's state (moments, step counts) with its own settings: a checkpoint's param
+    groups carry those of the learner that saved it (learning rates, fused, capturable), and the
+    configured ones win, so that `--resume DIR --set learner.actor_lr=...` takes effect. torch places
+    the step counts as the settings loaded say."""
+    own = [{key: value for key, value in group.items() if key != "params"} for group in optim.param_groups]
+    groups = [{**saved, **mine} for saved, mine in zip(state["param_groups"], own)]
+    optim.load_state_dict({**state, "param_groups": groups})
 
 
 def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
@@ -399,14 +350,6 @@ def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
     as clip_grad_norm_ computes it, without its per-call bookkeeping (2.5x faster for small nets)."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-
-
-def resolve_compile(requested: str, device: torch.device) -> bool:
-    """learner.compile: `auto` compiles (and graph-captures) on CUDA only, where launch overhead
-    dominates small networks; on CPU compiling buys little and costs a long first update."""
-    if requested not in ("auto", "on", "off"):
-        raise ValueError(f"learner.compile: {requested!r} is not allowed; choose one of: auto, on, off")
-    return requested == "on" or (requested == "auto" and device.type == "cuda")
 
 
 def set_matmul_precision(precision: str) -> None:

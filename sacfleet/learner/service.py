@@ -14,9 +14,10 @@ import torch
 
 from sacfleet.common.config import Config
 from sacfleet.common.process import peer_handles, restarted_by_ray, this_node
+from sacfleet.learner.builder import make_learner
 from sacfleet.learner.prefetch import Prefetcher
 from sacfleet.learner.publish import PolicyPublisher
-from sacfleet.learner.sac import LearnerDiverged, SACLearner, matmul_precision, resolve_device, set_matmul_precision
+from sacfleet.learner.sac import LearnerDiverged, matmul_precision, resolve_device, set_matmul_precision
 from sacfleet.replay_server.client import SampleClient
 
 
@@ -55,7 +56,7 @@ class LearnerService:
         self.cfg = cfg
         self.device = resolve_device(cfg.learner.device)
         set_matmul_precision(cfg.learner.matmul_precision)
-        self.learner = SACLearner.from_config(cfg.learner, env_info, self.device)
+        self.learner = make_learner(cfg.learner, env_info, self.device)
         self.prioritized = cfg.replay.sampler == "prioritized"
         self.sampler = SampleClient(peer_handles(peers)["shards"], cfg.learner.prefetch_batches, cfg.learner.batch_size,
                                     cfg.replay.rate_limit_timeout_s)
