@@ -13,6 +13,7 @@ import pytest
 import ray
 import torch
 
+from sacfleet.actors.env_actor import EnvActor
 from sacfleet.common.codec import CodecError, encode_chunk
 from sacfleet.common.config import load_config
 from sacfleet.common.envs import describe_env
@@ -20,6 +21,7 @@ from sacfleet.common.reaper import children_by_parent
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.drills.child_run import actor_title
 from sacfleet.driver.checkpoint_files import load_checkpoint
+from sacfleet.driver.fleet import FleetParts
 from sacfleet.driver.train_fleet import FleetError, train_fleet
 from sacfleet.driver.train_inline import seed_everything
 from sacfleet.learner.sac import SACLearner
@@ -44,6 +46,53 @@ def local_ray():
 def run(tmp_path, *overrides, **kwargs):
     cfg = load_config("pointmass", [*SHORT, *overrides])
     return train_fleet(cfg, tmp_path / "run", echo=lambda line: None, **kwargs)
+
+
+def failing_learner(at_update: int) -> FleetParts:
+    """Fleet parts whose learner's update thread raises once it has made `at_update` updates. Built in
+    a function: Ray pickles such classes by value, since its workers cannot import a test module."""
+
+    class InjectedFault(RuntimeError):
+        pass
+
+    class FailingLearner(LearnerService):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            learner, update_block = self.learner, self.learner.update_block
+
+            def failing(block):
+                td_error = update_block(block)
+                if learner.updates >= at_update:
+                    raise InjectedFault(f"injected fault in the learner at update {at_update}")
+                return td_error
+
+            learner.update_block = failing
+
+    return FleetParts(learner=FailingLearner)
+
+
+def failing_env_actor(actor: int, at_step: int) -> FleetParts:
+    """Fleet parts whose env actor `actor` raises at its vector step `at_step`, in its first process only
+    (a restarted one gets another env-seed stream)."""
+
+    class InjectedFault(RuntimeError):
+        pass
+
+    class FailingEnvActor(EnvActor):
+        def rollout(self, stream):
+            rollout = super().rollout(stream)
+            if (self.actor_index, stream) == (actor, actor):
+                step = rollout.step
+
+                def failing(random_actions):
+                    if rollout.steps == at_step:
+                        raise InjectedFault(f"injected fault in env actor {actor} at step {at_step}")
+                    return step(random_actions)
+
+                rollout.step = failing
+            return rollout
+
+    return FleetParts(env_actor=FailingEnvActor)
 
 
 def wait_for_released_resources(timeout=30.0):
@@ -104,7 +153,7 @@ def test_goal_env_fleet_keeps_episodes_in_one_shard_and_relabels_there(tmp_path)
 
 def test_learner_failure_stops_every_actor_with_the_cause(tmp_path):
     with pytest.raises(FleetError, match="learner failed: InjectedFault: injected fault in the learner at update 30"):
-        run(tmp_path, "actors.num=2", faults={"learner_update": 30})
+        run(tmp_path, "actors.num=2", parts=failing_learner(at_update=30))
     assert wait_for_released_resources()
     assert not (tmp_path / "run" / "summary.json").exists()
 
@@ -112,7 +161,7 @@ def test_learner_failure_stops_every_actor_with_the_cause(tmp_path):
 def test_failed_env_actor_is_restarted_and_counted(tmp_path):
     lines = []
     cfg = load_config("pointmass", [*SHORT, "actors.num=2", "train.total_env_steps=1500"])
-    summary = train_fleet(cfg, tmp_path / "run", echo=lines.append, faults={"env_actor_step": (1, 200)})
+    summary = train_fleet(cfg, tmp_path / "run", echo=lines.append, parts=failing_env_actor(1, at_step=200))
     assert summary["actors"]["restarts"] == 1
     assert summary["env_steps"] >= 1500
     assert any("env actor 1 failed (InjectedFault: injected fault in env actor 1 at step 200)" in line
@@ -292,7 +341,7 @@ def test_processes_lost_together_count_as_one_failure():
 def test_env_actor_failing_too_often_stops_the_run_with_the_learners_state_saved(tmp_path):
     # Actor 0 fails at its step 700, when the fleet (two actors) is past learning_starts=400.
     with pytest.raises(FleetError, match=r"env actor 0 failed 1 times \(actors.max_restarts=0\)") as info:
-        run(tmp_path, "actors.num=2", "actors.max_restarts=0", faults={"env_actor_step": (0, 700)})
+        run(tmp_path, "actors.num=2", "actors.max_restarts=0", parts=failing_env_actor(0, at_step=700))
     assert "the learner's state" in str(info.value) and "were saved" in str(info.value)
     state = load_checkpoint(tmp_path / "run")
     assert state["learner"]["updates"] > 0 and 1000 <= state["env_steps"] < 2500
@@ -351,7 +400,7 @@ def shard_contents(shard) -> tuple:
 def _initial_learner_state(seed: int, session: int = 0) -> dict:
     """The learner's state right after it starts in its own Ray worker process, as a fleet builds it."""
     cfg = load_config("pointmass", [*SHORT, f"train.seed={seed}"])
-    learner = ray.remote(LearnerService).options(num_cpus=0.1).remote(cfg, describe_env(cfg.env), {}, None, 1, session)
+    learner = ray.remote(LearnerService).options(num_cpus=0.1).remote(cfg, describe_env(cfg.env), {}, 1, session)
     try:
         return ray.get(learner.state.remote())
     finally:

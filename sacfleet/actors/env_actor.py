@@ -25,7 +25,6 @@ from sacfleet.common.config import Config
 from sacfleet.common.process import peer_handles, this_node
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.learner.networks import Actor
-from sacfleet.learner.service import InjectedFault
 from sacfleet.replay_server.client import InsertClient
 
 
@@ -77,12 +76,11 @@ class WeightPuller:
 class EnvActor:
     """`peers`: {"shards": [names of the replay shard actors], "learner": name of the learner actor}."""
 
-    def __init__(self, cfg: Config, env_info, actor_index: int, peers: Mapping, faults: Mapping | None = None):
+    def __init__(self, cfg: Config, env_info, actor_index: int, peers: Mapping):
         torch.set_num_threads(1)
         self.cfg, self.env_info, self.actor_index = cfg, env_info, actor_index
         handles = peer_handles(peers)
         self.shards, self.learner = handles["shards"], handles["learner"]
-        self.fault = (faults or {}).get("env_actor_step")  # (actor index, vector step), first run only
         self.stopping = threading.Event()
         self.steps = 0  # env steps (transitions) made by this process
         self.finished: list[tuple[float, int]] = []
@@ -93,8 +91,7 @@ class EnvActor:
     def run(self, stream: int = 0) -> int:
         """Collect until `stop()`; `stream` picks the env seeds (new on each restart and resume)."""
         cfg = self.cfg
-        rollout = Rollout(cfg.env, self.env_info, cfg.actors.envs_per_actor,
-                          seed=cfg.train.seed, actor_index=stream)
+        rollout = self.rollout(stream)
         client = self.client = InsertClient(self.shards, cfg.actors.max_in_flight, cfg.replay.rate_limit_timeout_s,
                                             first_shard=self.actor_index, rotate=cfg.replay.her == "off",
                                             should_stop=self.stopping.is_set)
@@ -108,8 +105,6 @@ class EnvActor:
                     if fresh is not None:
                         rollout.load_weights(*fresh)
                         self.policy_version = rollout.policy_version
-                if self.fault is not None and tuple(self.fault) == (self.actor_index, rollout.steps) and stream == self.actor_index:
-                    raise InjectedFault(f"injected fault in env actor {self.actor_index} at step {rollout.steps}")
                 # Random actions until the learner's first weights arrive: it publishes only after the
                 # fleet has inserted train.learning_starts transitions and it has made an update.
                 chunk.append(rollout.step(random_actions=False))
@@ -128,6 +123,11 @@ class EnvActor:
         finally:
             rollout.close()
         return self.steps
+
+    def rollout(self, stream: int) -> Rollout:
+        """This process's envs and acting policy, seeded by `stream`."""
+        cfg = self.cfg
+        return Rollout(cfg.env, self.env_info, cfg.actors.envs_per_actor, seed=cfg.train.seed, actor_index=stream)
 
     def stop(self) -> None:
         self.stopping.set()

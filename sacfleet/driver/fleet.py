@@ -10,7 +10,8 @@ import signal
 import threading
 import time
 import uuid
-from typing import Callable, Mapping
+from dataclasses import dataclass
+from typing import Callable
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -56,14 +57,26 @@ def connect(address: str | None, num_cpus: int | None, dashboard: bool) -> bool:
 
 # ------------------------------------------------------------------------------------- the fleet
 
+@dataclass(frozen=True)
+class FleetParts:
+    """The classes the fleet hosts in Ray actors, one per kind of part (as an Acme builder makes each
+    component): what runs, not how it is placed or supervised. Tests pass their own, e.g. a learner
+    whose update fails, to see the fleet handle it; the class names are what `sacfleet chaos` targets."""
+
+    shard: type = ReplayShard
+    learner: type = LearnerService
+    env_actor: type = EnvActor
+    evaluator: type = EvalActor
+
+
 class Fleet:
     """Handles of every Ray actor of one run, created in dependency order and killed together."""
 
     def __init__(self, cfg: Config, env_info, res: Resources, placement: Placement, checkpointer: FleetCheckpointer,
-                 learner_state=None, faults: Mapping | None = None, session: int = 0,
-                 echo: Callable[[str], None] = print):
+                 learner_state=None, session: int = 0, echo: Callable[[str], None] = print,
+                 parts: FleetParts = FleetParts()):
         self.cfg, self.env_info, self.res, self.placement, self.echo = cfg, env_info, res, placement, echo
-        self.session, self.faults = session, faults
+        self.session, self.parts = session, parts
         self.handles: list = []
         try:
             self._build(checkpointer, learner_state)
@@ -72,8 +85,8 @@ class Fleet:
             raise
 
     def _build(self, checkpointer: FleetCheckpointer, learner_state) -> None:
-        cfg, env_info, res, placement, faults, session = (self.cfg, self.env_info, self.res, self.placement,
-                                                          self.faults, self.session)
+        cfg, env_info, res, placement, parts, session = (self.cfg, self.env_info, self.res, self.placement,
+                                                         self.parts, self.session)
         # Ray restarts a dead shard or learner (up to train.max_failures times each) and the driver
         # restores it; env actors restart on their own budget (actors.max_restarts).
         restarts = cfg.train.max_failures
@@ -82,7 +95,7 @@ class Fleet:
         self.names = names = {"shards": [f"sacfleet-{run_id}-shard{i}" for i in range(cfg.replay.num_shards)],
                               "learner": f"sacfleet-{run_id}-learner"}
         where = placement.parts.get
-        self.shards = [self._keep(ray.remote(ReplayShard).options(
+        self.shards = [self._keep(ray.remote(parts.shard).options(
             name=name, num_cpus=res.shard_cpus, max_restarts=restarts, **strategy(where(f"shard {i}")), **QUIET
         ).remote(cfg, TransitionSpec.for_env(env_info), i)) for i, name in enumerate(names["shards"])]
         wait_started(self.shards, "replay shard", self.echo)
@@ -91,17 +104,17 @@ class Fleet:
         self.inserts_at_start = sum(stats["inserts"] for stats in base)
         self.samples_at_start = sum(stats["samples"] for stats in base)
         self.updates_at_start = int(learner_state["updates"]) if learner_state else 0
-        learner_cls = ray.remote(LearnerService).options(
+        learner_cls = ray.remote(parts.learner).options(
             name=names["learner"], num_cpus=res.learner_cpus, num_gpus=res.learner_gpus, max_restarts=restarts,
             max_concurrency=4, **strategy(where("learner")), **QUIET)
         self.learner = self._keep(learner_cls.remote(
-            cfg, env_info, {"shards": names["shards"]}, faults, res.learner_threads, session))
+            cfg, env_info, {"shards": names["shards"]}, res.learner_threads, session))
         wait_started([self.learner], "learner", self.echo)
         if learner_state is not None:  # by a call: a constructor argument this large would stay in the object store
             ray.get(self.learner.restore.remote(learner_state))
         self.actors = EnvActorPool(self.new_env_actor, self.stream, cfg.actors.max_restarts, self.echo)
         slots = self.actors.create(range(cfg.actors.num))
-        eval_cls = ray.remote(EvalActor).options(num_cpus=res.eval_cpus, max_restarts=restarts,
+        eval_cls = ray.remote(parts.evaluator).options(num_cpus=res.eval_cpus, max_restarts=restarts,
                                                  **strategy(where("eval")), **QUIET)
         self.evaluator = self._keep(eval_cls.remote(cfg, env_info, {"learner": names["learner"]}))
         wait_started([slot.handle for slot in slots] + [self.evaluator], "env or eval actor", self.echo)
@@ -111,9 +124,9 @@ class Fleet:
     def new_env_actor(self, index: int):
         """The Ray actor of env actor `index`, on its planned node (placement.place it first)."""
         node = self.placement.parts.get(f"actor {index}")
-        return self._keep(ray.remote(EnvActor).options(
+        return self._keep(ray.remote(self.parts.env_actor).options(
             num_cpus=self.res.actor_cpus, max_restarts=self.cfg.actors.max_restarts, max_concurrency=2,
-            **strategy(node), **QUIET).remote(self.cfg, self.env_info, index, self.names, self.faults))
+            **strategy(node), **QUIET).remote(self.cfg, self.env_info, index, self.names))
 
     def where(self) -> list[dict]:
         """The placement as it is: each node and the parts running there (asked of the parts themselves,

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 import ray
 import torch
@@ -28,7 +28,7 @@ from sacfleet.common.plots import write_plots
 from sacfleet.driver.checkpoint_files import kept_checkpoint_note
 from sacfleet.driver.checkpointing import CheckpointSkipped, FleetCheckpointer
 from sacfleet.driver.errors import FleetDiverged, FleetError
-from sacfleet.driver.fleet import Fleet, connect
+from sacfleet.driver.fleet import Fleet, FleetParts, connect
 from sacfleet.driver.placement import Resources, cluster_nodes, describe, plan_fleet
 from sacfleet.driver.recovery import FleetRecovery
 from sacfleet.driver.report import Point, Reporter, her_values, success_note
@@ -172,11 +172,11 @@ class FleetRun:
 
 def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resume: bool = False,
                 num_cpus: int | None = None, dashboard: bool = False, echo: Callable[[str], None] | None = None,
-                faults: Mapping | None = None) -> dict:
+                parts: FleetParts = FleetParts()) -> dict:
     """Train with the Ray fleet; returns the summary (also written to run_dir/summary.json). Raises
     FleetError naming the failed component, after saving the learner's state when it is alive
     (FleetDiverged when the learner diverged: then summary.json says so and the last good checkpoint
-    is kept). `faults` is for tests: {"learner_update": n} or {"env_actor_step": (actor, step)} raise there."""
+    is kept). `parts`: the classes the fleet's Ray actors run (fleet.FleetParts)."""
     start = time.monotonic()
     echo = echo or echo_flush
     run_dir = Path(run_dir)
@@ -206,8 +206,8 @@ def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resum
                 echo(f"resume applies: {'; '.join(point.applied)}")
         learner_state = point.learner_state if point else None
         checkpointer = FleetCheckpointer(cfg, run_dir / "checkpoints", point.replay if point else None, learner_state)
-        fleet = Fleet(cfg, env_info, res, placement, checkpointer, learner_state, faults, point.session if point else 0,
-                      echo)
+        fleet = Fleet(cfg, env_info, res, placement, checkpointer, learner_state, point.session if point else 0, echo,
+                      parts)
         run = FleetRun(cfg, run_dir, fleet, env_info, res, point, checkpointer, echo, start)
         run.placement = fleet.where()
         echo(f"placement: {describe(run.placement)}")

@@ -24,10 +24,6 @@ from sacfleet.replay_server.client import SampleClient
 PREFETCH_BLOCKS = 2
 
 
-class InjectedFault(RuntimeError):
-    """Raised on purpose by the fault hooks tests use to check supervision."""
-
-
 def _to_cpu(state):
     if isinstance(state, torch.Tensor):
         return state.detach().cpu().clone()
@@ -47,8 +43,7 @@ def learner_seed(seed: int, session: int) -> int:
 
 
 class LearnerService:
-    def __init__(self, cfg: Config, env_info, peers: Mapping, faults: Mapping | None = None, num_threads: int = 1,
-                 session: int = 0):
+    def __init__(self, cfg: Config, env_info, peers: Mapping, num_threads: int = 1, session: int = 0):
         """`peers`: {"shards": [names of the replay shard actors]}."""
         torch.set_num_threads(max(1, num_threads))
         # Network initialisation and the policy's sampling noise come from train.seed.
@@ -62,7 +57,6 @@ class LearnerService:
                                     cfg.replay.rate_limit_timeout_s)
         # Two blocks ready: one answer's worth of updates always waits while the next is sampled.
         self.prefetcher = Prefetcher(self.sampler.next, self.device, PREFETCH_BLOCKS, keep_keys=self.prioritized)
-        self.fault_at = (faults or {}).get("learner_update")
         self.lock = threading.Lock()  # held for each update, so state and metrics are read between updates
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="sacfleet-update", daemon=True)
@@ -106,8 +100,6 @@ class LearnerService:
                 with self.lock:
                     before = learner.updates
                     td_error = learner.update_block(item.block)
-                    if self.fault_at is not None and learner.updates >= self.fault_at:
-                        raise InjectedFault(f"injected fault in the learner at update {self.fault_at}")
                     self.publisher.after_block(before)
                     if self.publisher.diverged():
                         learner.check_finite()  # raises, naming the first bad update
