@@ -116,7 +116,7 @@ def test_python_dash_m_entry_point(tmp_path):
                           *[a for kv in SHORT for a in ("--set", kv)], "--set", "train.total_env_steps=500"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "done: 500 env steps" in out.stdout
+    assert "done (train.total_env_steps reached): 500 env steps" in out.stdout
     assert (tmp_path / "summary.json").exists()
 
 

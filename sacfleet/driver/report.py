@@ -1,19 +1,26 @@
 """What a run reports, for the fleet and the in-process trainer alike: progress lines, records in
 metrics.jsonl and TensorBoard, the health checks that watch those records, the evaluation curve,
-and summary.json."""
+and at the end summary.json (its common part, then each component's section), the plots and the
+`done` line."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
+
+import torch
 
 from sacfleet.common.config import Config, to_dict
 from sacfleet.common.health import HealthMonitor, RunFacts
 from sacfleet.common.io import atomic_write_bytes
 from sacfleet.common.metrics import EpisodeStats, MetricsLogger
+from sacfleet.common.plots import write_plots
+
+INTERRUPTED = "interrupted"  # the stop reason of a run stopped by Ctrl-C or SIGTERM
 
 
 def her_values(shard_stats: Sequence[Mapping]) -> dict[str, float]:
@@ -129,6 +136,26 @@ class Reporter:
         self.failure_summary(now, reason, mode)
         self.close()
 
+    def finish(self, *, mode: str, stop_reason: str, now: Point, final: Mapping, sections: Mapping,
+               stage_seconds: Mapping[str, float]) -> dict:
+        """A run's end: summary.json, the common part (counters, why it stopped, the final evaluation
+        `final`: {"returns", "mean", "std", "success_rate"} and, from a fleet, the policy "version" it
+        evaluated) followed by the trainer's and its components' `sections`; then the plots and the
+        `done` line. Returns the summary."""
+        self.close()
+        evaluation = {"return_mean": final["mean"], "return_std": final["std"], "episodes": len(final["returns"]),
+                      "success_rate": final.get("success_rate")}
+        if "version" in final:
+            evaluation["policy_version"] = final["version"]
+        summary = self.write_summary({
+            "env_steps": now.env_steps, "updates": now.updates, "wall_seconds": round(now.wall, 2),
+            "stop_reason": stop_reason, "interrupted": stop_reason == INTERRUPTED, "mode": mode,
+            "eval": {**evaluation, "curve": self.evals}, **sections, "config": to_dict(self.cfg),
+            "python": sys.version.split()[0], "torch": torch.__version__})
+        plots = write_plots(self.run_dir, self.evals, stage_seconds, self.cfg.env.id)
+        self.echo(done_line(summary, self.run_dir / "summary.json", plots))
+        return summary
+
     def write_summary(self, summary: dict) -> dict:
         """summary.json: the trainer's `summary` with the health section added."""
         summary = {**summary, "health": self.health.summary()}
@@ -145,3 +172,21 @@ class Reporter:
 
     def close(self) -> None:
         self.metrics.close()
+
+
+def done_line(summary: Mapping, path: Path, plots: Sequence[Path]) -> str:
+    """A run's last line, from its summary: why it stopped, what it did how fast, how well the final
+    policy does, its health and recoveries, and where the summary and plots are."""
+    rates, replay, final, health = summary["throughput"], summary["replay"], summary["eval"], summary["health"]
+    wall = summary.get("session_wall_seconds", summary["wall_seconds"])
+    warnings = f" ({', '.join(w['check'] for w in health['warnings'])})" if health["warnings"] else ""
+    recovery = summary.get("recovery") or {"failures": 0, "recoveries": 0}  # the inline trainer has none
+    recovered = (f"; recovered {recovery['recoveries']} processes from {recovery['failures']} failures"
+                 if recovery["recoveries"] != recovery["failures"] else
+                 f"; recovered from {recovery['failures']} failures" if recovery["failures"] else "")
+    return (f"done ({summary['stop_reason']}): {summary['env_steps']:,} env steps, {summary['updates']:,} updates in "
+            f"{wall:.1f}s ({rates['env_steps_per_s']:.0f} steps/s, {rates['updates_per_s']:.0f} updates/s, replay ratio "
+            f"{replay['samples_per_insert']:.1f} of {replay['samples_per_insert_target']:g}); eval return "
+            f"{final['return_mean']:.1f} +- {final['return_std']:.1f} over {final['episodes']} episodes"
+            f"{success_note(final['success_rate'])}; health {health['status']}{warnings}{recovered}; summary {path}"
+            f"{'; plots ' + ', '.join(p.name for p in plots) if plots else ''}")

@@ -53,6 +53,11 @@ class FleetSupervisor:
     def stopping(self) -> bool:
         return self.actors.stopping
 
+    def replay_summary(self) -> dict:
+        """The replay's part of the summary: what the shards hold and the ratio they held."""
+        return {"size": sum(s["size"] for s in self.shard_stats), "samples_per_insert": self.replay_ratio(),
+                "error_buffer_per_shard": self.shard_stats[0]["error_buffer"]}
+
     def replay_ratio(self) -> float:
         effective = sum(s["inserts"] - s["min_size_to_sample"] for s in self.shard_stats)
         return self.samples / effective if effective > 0 else float("nan")

@@ -13,28 +13,26 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import ray
-import torch
 
 from sacfleet.common.config import Config, save_config, to_dict
 from sacfleet.common.envs import EnvInfo, check_env_config, describe_env
-from sacfleet.common.plots import write_plots
 from sacfleet.driver.checkpoint_files import kept_checkpoint_note
 from sacfleet.driver.checkpointing import CheckpointSkipped, FleetCheckpointer
 from sacfleet.driver.errors import FleetDiverged, FleetError
 from sacfleet.driver.fleet import Fleet, FleetParts, connect
 from sacfleet.driver.placement import Resources, cluster_nodes, describe, plan_fleet
 from sacfleet.driver.recovery import FleetRecovery
-from sacfleet.driver.report import Point, Reporter, her_values, success_note
+from sacfleet.driver.report import INTERRUPTED, Point, Reporter, her_values
 from sacfleet.driver.resume import ResumePoint, load_resume
 from sacfleet.driver.run_dir import check_run_dir, echo_flush
 from sacfleet.driver.scaling import Scaler
+from sacfleet.driver.schedule import RunSchedule
 from sacfleet.driver.supervisor import FleetSupervisor
 
 __all__ = ["FleetError", "Resources", "connect", "plan_fleet", "train_fleet"]
@@ -233,12 +231,7 @@ def _supervise(run: FleetRun) -> dict:
     cfg, sup = run.cfg, run.supervisor
     sup.poll(wait=True)
     restored = sum(s["restored_size"] for s in sup.shard_stats)
-    interval = cfg.train.log_interval
-    next_log = (run.env_steps // interval + 1) * interval
-    next_eval = (run.env_steps // cfg.eval.interval + 1) * cfg.eval.interval if cfg.eval.interval else math.inf
-    ckpt_interval = cfg.checkpoint.interval
-    next_ckpt = (sup.updates // ckpt_interval + 1) * ckpt_interval if ckpt_interval else math.inf
-    next_ckpt_wall = run.wall + cfg.checkpoint.interval_s if cfg.checkpoint.interval_s else math.inf
+    schedule = RunSchedule(cfg, run.env_steps, sup.updates, run.wall)
     stop_reason = "train.total_env_steps reached"
     try:
         while True:
@@ -247,16 +240,11 @@ def _supervise(run: FleetRun) -> dict:
             run.scaler.check()
             run.reporter.watch(run.point(), sup.stall_values())
             run.collect_eval()
-            # At the last step the final evaluation stands in for a periodic one.
-            if next_eval <= run.env_steps < cfg.train.total_env_steps:
-                next_eval = (run.env_steps // cfg.eval.interval + 1) * cfg.eval.interval
+            if schedule.evaluation(run.env_steps):
                 run.start_eval(cfg.eval.episodes)
-            if run.env_steps >= next_log:
-                next_log = (run.env_steps // interval + 1) * interval
+            if schedule.log(run.env_steps):
                 run.log_progress()
-            if sup.updates >= next_ckpt or run.wall >= next_ckpt_wall:
-                next_ckpt = (sup.updates // ckpt_interval + 1) * ckpt_interval if ckpt_interval else math.inf
-                next_ckpt_wall = run.wall + cfg.checkpoint.interval_s if cfg.checkpoint.interval_s else math.inf
+            if schedule.checkpoint(sup.updates, run.wall):
                 try:
                     run.checkpoint()
                 except CheckpointSkipped as exc:  # the next poll recovers the component
@@ -267,7 +255,7 @@ def _supervise(run: FleetRun) -> dict:
                 stop_reason = f"train.max_wall_seconds={cfg.train.max_wall_seconds:g} reached"
                 break
     except KeyboardInterrupt:
-        stop_reason = "interrupted"
+        stop_reason = INTERRUPTED
     run.scaler.close()  # a stopping run takes no more scale requests
     run.echo(f"stopping ({stop_reason}): checkpoint, final evaluation and summary")
     return _finish(run, stop_reason, restored)
@@ -284,26 +272,13 @@ def _finish(run: FleetRun, stop_reason: str, restored: int) -> dict:
     run.start_eval(cfg.eval.final_episodes)
     final = run.collect_eval(wait=True)
     run.checkpointer.amend(fleet=run.fleet_totals())  # the checkpoint's curve gets the final evaluation
-    run.reporter.close()
 
-    wall = run.wall
-    session_wall = wall - run.wall_before
+    session_wall = run.wall - run.wall_before
+    start, lags = run.session_start, run.lags
     stages = sup.stage_seconds()
-    session_steps = run.env_steps - run.env_steps_before
-    lags = run.lags
-    start = run.session_start
-    summary = run.reporter.write_summary({
-        "env_steps": run.env_steps,
-        "updates": sup.updates,
-        "wall_seconds": round(wall, 2),
+    sections = {
         "session_wall_seconds": round(session_wall, 2),
-        "stop_reason": stop_reason,
-        "interrupted": stop_reason == "interrupted",
-        "mode": "fleet",
-        "eval": {"return_mean": final["mean"], "return_std": final["std"], "episodes": len(final["returns"]),
-                 "success_rate": final.get("success_rate"), "policy_version": final["version"],
-                 "curve": run.reporter.evals},
-        "throughput": {"env_steps_per_s": session_steps / session_wall,
+        "throughput": {"env_steps_per_s": (run.env_steps - run.env_steps_before) / session_wall,
                        "updates_per_s": (sup.updates + sup.lost_updates - start.updates) / session_wall,
                        "inserts_per_s": (sup.inserts - start.inserts) / session_wall,
                        "samples_per_s": (sup.samples - start.samples) / session_wall,
@@ -312,9 +287,8 @@ def _finish(run: FleetRun, stop_reason: str, restored: int) -> dict:
                        "weight_pulls_per_s": final_status["weight_pulls"] / session_wall,
                        "weight_bytes_per_pull": final_status["weight_bytes"],
                        "stage_seconds": {k: round(v, 2) for k, v in stages.items()}},
-        "replay": {"size": sum(s["size"] for s in sup.shard_stats), "samples_per_insert": sup.replay_ratio(),
-                   "samples_per_insert_target": cfg.replay.samples_per_insert, "restored_size": restored,
-                   "error_buffer_per_shard": sup.shard_stats[0]["error_buffer"]},
+        "replay": {**sup.replay_summary(), "samples_per_insert_target": cfg.replay.samples_per_insert,
+                   "restored_size": restored},
         "policy_lag": {"mean": sum(lags) / len(lags) if lags else None, "last": lags[-1] if lags else None,
                        "unit": "learner updates between the policy that acted and the learner's current one"},
         "actors": {"num": len(fleet.actors), "initial": cfg.actors.num, "envs_per_actor": cfg.actors.envs_per_actor,
@@ -324,23 +298,7 @@ def _finish(run: FleetRun, stop_reason: str, restored: int) -> dict:
         "placement": run.placement,
         "learner_device": fleet.device,
         "learner_matmul_precision": final_status["matmul_precision"],
-        "config": to_dict(cfg),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
         "ray": ray.__version__,
-    })
-    plots = write_plots(run.run_dir, run.reporter.evals, stages, cfg.env.id)
-    health = summary["health"]
-    recovery = summary["recovery"]
-    recovered = (f"; recovered {recovery['recoveries']} processes from {recovery['failures']} failures"
-                 if recovery["recoveries"] != recovery["failures"] else
-                 f"; recovered from {recovery['failures']} failures" if recovery["failures"] else "")
-    run.echo(f"done ({stop_reason}): {run.env_steps:,} env steps, {sup.updates:,} updates in {session_wall:.1f}s "
-             f"({summary['throughput']['env_steps_per_s']:.0f} steps/s, {summary['throughput']['updates_per_s']:.0f} "
-             f"updates/s, replay ratio {summary['replay']['samples_per_insert']:.1f} of "
-             f"{cfg.replay.samples_per_insert:g}); eval return {final['mean']:.1f} +- {final['std']:.1f} over "
-             f"{len(final['returns'])} episodes{success_note(final.get('success_rate'))}; health {health['status']}"
-             f"{' (' + ', '.join(w['check'] for w in health['warnings']) + ')' if health['warnings'] else ''}"
-             f"{recovered}; "
-             f"summary {run.run_dir / 'summary.json'}{'; plots ' + ', '.join(p.name for p in plots) if plots else ''}")
-    return summary
+    }
+    return run.reporter.finish(mode="fleet", stop_reason=stop_reason, now=run.point(), final=final,
+                               sections=sections, stage_seconds=stages)

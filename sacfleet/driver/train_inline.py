@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +23,11 @@ from sacfleet.actors.evaluate import evaluate
 from sacfleet.actors.rollout import Rollout
 from sacfleet.common.config import Config, save_config, to_dict
 from sacfleet.common.envs import EnvInfo, check_env_config, describe_env
-from sacfleet.common.plots import write_plots
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.driver.checkpoint_files import kept_checkpoint_note, write_run_checkpoint
 from sacfleet.driver.errors import RunFailed
-from sacfleet.driver.report import Point, Reporter, her_values, success_note
+from sacfleet.driver.report import INTERRUPTED, Point, Reporter, her_values
+from sacfleet.driver.schedule import RunSchedule
 from sacfleet.driver.run_dir import check_run_dir, echo_flush
 from sacfleet.learner.batch import Batch
 from sacfleet.learner.builder import make_learner
@@ -90,20 +89,19 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
     reporter = Reporter(cfg, run_dir, echo, act_dim=env_info.act_dim, fleet=False, start=point())
     batch_size = cfg.learner.batch_size
     prioritized = cfg.replay.sampler == "prioritized"
-    next_log, next_eval, next_ckpt = cfg.train.log_interval, cfg.eval.interval, cfg.checkpoint.interval
-    next_ckpt_wall = cfg.checkpoint.interval_s
+    schedule = RunSchedule(cfg)
     snapshots = SnapshotWriter(run_dir / "checkpoints", len(tables))
     published: tuple = ({}, -1)  # the newest published weights and their version
 
     echo(f"sacfleet inline: {cfg.env.id} obs_dim={env_info.obs_dim} act_dim={env_info.act_dim} "
          f"actors={cfg.actors.num}x{cfg.actors.envs_per_actor} shards={len(tables)} device={device} "
          f"steps={cfg.train.total_env_steps:,} run_dir={run_dir}")
-    interrupted = False
+    stop_reason = "train.total_env_steps reached"
     turn = 0
     try:
         while env_steps < cfg.train.total_env_steps:
             if cfg.train.max_wall_seconds and timers.wall > cfg.train.max_wall_seconds:
-                echo(f"stopping: train.max_wall_seconds={cfg.train.max_wall_seconds:g} reached")
+                stop_reason = f"train.max_wall_seconds={cfg.train.max_wall_seconds:g} reached"
                 break
             index = turn % len(rollouts)
             rollout = rollouts[index]
@@ -135,58 +133,53 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
             timers.env += t1 - t0
             timers.update += time.monotonic() - t1
 
-            # At the last step the final evaluation stands in for a periodic one.
-            if cfg.eval.interval and next_eval <= env_steps < cfg.train.total_env_steps:
-                next_eval += cfg.eval.interval
+            if schedule.evaluation(env_steps):
                 _evaluate(cfg, learner, reporter, timers, env_steps, cfg.eval.episodes)
-            if env_steps >= next_log:
-                next_log += cfg.train.log_interval
+            if schedule.log(env_steps):
                 learner.check_finite()
                 reporter.progress(point(), {**learner.metrics.read(), "replay/size": sum(t.size for t in tables),
                                             "replay/samples_per_insert": _ratio(tables),
                                             **her_values([t.stats() for t in tables])})
-            if (cfg.checkpoint.interval and learner.updates >= next_ckpt) or (
-                    cfg.checkpoint.interval_s and timers.wall >= next_ckpt_wall):
-                next_ckpt = (learner.updates // cfg.checkpoint.interval + 1) * cfg.checkpoint.interval \
-                    if cfg.checkpoint.interval else 0
-                next_ckpt_wall = timers.wall + cfg.checkpoint.interval_s
+            if schedule.checkpoint(learner.updates, timers.wall):
                 _checkpoint(cfg, run_dir, learner, tables, snapshots, env_steps, env_info)
         learner.check_finite()
     except KeyboardInterrupt:
-        interrupted = True
-        echo("interrupted: writing the final checkpoint and summary")
+        stop_reason = INTERRUPTED
     except LearnerDiverged as exc:
         reporter.diverged(point(), exc.update, exc.what, str(exc), mode="inline")
         raise RunFailed(f"{exc}; {kept_checkpoint_note(run_dir / 'checkpoints')}") from None
     finally:
         for rollout in rollouts:
             rollout.close()
+    echo(f"stopping ({stop_reason}): checkpoint, final evaluation and summary")
 
     # The learner's state is saved before the final evaluation, which could fail or be interrupted.
     _checkpoint(cfg, run_dir, learner, tables, snapshots, env_steps, env_info)
-    returns, success_rate = _evaluate(cfg, learner, reporter, timers, env_steps, cfg.eval.final_episodes)
-    reporter.close()
-    summary = reporter.write_summary(_summary(cfg, learner, tables, timers, env_steps, returns, success_rate,
-                                              reporter.evals, interrupted))
-    write_plots(run_dir, reporter.evals, {"env": timers.env, "replay and update": timers.update,
-                                          "eval": timers.eval}, cfg.env.id)
-    echo(f"done: {env_steps:,} env steps, {learner.updates:,} updates in {timers.wall:.1f}s; "
-         f"eval return {summary['eval']['return_mean']:.1f} +- {summary['eval']['return_std']:.1f} "
-         f"over {len(returns)} episodes{success_note(success_rate)}; health {summary['health']['status']}; "
-         f"summary: {run_dir / 'summary.json'}")
-    return summary
+    final = _evaluate(cfg, learner, reporter, timers, env_steps, cfg.eval.final_episodes)
+    wall = timers.wall
+    sections = {
+        "throughput": {"env_steps_per_s": env_steps / wall, "updates_per_s": learner.updates / wall,
+                       "seconds_env": round(timers.env, 2), "seconds_replay_and_update": round(timers.update, 2),
+                       "seconds_eval": round(timers.eval, 2)},
+        "replay": {"size": sum(t.size for t in tables), "samples_per_insert": _ratio(tables),
+                   "samples_per_insert_target": cfg.replay.samples_per_insert},
+    }
+    return reporter.finish(mode="inline", stop_reason=stop_reason, now=point(), final=final, sections=sections,
+                           stage_seconds={"env": timers.env, "replay and update": timers.update, "eval": timers.eval})
 
 
 def _evaluate(cfg: Config, learner: SACLearner, reporter: Reporter, timers: Timers, env_steps: int,
-              episodes: int) -> tuple[np.ndarray, float | None]:
+              episodes: int) -> dict:
+    """`episodes` deterministic episodes of the learner's policy, recorded; {"returns", "mean", "std",
+    "success_rate"}."""
     t0 = time.monotonic()
     policy = learner.actor
     if learner.device.type != "cpu":
         policy = copy.deepcopy(policy).cpu()
     returns, success_rate = evaluate(policy, cfg.env, episodes, cfg.eval.seed)
     timers.eval += time.monotonic() - t0
-    reporter.evaluation(env_steps, timers.wall, returns.tolist(), success_rate)
-    return returns, success_rate
+    mean, std = reporter.evaluation(env_steps, timers.wall, returns.tolist(), success_rate)
+    return {"returns": returns.tolist(), "mean": mean, "std": std, "success_rate": success_rate}
 
 
 def _ratio(tables: list[ReplayTable]) -> float:
@@ -210,25 +203,3 @@ def _checkpoint(cfg, run_dir, learner, tables, snapshots: SnapshotWriter, env_st
     write_run_checkpoint(Path(run_dir) / "checkpoints", state,
                          {"env_steps": env_steps, "config": to_dict(cfg), "env_info": env_info.to_dict()},
                          snapshots.manifest() if cfg.checkpoint.replay else None)
-
-
-def _summary(cfg, learner, tables, timers, env_steps, final, success_rate, evals, interrupted) -> dict:
-    wall = timers.wall
-    return {
-        "env_steps": env_steps,
-        "updates": learner.updates,
-        "wall_seconds": round(wall, 2),
-        "interrupted": interrupted,
-        "mode": "inline",
-        "eval": {"return_mean": float(final.mean()), "return_std": float(final.std()), "episodes": int(final.size),
-                 "success_rate": success_rate,
-                 "curve": evals},
-        "throughput": {"env_steps_per_s": env_steps / wall, "updates_per_s": learner.updates / wall,
-                       "seconds_env": round(timers.env, 2), "seconds_replay_and_update": round(timers.update, 2),
-                       "seconds_eval": round(timers.eval, 2)},
-        "replay": {"size": sum(t.size for t in tables), "samples_per_insert": _ratio(tables),
-                   "samples_per_insert_target": cfg.replay.samples_per_insert},
-        "config": to_dict(cfg),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-    }
