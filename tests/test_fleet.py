@@ -572,3 +572,37 @@ def test_a_run_directory_written_before_the_driver_package_resumes(tmp_path):
     state = load_checkpoint(run_dir)
     assert state["fleet"]["session"] == 1 and state["env_steps"] == summary["env_steps"]
     assert wait_for_released_resources()
+
+
+def test_an_env_actor_that_stops_pushes_what_it_collected_since_its_last_chunk():
+    class NoWeights:  # a learner stand-in that never has weights: the actor acts at random
+        def latest_weights(self, have_version: int):
+            return None
+
+        def ping(self) -> bool:
+            return True
+
+    cfg = load_config("pointmass", ["replay.capacity=100000", "train.learning_starts=100000",
+                                    "actors.chunk_length=7", "actors.envs_per_actor=2"])
+    env_info = describe_env(cfg.env)
+    tag = os.urandom(4).hex()
+    peers = {"shards": [f"test-{tag}-shard"], "learner": f"test-{tag}-learner"}
+    shard = ray.remote(ReplayShard).options(num_cpus=0.01, name=peers["shards"][0]).remote(
+        cfg, TransitionSpec.for_env(env_info), 0)
+    source = ray.remote(NoWeights).options(num_cpus=0.01, name=peers["learner"]).remote()
+    actor = None
+    try:
+        ray.get([shard.ping.remote(), source.ping.remote()])
+        actor = ray.remote(EnvActor).options(num_cpus=0.01, max_concurrency=2).remote(cfg, env_info, 0, peers)
+        run_ref = actor.run.remote(0)
+        deadline = time.monotonic() + 60
+        while ray.get(actor.stats.remote())["steps"] < 500 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        actor.stop.remote()
+        steps = ray.get(run_ref, timeout=60)
+        assert steps >= 500
+        assert ray.get(shard.stats.remote())["inserts"] == steps  # none left behind in a partial chunk
+    finally:
+        for handle in (actor, shard, source):
+            if handle is not None:
+                ray.kill(handle)

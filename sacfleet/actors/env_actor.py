@@ -18,11 +18,12 @@ import ray
 import torch
 from ray.exceptions import RayError
 
+from sacfleet.actors.adder import ChunkAdder
 from sacfleet.actors.evaluate import evaluate
 from sacfleet.actors.rollout import RANDOM_POLICY_VERSION, Rollout
-from sacfleet.common.codec import decode_weights, encode_chunk
+from sacfleet.common.codec import decode_weights
 from sacfleet.common.config import Config
-from sacfleet.common.process import peer_handles, this_node
+from sacfleet.common.process import ProcessIdentity, peer_handles
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.learner.networks import Actor
 from sacfleet.replay_server.client import InsertClient
@@ -73,7 +74,7 @@ class WeightPuller:
             return None
 
 
-class EnvActor:
+class EnvActor(ProcessIdentity):
     """`peers`: {"shards": [names of the replay shard actors], "learner": name of the learner actor}."""
 
     def __init__(self, cfg: Config, env_info, actor_index: int, peers: Mapping):
@@ -85,8 +86,9 @@ class EnvActor:
         self.steps = 0  # env steps (transitions) made by this process
         self.finished: list[tuple[float, int]] = []
         self.policy_version = RANDOM_POLICY_VERSION
-        self.seconds = {"env": 0.0, "inference": 0.0, "insert_wait": 0.0}
+        self.seconds = {"env": 0.0, "inference": 0.0}
         self.client: InsertClient | None = None
+        self.adder: ChunkAdder | None = None
 
     def run(self, stream: int = 0) -> int:
         """Collect until `stop()`; `stream` picks the env seeds (new on each restart and resume)."""
@@ -95,9 +97,8 @@ class EnvActor:
         client = self.client = InsertClient(self.shards, cfg.actors.max_in_flight, cfg.replay.rate_limit_timeout_s,
                                             first_shard=self.actor_index, rotate=cfg.replay.her == "off",
                                             should_stop=self.stopping.is_set)
+        adder = self.adder = ChunkAdder(TransitionSpec.for_env(self.env_info), cfg.actors.chunk_length, client.insert)
         puller = WeightPuller(self.learner, WEIGHT_POLL_MIN_S)
-        spec = TransitionSpec.for_env(self.env_info)
-        chunk: list[dict[str, np.ndarray]] = []
         try:
             while not self.stopping.is_set():
                 if rollout.steps % cfg.actors.weight_sync_interval == 0:
@@ -107,18 +108,13 @@ class EnvActor:
                         self.policy_version = rollout.policy_version
                 # Random actions until the learner's first weights arrive: it publishes only after the
                 # fleet has inserted train.learning_starts transitions and it has made an update.
-                chunk.append(rollout.step(random_actions=False))
+                adder.add(rollout.step(random_actions=False))
                 self.seconds["env"] += rollout.seconds_env
                 self.seconds["inference"] += rollout.seconds_inference
                 rollout.seconds_env = rollout.seconds_inference = 0.0
                 self.steps += rollout.num_envs
                 self.finished.extend(rollout.pop_finished())
-                if len(chunk) == cfg.actors.chunk_length:
-                    payload = encode_chunk({k: np.concatenate([c[k] for c in chunk]) for k in chunk[0]}, spec)
-                    chunk.clear()
-                    t0 = time.monotonic()
-                    client.insert(payload)
-                    self.seconds["insert_wait"] += time.monotonic() - t0
+            adder.flush()  # what was collected since the last chunk
             client.flush()
         finally:
             rollout.close()
@@ -132,24 +128,15 @@ class EnvActor:
     def stop(self) -> None:
         self.stopping.set()
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def stats(self) -> dict:
         finished, self.finished = self.finished, []
-        client = self.client
+        client, adder = self.client, self.adder
         return {"steps": self.steps, "episodes": finished, "policy_version": self.policy_version, "pid": os.getpid(),
-                "seconds": dict(self.seconds),
+                "seconds": {**self.seconds, "insert_wait": adder.seconds_inserting if adder is not None else 0.0},
                 "insert_blocked_seconds": client.oldest_pending_seconds() if client is not None else 0.0}
 
-    def ping(self) -> bool:
-        return True
 
-    def node(self) -> str:
-        return this_node()
-
-
-class EvalActor:
+class EvalActor(ProcessIdentity):
     def __init__(self, cfg: Config, env_info, peers: Mapping):
         torch.set_num_threads(1)
         learner = peer_handles(peers)["learner"]
@@ -170,13 +157,3 @@ class EvalActor:
         returns, success_rate = evaluate(self.policy, self.cfg.env, episodes, self.cfg.eval.seed)
         return {"version": self.version, "returns": returns.tolist(), "success_rate": success_rate,
                 "seconds": time.monotonic() - t0}
-
-    def ping(self) -> bool:
-        return True
-
-    def node(self) -> str:
-        return this_node()
-
-    def pid(self) -> int:
-        """Which process this is: the driver notices a restart that happened between evaluations."""
-        return os.getpid()

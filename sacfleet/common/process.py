@@ -1,6 +1,8 @@
-"""Facts about the current process that supervision needs."""
+"""Facts about the current process that supervision needs, and the calls every fleet process answers."""
 
 from __future__ import annotations
+
+import os
 
 
 def restarted_by_ray() -> bool:
@@ -33,3 +35,18 @@ def this_node() -> str:
     import ray
 
     return ray.get_runtime_context().get_node_id()
+
+
+class ProcessIdentity:
+    """The calls the driver makes of every part of the fleet: whether it is up (ping, answered once its
+    constructor has run), which node it runs on (placement) and which process it is (a restart
+    shows as another pid)."""
+
+    def ping(self) -> bool:
+        return True
+
+    def node(self) -> str:
+        return this_node()
+
+    def pid(self) -> int:
+        return os.getpid()

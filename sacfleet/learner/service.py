@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from sacfleet.common.config import Config
-from sacfleet.common.process import peer_handles, restarted_by_ray, this_node
+from sacfleet.common.process import ProcessIdentity, peer_handles, restarted_by_ray
 from sacfleet.learner.builder import make_learner
 from sacfleet.learner.prefetch import Prefetcher
 from sacfleet.learner.publish import PolicyPublisher
@@ -42,7 +42,7 @@ def learner_seed(seed: int, session: int) -> int:
     return int(np.random.SeedSequence([seed, session]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-class LearnerService:
+class LearnerService(ProcessIdentity):
     def __init__(self, cfg: Config, env_info, peers: Mapping, num_threads: int = 1, session: int = 0):
         """`peers`: {"shards": [names of the replay shard actors]}."""
         torch.set_num_threads(max(1, num_threads))
@@ -158,9 +158,3 @@ class LearnerService:
             if self.learner.updates > 0 and fresh and self.diverged is None:
                 self.publisher.snapshot()
         return self.status()
-
-    def ping(self) -> bool:
-        return True
-
-    def node(self) -> str:
-        return this_node()

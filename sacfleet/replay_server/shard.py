@@ -12,12 +12,11 @@ import time
 
 import numpy as np
 
-from sacfleet.common.codec import decode_chunk
 from sacfleet.common.config import Config
-from sacfleet.common.process import restarted_by_ray, this_node
+from sacfleet.common.process import ProcessIdentity, restarted_by_ray
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.replay_server.her import env_reward_function
-from sacfleet.replay_server.rate_limiter import RateLimiter, Verdict
+from sacfleet.replay_server.rate_limiter import RateLimited, RateLimiter, Verdict
 from sacfleet.replay_server.storage import keep_freed_memory
 from sacfleet.replay_server.table import ReplayTable
 
@@ -55,7 +54,7 @@ def _refused(verdict: Verdict) -> dict:
     return {"ok": False, "retry_after": verdict.retry_after, "reason": verdict.reason}
 
 
-class ReplayShard:
+class ReplayShard(ProcessIdentity):
     def __init__(self, cfg: Config, spec: TransitionSpec, shard: int):
         keep_freed_memory()  # the process serves samples: reuse their memory rather than map it anew
         self.spec = spec
@@ -67,27 +66,18 @@ class ReplayShard:
         # the driver has restored its snapshot (or said there is none).
         self.awaiting_restore = restarted_by_ray()
         self.frozen_since: float | None = None  # a snapshot is being taken
-        # Mean policy version of the newest chunk made by a learned policy: with the learner's
-        # update count this gives the policy lag.
-        self.recent_policy_version = -1.0
 
     def insert(self, payload: bytes) -> dict:
-        """Decode, validate and store one chunk. Raises CodecError (and stores nothing) for a
-        malformed chunk; returns ok=False when the rate limiter holds inserts back."""
-        batch = decode_chunk(payload, self.spec)
-        n = len(batch["reward"])
+        """Store one encoded chunk; the table decodes and checks it, and raises CodecError (storing
+        nothing) for a malformed one. Returns ok=False while inserts wait (a restore, a snapshot) or
+        the rate limiter holds them back."""
         held = self._held()
         if held:
             return {"ok": False, "retry_after": 0.05, "reason": held}
-        verdict = self.table.limiter.check_insert(n)
-        if not verdict.ok:
-            return _refused(verdict)
-        self.table.insert(batch)
-        versions = batch["policy_version"]
-        learned = versions[versions >= 0]
-        if learned.size:
-            self.recent_policy_version = float(learned.mean())
-        return {"ok": True, "inserted": n}
+        try:
+            return {"ok": True, "inserted": self.table.insert_encoded(payload)}
+        except RateLimited as exc:
+            return _refused(exc.verdict)
 
     def sample(self, max_batches: int, batch_size: int) -> dict:
         """Up to `max_batches` batches of `batch_size`, as many as the limiter allows now (at least one)."""
@@ -125,7 +115,7 @@ class ReplayShard:
         return {**self.table.stats(), "shard": self.shard, "awaiting_restore": self.awaiting_restore,
                 "capacity": self.table.storage.capacity,
                 "min_size_to_sample": limiter.min_size_to_sample, "error_buffer": limiter.error_buffer,
-                "recent_policy_version": self.recent_policy_version, "restored_size": self.restored_size}
+                "restored_size": self.restored_size}
 
     # -- snapshots, one segment per call: the driver writes each to a file before asking for the next
 
@@ -165,9 +155,3 @@ class ReplayShard:
         """Serve again without contents (a restarted shard that had no snapshot yet)."""
         self.awaiting_restore = False
         return self.stats()
-
-    def ping(self) -> bool:
-        return True
-
-    def node(self) -> str:
-        return this_node()

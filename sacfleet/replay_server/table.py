@@ -53,13 +53,26 @@ class ReplayTable:
         self.segment_slots = int(segment_slots)
         self.dirty = np.zeros(-(-capacity // self.segment_slots), dtype=bool)  # segments changed since a snapshot
         self._restoring: dict | None = None
+        # Mean policy version of the newest chunk a learned policy made: with the learner's update
+        # count this gives the policy lag.
+        self.recent_policy_version = -1.0
 
     @property
     def size(self) -> int:
         return self.storage.size
 
     def insert(self, batch: Mapping[str, np.ndarray]) -> int:
-        n = self.spec.validate(batch)
+        """Check `batch` against the schema (InvalidTransitions says why not) and the rate limiter
+        (RateLimited), then store it; returns how many transitions it held."""
+        return self._insert(batch, self.spec.validate(batch))
+
+    def insert_encoded(self, payload: bytes) -> int:
+        """Decode a chunk from the wire, checking it against the schema as it is decoded (CodecError
+        says why not), then as insert(): nothing is stored unless it is whole and valid."""
+        batch = decode_chunk(payload, self.spec)
+        return self._insert(batch, len(batch["reward"]))
+
+    def _insert(self, batch: Mapping[str, np.ndarray], n: int) -> int:
         verdict = self.limiter.check_insert(n)
         if not verdict.ok:
             raise RateLimited(verdict)
@@ -71,11 +84,11 @@ class ReplayTable:
         if self.her is not None:
             self.her.on_insert(slots, {name: array[n - slots.size:] for name, array in batch.items()})
         self.limiter.record_insert(n)
+        versions = batch["policy_version"]
+        learned = versions[versions >= 0]
+        if learned.size:
+            self.recent_policy_version = float(learned.mean())
         return n
-
-    def insert_encoded(self, payload: bytes) -> int:
-        """Decode a chunk from the wire and insert it; raises CodecError and stores nothing if invalid."""
-        return self.insert(decode_chunk(payload, self.spec))
 
     def sample(self, num_batches: int, batch_size: int) -> SampleBatch:
         n = num_batches * batch_size
@@ -109,7 +122,8 @@ class ReplayTable:
         """Counters only (the measured ratio follows from them and the limiter's min_size_to_sample)."""
         return {"size": self.size, "inserts": self.limiter.inserts, "samples": self.limiter.samples,
                 "her_sampled": self.her.sampled if self.her else 0,
-                "her_relabeled": self.her.relabeled if self.her else 0}
+                "her_relabeled": self.her.relabeled if self.her else 0,
+                "recent_policy_version": self.recent_policy_version}
 
     # -- snapshots: a header (counters, sampler state) and fixed-size segments of slots. Only segments
     # written since the last snapshot are taken again, and each is produced and restored on its own,
