@@ -209,7 +209,7 @@ def _eval(args) -> int:
     from sacfleet.actors.evaluate import evaluate
     from sacfleet.common.config import from_dict
     from sacfleet.driver.checkpoint_files import load_checkpoint
-    from sacfleet.learner.networks import Actor
+    from sacfleet.learner.networks import PolicyNetwork
     from sacfleet.driver.report import success_note
 
     if args.episodes < 1:
@@ -217,7 +217,7 @@ def _eval(args) -> int:
         return EXIT_USAGE
     state = load_checkpoint(args.checkpoint)
     cfg, info = from_dict(state["config"]), state["env_info"]
-    actor = Actor(info["obs_dim"], info["act_dim"], cfg.learner.hidden_sizes, info["action_low"], info["action_high"])
+    actor = PolicyNetwork(info["obs_dim"], info["act_dim"], cfg.learner.hidden_sizes, info["action_low"], info["action_high"])
     actor.load_state_dict(state["learner"]["actor"])
     torch.set_num_threads(1)
     returns, success_rate = evaluate(actor, cfg.env, args.episodes, cfg.eval.seed if args.seed is None else args.seed)

@@ -9,12 +9,12 @@ import pytest
 import ray
 import torch
 
-from sacfleet.actors.policy import ActingPolicy
+from sacfleet.actors.policy import NumpyPolicy
 from sacfleet.bench import Record, actors_suite, e2e_suite
 from sacfleet.bench.report import write_outputs
 from sacfleet.common.codec import decode_weights, encode_weights
 from sacfleet.common.envs import POINTMASS_ID
-from sacfleet.learner.networks import Actor
+from sacfleet.learner.networks import PolicyNetwork
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +26,9 @@ def local_ray():
 
 def _policy(obs_dim=5, act_dim=3, obs_clip=None):
     torch.manual_seed(0)
-    actor = Actor(obs_dim, act_dim, [16, 8], np.array([-1.0, 0.0, -3.0]), np.array([1.0, 2.0, 1.0]), obs_clip)
+    actor = PolicyNetwork(obs_dim, act_dim, [16, 8], np.array([-1.0, 0.0, -3.0]), np.array([1.0, 2.0, 1.0]), obs_clip)
     weights, _ = decode_weights(encode_weights({k: v.numpy() for k, v in actor.state_dict().items()}, 0))
-    return actor, ActingPolicy(weights)
+    return actor, NumpyPolicy(weights)
 
 
 @pytest.mark.parametrize("obs_clip", [None, 0.5])
@@ -39,7 +39,7 @@ def test_acting_policy_is_the_learners_actor_in_numpy(obs_clip):
         expected = actor.deterministic(torch.as_tensor(obs)).numpy()
         mean, log_std = actor(torch.as_tensor(obs))
     np.testing.assert_allclose(policy(obs, deterministic=True), expected, rtol=1e-5, atol=1e-5)
-    # Stochastic: the same noise through Actor.sample's formula.
+    # Stochastic: the same noise through PolicyNetwork.sample's formula.
     noise = np.random.default_rng(2).standard_normal((7, 3), dtype=np.float32)
     with torch.no_grad():
         u = mean + log_std.exp() * torch.as_tensor(noise)
@@ -50,9 +50,19 @@ def test_acting_policy_is_the_learners_actor_in_numpy(obs_clip):
     assert (action >= [-1, 0, -3]).all() and (action <= [1, 2, 1]).all()
 
 
+def test_the_numpy_policy_reads_every_layer_the_policy_network_has():
+    network = PolicyNetwork(4, 2, [16, 8, 8], np.array([-1.0, -1.0]), np.array([1.0, 1.0]))
+    state = network.state_dict()
+    layers = PolicyNetwork.layer_keys(state)
+    assert len(layers) == 4  # three hidden layers and the output
+    buffers = {PolicyNetwork.OBS_CLIP, PolicyNetwork.ACTION_SCALE, PolicyNetwork.ACTION_BIAS}
+    assert {key for pair in layers for key in pair} | buffers == set(state)
+    assert len(NumpyPolicy({k: v.numpy() for k, v in state.items()}).layers) == 4
+
+
 def test_acting_policy_rejects_weights_without_layers():
     with pytest.raises(ValueError, match="no trunk layers"):
-        ActingPolicy({"obs_clip": np.array(1.0)})
+        NumpyPolicy({"obs_clip": np.array(1.0)})
 
 
 def test_actor_counts_double_up_to_the_cores():

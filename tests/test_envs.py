@@ -11,7 +11,7 @@ from sacfleet.actors.rollout import RANDOM_POLICY_VERSION, Rollout
 from sacfleet.common.config import ConfigError, EnvConfig
 from sacfleet.common.envs import POINTMASS_ID, describe_env, env_seeds, make_env
 from sacfleet.common.pointmass import PointMassEnv
-from sacfleet.learner.networks import Actor
+from sacfleet.learner.networks import PolicyNetwork
 
 
 class SeedPointMass:
@@ -133,7 +133,8 @@ def test_rollout_is_reproducible_and_actors_differ():
     cfg = _short_env(200)
     info = describe_env(cfg)
     a, b, c = (Rollout(cfg, info, 2, seed=7, actor_index=i) for i in (0, 0, 1))
-    weights = {k: v.numpy() for k, v in Actor(2, 1, [8], info.action_low, info.action_high).state_dict().items()}
+    network = PolicyNetwork(2, 1, [8], info.action_low, info.action_high)
+    weights = {k: v.numpy() for k, v in network.state_dict().items()}
     for r in (a, b, c):
         r.load_weights(weights, version=3)
     steps = [[r.step(random_actions=i < 3) for i in range(6)] for r in (a, b, c)]
@@ -146,7 +147,7 @@ def test_rollout_is_reproducible_and_actors_differ():
 
 def test_zero_policy_evaluation_matches_the_zero_action_baseline():
     info = describe_env(EnvConfig())
-    actor = Actor(info.obs_dim, info.act_dim, [8], info.action_low, info.action_high)
+    actor = PolicyNetwork(info.obs_dim, info.act_dim, [8], info.action_low, info.action_high)
     with torch.no_grad():
         for p in actor.parameters():
             p.zero_()  # mean 0 -> action 0

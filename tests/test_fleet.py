@@ -339,7 +339,7 @@ def test_processes_lost_together_count_as_one_failure():
 
 
 def test_env_actor_failing_too_often_stops_the_run_with_the_learners_state_saved(tmp_path):
-    # Actor 0 fails at its step 700, when the fleet (two actors) is past learning_starts=400.
+    # Env actor 0 fails at its step 700, when the fleet (two actors) is past learning_starts=400.
     with pytest.raises(FleetError, match=r"env actor 0 failed 1 times \(actors.max_restarts=0\)") as info:
         run(tmp_path, "actors.num=2", "actors.max_restarts=0", parts=failing_env_actor(0, at_step=700))
     assert "the learner's state" in str(info.value) and "were saved" in str(info.value)

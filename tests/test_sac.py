@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.distributions import AffineTransform, Normal, TanhTransform, TransformedDistribution
 
-from sacfleet.learner import (Actor, Batch, LearnerDiverged, SACLearner, TwinCritic, actor_loss, alpha_loss,
+from sacfleet.learner import (Batch, LearnerDiverged, PolicyNetwork, SACLearner, TwinCritic, actor_loss, alpha_loss,
                               critic_loss, critic_target, polyak_update, q_values, squashed_log_prob, symexp, symlog)
 
 
@@ -46,7 +46,7 @@ def test_log_prob_is_finite_when_tanh_saturates():
 def test_actor_samples_respect_asymmetric_bounds_and_log_prob():
     torch.manual_seed(1)
     low, high = np.array([0.0, -3.0], np.float32), np.array([1.0, 5.0], np.float32)
-    actor = Actor(4, 2, [32, 32], low, high)
+    actor = PolicyNetwork(4, 2, [32, 32], low, high)
     obs = torch.randn(256, 4)
     action, log_prob = actor.sample(obs)
     assert (action >= torch.as_tensor(low)).all() and (action <= torch.as_tensor(high)).all()
@@ -95,7 +95,7 @@ def _batch(terminated, truncated_reward=1.0):
 
 
 def test_critic_target_bootstraps_through_truncation_but_not_termination():
-    actor = Actor(2, 1, [8], np.array([-1.0], np.float32), np.array([1.0], np.float32))
+    actor = PolicyNetwork(2, 1, [8], np.array([-1.0], np.float32), np.array([1.0], np.float32))
     # Row 0: truncated by a time limit (terminated=0): must bootstrap. Row 1: terminated.
     batch = _batch([0.0, 1.0])
     alpha = torch.tensor(0.0)
@@ -107,7 +107,7 @@ def test_critic_target_bootstraps_through_truncation_but_not_termination():
 
 def test_critic_target_includes_entropy_term_and_reward_scale():
     torch.manual_seed(3)
-    actor = Actor(2, 1, [8], np.array([-1.0], np.float32), np.array([1.0], np.float32))
+    actor = PolicyNetwork(2, 1, [8], np.array([-1.0], np.float32), np.array([1.0], np.float32))
     batch = _batch([0.0])
     torch.manual_seed(4)
     _, log_prob = actor.sample(batch.next_obs)
@@ -212,7 +212,7 @@ def test_obs_clip_bounds_what_the_networks_see_and_travels_with_the_weights():
     assert torch.allclose(learner.critic(torch.as_tensor(far), action), learner.critic(torch.as_tensor(edge), action))
     # An actor built without the option (as env actors are) clips once it loads the learner's weights.
     weights, version = decode_weights(encode_weights(learner.policy_weights(), 7))
-    policy = Actor(2, 1, (16, 16), np.array([-2.0]), np.array([2.0]))
+    policy = PolicyNetwork(2, 1, (16, 16), np.array([-2.0]), np.array([2.0]))
     assert not np.allclose(policy.act(far, deterministic=True), policy.act(edge, deterministic=True))
     policy.load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in weights.items()})
     assert np.allclose(policy.act(far, deterministic=True), learner.actor.act(far, deterministic=True))
@@ -277,7 +277,7 @@ def test_symlog_critic_loss_is_taken_in_symlog_space_and_q_is_read_through_symex
     assert critic_loss(exact, batch, q_target)[0].item() > 1e6
     torch.testing.assert_close(q_values(exact, batch.obs, batch.action, True)[0], q_target)
     # The target and the actor see Q = symexp(output).
-    actor = Actor(2, 1, [8], np.array([-1.0], np.float32), np.array([1.0], np.float32))
+    actor = PolicyNetwork(2, 1, [8], np.array([-1.0], np.float32), np.array([1.0], np.float32))
     target = critic_target(actor, ConstantCritic(float(np.log(101.0))), batch, torch.tensor(0.0),
                            gamma=0.5, symlog_q=True)
     torch.testing.assert_close(target, torch.tensor([1.0 + 0.5 * 100.0] * 2))

@@ -25,7 +25,7 @@ from sacfleet.common.codec import decode_weights
 from sacfleet.common.config import Config
 from sacfleet.common.process import ProcessIdentity, peer_handles
 from sacfleet.common.transitions import TransitionSpec
-from sacfleet.learner.networks import Actor
+from sacfleet.learner.networks import PolicyNetwork
 from sacfleet.replay_server.client import InsertClient
 
 
@@ -141,7 +141,7 @@ class EvalActor(ProcessIdentity):
         torch.set_num_threads(1)
         learner = peer_handles(peers)["learner"]
         self.cfg = cfg
-        self.policy = Actor(env_info.obs_dim, env_info.act_dim, cfg.learner.hidden_sizes,
+        self.policy = PolicyNetwork(env_info.obs_dim, env_info.act_dim, cfg.learner.hidden_sizes,
                             env_info.action_low, env_info.action_high)
         self.policy.requires_grad_(False)
         self.version = RANDOM_POLICY_VERSION

@@ -7,12 +7,12 @@ import numpy as np
 
 from sacfleet.common.config import EnvConfig
 from sacfleet.common.envs import STREAM_EVAL, env_seeds, episode_successes, flatten_obs, make_vector_env, obs_names
-from sacfleet.learner.networks import Actor
+from sacfleet.learner.networks import PolicyNetwork
 
 MAX_PARALLEL_EPISODES = 20
 
 
-def evaluate(policy: Actor, env_cfg: EnvConfig, episodes: int, seed: int) -> tuple[np.ndarray, float | None]:
+def evaluate(policy: PolicyNetwork, env_cfg: EnvConfig, episodes: int, seed: int) -> tuple[np.ndarray, float | None]:
     """Returns of `episodes` deterministic episodes (episode i always uses the same env seed), and the
     fraction that ended in success (None if the env does not report `is_success`)."""
     seeds = env_seeds(seed, STREAM_EVAL, 0, episodes)

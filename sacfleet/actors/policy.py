@@ -1,33 +1,30 @@
-"""The policy as env actors run it: the learner's squashed Gaussian actor (`learner.networks.Actor`)
+"""The policy as env actors run it: the learner's policy network (`learner.networks.PolicyNetwork`)
 evaluated in numpy from its published weights. At the batch of one actor's envs, torch's per-operator
 overhead costs several times the arithmetic (about 180 us against 45 us for 8 HalfCheetah envs)."""
 
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
 import numpy as np
 
-from sacfleet.learner.networks import LOG_STD_MAX, LOG_STD_MIN
-
-_LAYER = re.compile(r"trunk\.(\d+)\.weight")
+from sacfleet.learner.networks import LOG_STD_MAX, LOG_STD_MIN, PolicyNetwork
 
 
-class ActingPolicy:
+class NumpyPolicy:
     """a = scale * tanh(mean + std * noise) + bias, with (mean, log std) from the MLP trunk, or
-    scale * tanh(mean) + bias when deterministic; the same function as `Actor.sample` and
-    `Actor.deterministic`, in float32."""
+    scale * tanh(mean) + bias when deterministic; the same function as `PolicyNetwork.sample` and
+    `PolicyNetwork.deterministic`, in float32."""
 
     def __init__(self, weights: Mapping[str, np.ndarray]):
-        indices = sorted(int(m.group(1)) for name in weights if (m := _LAYER.fullmatch(name)))
-        if not indices:
-            raise ValueError("policy weights have no trunk layers (expected keys trunk.<i>.weight)")
+        layers = PolicyNetwork.layer_keys(weights)
+        if not layers:
+            raise ValueError(f"policy weights have no trunk layers (expected keys {PolicyNetwork.TRUNK}.<i>.weight)")
         f32 = lambda name: np.ascontiguousarray(weights[name], dtype=np.float32)  # noqa: E731
         # Transposed once, so that each layer is one (batch x in) @ (in x out) product.
-        self.layers = [(np.ascontiguousarray(f32(f"trunk.{i}.weight").T), f32(f"trunk.{i}.bias")) for i in indices]
-        self.obs_clip = float(weights["obs_clip"])
-        self.action_scale, self.action_bias = f32("action_scale"), f32("action_bias")
+        self.layers = [(np.ascontiguousarray(f32(weight).T), f32(bias)) for weight, bias in layers]
+        self.obs_clip = float(weights[PolicyNetwork.OBS_CLIP])
+        self.action_scale, self.action_bias = f32(PolicyNetwork.ACTION_SCALE), f32(PolicyNetwork.ACTION_BIAS)
         self.act_dim = self.action_scale.size
 
     def __call__(self, obs: np.ndarray, rng: np.random.Generator | None = None,

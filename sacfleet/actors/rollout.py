@@ -10,7 +10,7 @@ from typing import Mapping
 
 import numpy as np
 
-from sacfleet.actors.policy import ActingPolicy
+from sacfleet.actors.policy import NumpyPolicy
 from sacfleet.common.config import EnvConfig
 from sacfleet.common.envs import (STREAM_TRAIN, EnvInfo, env_seeds, episode_successes, final_observations,
                                   flatten_obs, make_vector_env, obs_names)
@@ -29,7 +29,7 @@ class Rollout:
         self.rng = np.random.default_rng(seeds[num_envs])
         self.policy_rng = np.random.default_rng(seeds[num_envs + 1])
         self.low, self.high = env_info.action_low, env_info.action_high
-        self.policy: ActingPolicy | None = None  # random actions until the first weights arrive
+        self.policy: NumpyPolicy | None = None  # random actions until the first weights arrive
         self.policy_version = RANDOM_POLICY_VERSION
         self.episode_return = np.zeros(num_envs)
         self.episode_length = np.zeros(num_envs, dtype=np.int64)
@@ -45,7 +45,7 @@ class Rollout:
         self.seconds_inference = 0.0
 
     def load_weights(self, weights: Mapping[str, np.ndarray], version: int) -> None:
-        self.policy = ActingPolicy(weights)
+        self.policy = NumpyPolicy(weights)
         self.policy_version = int(version)
 
     def step(self, random_actions: bool) -> dict[str, np.ndarray]:

@@ -38,9 +38,9 @@ class StaticWeights:
 
     def __init__(self, cfg, env_info):
         from sacfleet.common.codec import encode_weights
-        from sacfleet.learner.networks import Actor
+        from sacfleet.learner.networks import PolicyNetwork
 
-        policy = Actor(env_info.obs_dim, env_info.act_dim, cfg.learner.hidden_sizes, env_info.action_low,
+        policy = PolicyNetwork(env_info.obs_dim, env_info.act_dim, cfg.learner.hidden_sizes, env_info.action_low,
                        env_info.action_high)
         weights = {name: t.detach().numpy() for name, t in policy.state_dict().items()}
         self.published = (0, encode_weights(weights, 0))

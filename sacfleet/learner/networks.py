@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -42,18 +42,36 @@ def squashed_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
 NO_CLIP = float(torch.finfo(torch.float32).max)  # finite, so weights pass the codec's finiteness check
 
 
-class Actor(nn.Module):
+class PolicyNetwork(nn.Module):
+    """SAC's actor: the squashed Gaussian policy, an MLP trunk giving each action dimension's mean and
+    log std. Its state dict is what the learner publishes and env actors act with in numpy
+    (actors/policy.py), by the key names below."""
+
+    # State-dict keys: the buffers, and the trunk's layers (an mlp(): Linear layers at the even
+    # indices of an nn.Sequential, ReLUs between them).
+    OBS_CLIP, ACTION_SCALE, ACTION_BIAS = "obs_clip", "action_scale", "action_bias"
+    TRUNK = "trunk"
+
     def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: Sequence[int],
                  action_low: np.ndarray, action_high: np.ndarray, obs_clip: float | None = None):
         super().__init__()
         self.act_dim = act_dim
         # A buffer, so that actors loading the learner's weights clip as the learner does.
-        self.register_buffer("obs_clip", torch.tensor(NO_CLIP if obs_clip is None else float(obs_clip)))
+        self.register_buffer(self.OBS_CLIP, torch.tensor(NO_CLIP if obs_clip is None else float(obs_clip)))
         self.trunk = mlp([obs_dim, *hidden_sizes, 2 * act_dim])
         low = torch.tensor(np.asarray(action_low, dtype=np.float32))  # copies: the bounds may be read-only
         high = torch.tensor(np.asarray(action_high, dtype=np.float32))
-        self.register_buffer("action_scale", (high - low) / 2.0)
-        self.register_buffer("action_bias", (high + low) / 2.0)
+        self.register_buffer(self.ACTION_SCALE, (high - low) / 2.0)
+        self.register_buffer(self.ACTION_BIAS, (high + low) / 2.0)
+
+    @classmethod
+    def layer_keys(cls, weights: Mapping[str, object]) -> list[tuple[str, str]]:
+        """(weight, bias) keys of the trunk's linear layers in a state dict of this network, in order."""
+        keys: list[tuple[str, str]] = []
+        while f"{cls.TRUNK}.{2 * len(keys)}.weight" in weights:
+            name = f"{cls.TRUNK}.{2 * len(keys)}"
+            keys.append((f"{name}.weight", f"{name}.bias"))
+        return keys
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         obs = torch.clamp(obs, -self.obs_clip, self.obs_clip)

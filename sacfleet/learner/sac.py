@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from sacfleet.learner.batch import Batch
-from sacfleet.learner.networks import Actor, TwinCritic
+from sacfleet.learner.networks import PolicyNetwork, TwinCritic
 
 # What each update reports, averaged over a logging period. q_mean is the mean critic target;
 # q1_mean and q2_mean are each critic's mean Q on the batch; the gradient norms are taken before
@@ -62,7 +62,7 @@ def q_values(critic: TwinCritic, obs: torch.Tensor, action: torch.Tensor, symlog
     return symexp(out) if symlog_q else out
 
 
-def critic_target(actor: Actor, target_critic: TwinCritic, batch: Batch, alpha: torch.Tensor,
+def critic_target(actor: PolicyNetwork, target_critic: TwinCritic, batch: Batch, alpha: torch.Tensor,
                   gamma: float, reward_scale: float = 1.0, symlog_q: bool = False) -> torch.Tensor:
     with torch.no_grad():
         next_action, next_log_prob = actor.sample(batch.next_obs)
@@ -81,7 +81,7 @@ def critic_loss(critic: TwinCritic, batch: Batch, q_target: torch.Tensor,
     return squared.mean(-1).sum(), td.detach().abs().mean(0), q_each
 
 
-def actor_loss(actor: Actor, critic: TwinCritic, obs: torch.Tensor,
+def actor_loss(actor: PolicyNetwork, critic: TwinCritic, obs: torch.Tensor,
                alpha: torch.Tensor, symlog_q: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     action, log_prob = actor.sample(obs)
     q = q_values(critic, obs, action, symlog_q).min(0).values
@@ -201,7 +201,7 @@ class SACLearner:
         self.gamma, self.tau, self.reward_scale, self.learn_alpha = gamma, tau, reward_scale, learn_alpha
         self.symlog_q = symlog_q
         self.target_entropy = -float(act_dim) if target_entropy is None else float(target_entropy)
-        self.actor = Actor(obs_dim, act_dim, hidden_sizes, action_low, action_high, obs_clip).to(self.device)
+        self.actor = PolicyNetwork(obs_dim, act_dim, hidden_sizes, action_low, action_high, obs_clip).to(self.device)
         self.critic = TwinCritic(obs_dim, act_dim, hidden_sizes, obs_clip=obs_clip).to(self.device)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.tensor(math.log(init_alpha), device=self.device, requires_grad=True)
