@@ -130,12 +130,10 @@ def _bench(args) -> int:
         except (RuntimeError, ValueError) as exc:
             print(f"sacfleet bench {name}: {exc}", file=sys.stderr)
             return EXIT_FAILED
+    # Printed before anything is written: the figures of a long run are not lost to a failing plot.
+    print(to_json(records) if args.json else format_table(records), flush=True)
     out_dir = args.out or Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
     written = write_outputs(records, out_dir, header)
-    if args.json:
-        print(to_json(records))
-    else:
-        print(format_table(records))
     echo(f"wrote {', '.join(str(p) for p in written)}"
          + ("" if any(p.suffix == ".png" for p in written) else " (no plots: matplotlib is not installed)"))
     return 0

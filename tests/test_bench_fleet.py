@@ -10,7 +10,7 @@ import ray
 import torch
 
 from sacfleet.actors.policy import NumpyPolicy
-from sacfleet.bench import Record, actors_suite, e2e_suite
+from sacfleet.bench import Record, actors_suite, e2e_suite, suite_module
 from sacfleet.bench.report import write_outputs
 from sacfleet.common.codec import decode_weights, encode_weights
 from sacfleet.common.envs import POINTMASS_ID
@@ -115,6 +115,7 @@ def test_e2e_suite_reports_the_whole_fleet(local_ray, tmp_path):
     assert by_metric["updates_per_s: fraction of learner suite"].value == pytest.approx(
         by_metric["updates_per_s"].value / suite)
     assert by_metric["updates_per_s: fraction of learner suite blocks"].value > 0
+    assert {p.name for p in write_outputs(records, tmp_path, "header")} == {"records.json", "table.txt", "e2e.png"}
 
 
 def test_steady_rates_leave_out_the_warm_up(tmp_path):
@@ -127,6 +128,23 @@ def test_steady_rates_leave_out_the_warm_up(tmp_path):
     path.write_text(json.dumps(rows[0]) + "\n")
     with pytest.raises(RuntimeError, match="raise --seconds"):
         e2e_suite.steady_rates(path)
+
+
+TINY = {"env": dict(env_ids=(POINTMASS_ID,)),
+        "actors": dict(env_id=POINTMASS_ID, settings=[(2, 10, 10)], actors=(1,)),
+        "replay": dict(capacities=(2000,), samplers=("uniform",), snapshot_capacity=20_000, goal_capacity=5000),
+        "learner": dict(batch_sizes=(32,), devices=["cpu"])}
+
+
+@pytest.mark.parametrize("suite", sorted(TINY))
+def test_each_suite_runs_through_its_table_records_and_plot(local_ray, tmp_path, suite):
+    """With tiny settings; the e2e suite's records go through them in test_e2e_suite_reports_the_whole_fleet."""
+    records = suite_module(suite).run(seconds=0.05, echo=lambda line: None, **TINY[suite])
+    assert records and {r.suite for r in records} == {suite}
+    written = write_outputs(records, tmp_path, "header")
+    assert {p.name for p in written} == {"records.json", "table.txt", f"{suite}.png"}
+    assert all(p.stat().st_size > 0 for p in written)
+    assert len(json.loads((tmp_path / "records.json").read_text())) == len(records)
 
 
 def test_bench_outputs_a_plot_per_suite(tmp_path):

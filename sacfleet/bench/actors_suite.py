@@ -234,7 +234,7 @@ def run(seconds: float = 2.0, env_id: str = ENV_ID, settings: Sequence[tuple[int
                 records += [Record(metric=f"{stage}_share", value=figures[f"{stage}_share"],
                                    unit="fraction of actor time", **common)
                             for stage in ("env", "inference", "insert_wait")]
-        pull = weight_pull_cost()
+        pull = weight_pull_cost(pulls=max(20, round(500 * seconds)))  # 1,000 at the default 2 s
         common = dict(suite="actors", name=f"weight pull ({PRESET} policy, {pull['bytes']:,} bytes)", device="cpu")
         for what, (per_call, cpu) in pull["best"].items():
             echo(f"actors weight pull, {what}: {per_call * 1e6:,.0f} us per pull at the actor, {cpu * 1e6:,.0f} us of "

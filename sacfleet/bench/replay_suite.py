@@ -106,7 +106,7 @@ GOAL_SPEC = TransitionSpec(16, 4, (("achieved_goal", 3), ("desired_goal", 3), ("
 GOAL_CAPACITY, EPISODE = 100_000, 50
 
 
-def goal_layouts(seconds: float) -> dict[str, tuple[float, float]]:
+def goal_layouts(seconds: float, capacity: int = GOAL_CAPACITY) -> dict[str, tuple[float, float]]:
     """(insert, sample) transitions/s on a table of FetchReach's shapes: flat (one 16-wide obs), Dict
     (each key its own field, concatenated for the learner), and Dict with HER `future`, k = 4."""
     from sacfleet.replay_server.rate_limiter import RateLimiter
@@ -119,7 +119,7 @@ def goal_layouts(seconds: float) -> dict[str, tuple[float, float]]:
     for name, spec, her in (("flat", TransitionSpec(16, 4), None), ("dict", GOAL_SPEC, None),
                             ("dict + her future", GOAL_SPEC, ("future", 4, reward))):
         limiter = RateLimiter(samples_per_insert=1.0, min_size_to_sample=1, error_buffer=1e15)
-        table = ReplayTable(spec, GOAL_CAPACITY, limiter, her=her)
+        table = ReplayTable(spec, capacity, limiter, her=her)
         rng = np.random.default_rng(0)
         chunk = spec.empty(CHUNK)
         for field, array in chunk.items():
@@ -136,7 +136,7 @@ def goal_layouts(seconds: float) -> dict[str, tuple[float, float]]:
             return table.insert(chunk)
 
         inserts = _timed(insert, seconds)
-        while table.size < GOAL_CAPACITY:
+        while table.size < capacity:
             insert()
         samples = _timed(lambda: table.sample(BATCHES, BATCH).data["reward"].size, seconds)
         figures[name] = (inserts, samples)
@@ -195,7 +195,8 @@ def snapshot_costs(capacity: int = SNAPSHOT_CAPACITY, increments: Sequence[int] 
 
 
 def run(seconds: float = 2.0, capacities: Sequence[int] = CAPACITIES, samplers: Sequence[str] = SAMPLERS,
-        echo: Callable[[str], None] = print, **_) -> list[Record]:
+        echo: Callable[[str], None] = print, snapshot_capacity: int = SNAPSHOT_CAPACITY,
+        goal_capacity: int = GOAL_CAPACITY, **_) -> list[Record]:
     records = []
     with ray_session(2):
         for path, measure in (("direct", direct), ("ray", through_ray)):
@@ -219,22 +220,23 @@ def run(seconds: float = 2.0, capacities: Sequence[int] = CAPACITIES, samplers: 
                     records.append(Record(suite="replay", name=f"{path} {sampler} {large:.0e} vs {small:.0e}",
                                           metric="sample_rate_ratio", value=ratio, unit="ratio", device="cpu",
                                           batch_size=BATCH * BATCHES))
-        costs = snapshot_costs(echo=echo)
+        costs = snapshot_costs(snapshot_capacity, [n for n in SNAPSHOT_INCREMENTS if n < snapshot_capacity],
+                               echo=echo)
         full = costs["snapshot full s"]
         for name, value in costs.items():
             if name.endswith(" s"):
-                records.append(Record(suite="replay", name=f"{name[:-2]} {SNAPSHOT_CAPACITY:.0e}", metric="seconds",
+                records.append(Record(suite="replay", name=f"{name[:-2]} {snapshot_capacity:.0e}", metric="seconds",
                                       value=value, unit="s", device="cpu"))
             if name.startswith("snapshot after"):
                 records.append(Record(suite="replay", name=f"{name[:-2]} vs full", metric="time_ratio",
                                       value=value / full, unit="ratio", device="cpu"))
-        records.append(Record(suite="replay", name=f"snapshot {SNAPSHOT_CAPACITY:.0e}", metric="bytes",
+        records.append(Record(suite="replay", name=f"snapshot {snapshot_capacity:.0e}", metric="bytes",
                               value=costs["snapshot bytes"], unit="bytes", device="cpu"))
-    layouts = goal_layouts(seconds / 2)
+    layouts = goal_layouts(seconds / 2, goal_capacity)
     flat_insert, flat_sample = layouts["flat"]
     for name, (inserts, samples) in layouts.items():
         echo(f"replay FetchReach shapes, {name}: insert {inserts:,.0f}/s ({inserts / flat_insert:.2f}x flat), "
-             f"sample {samples:,.0f}/s ({samples / flat_sample:.2f}x flat) transitions, capacity {GOAL_CAPACITY:.0e}")
+             f"sample {samples:,.0f}/s ({samples / flat_sample:.2f}x flat) transitions, capacity {goal_capacity:.0e}")
         records += [Record(suite="replay", name=f"goal shapes {name}", metric="insert_per_s", value=inserts,
                            unit="transitions/s", device="cpu", batch_size=CHUNK),
                     Record(suite="replay", name=f"goal shapes {name}", metric="sample_per_s", value=samples,

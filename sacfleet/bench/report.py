@@ -62,20 +62,21 @@ X_AXIS = {"learner": "batch_size", "actors": "actors", "e2e": "actors"}  # other
 
 def _plot_suite(plt, suite: str, rows: list[Record], path: Path, header: str) -> None:
     """One panel per metric family ("seconds: a" and "seconds: b" share one): a line per series
-    over the suite's x axis (batch size or actor count), else bars."""
-    panels: dict[tuple[str, str], list[Record]] = defaultdict(list)
+    over the suite's x axis (batch size or actor count), else bars. Records without a value on the
+    x axis (the actors suite's weight pulls) get bar panels of their own."""
+    x_key = X_AXIS.get(suite)
+    panels: dict[tuple[str, str, bool], list[Record]] = defaultdict(list)
     for r in rows:
-        panels[(r.metric.split(":")[0], r.unit)].append(r)
+        panels[(r.metric.split(":")[0], r.unit, x_key is not None and getattr(r, x_key) is not None)].append(r)
     cols = min(len(panels), 3)
     nrows = -(-len(panels) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4 * nrows), squeeze=False)
-    x_key = X_AXIS.get(suite)
-    for ax, ((metric, unit), recs) in zip(axes.flat, panels.items()):
+    for ax, ((metric, unit, lines), recs) in zip(axes.flat, panels.items()):
         series: dict[str, list[Record]] = defaultdict(list)
         for r in recs:
             part = r.metric.split(":", 1)[1].strip() if ":" in r.metric else ""
             series[" ".join(str(p) for p in (r.name, r.device, part) if p)].append(r)
-        if x_key is None:
+        if not lines:
             labels = list(series)
             ax.bar(range(len(labels)), [series[k][0].value for k in labels])
             ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
