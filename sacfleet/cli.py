@@ -202,26 +202,11 @@ def _usage(message: str, command: str = "train") -> int:
 
 
 def _eval(args) -> int:
-    import torch
-
-    from sacfleet.actors.evaluate import evaluate
-    from sacfleet.common.config import from_dict
-    from sacfleet.driver.checkpoint_files import load_checkpoint
-    from sacfleet.learner.networks import PolicyNetwork
-    from sacfleet.driver.report import success_note
+    from sacfleet.driver.eval_checkpoint import evaluate_checkpoint
 
     if args.episodes < 1:
-        print("sacfleet eval: --episodes must be >= 1", file=sys.stderr)
-        return EXIT_USAGE
-    state = load_checkpoint(args.checkpoint)
-    cfg, info = from_dict(state["config"]), state["env_info"]
-    actor = PolicyNetwork(info["obs_dim"], info["act_dim"], cfg.learner.hidden_sizes, info["action_low"], info["action_high"])
-    actor.load_state_dict(state["learner"]["actor"])
-    torch.set_num_threads(1)
-    returns, success_rate = evaluate(actor, cfg.env, args.episodes, cfg.eval.seed if args.seed is None else args.seed)
-    print(f"{cfg.env.id}: eval return {returns.mean():.2f} +- {returns.std():.2f} over {returns.size} episodes"
-          f"{success_note(success_rate)} "
-          f"(checkpoint at {state['env_steps']:,} env steps, {state['learner']['updates']:,} updates)")
+        return _usage("--episodes must be >= 1", "eval")
+    print(evaluate_checkpoint(args.checkpoint, args.episodes, args.seed))
     return 0
 
 
@@ -238,7 +223,8 @@ def _scale(args) -> int:
 
 
 def _drill(args) -> int:
-    from sacfleet.drills import child_run as drills
+    from sacfleet.drills.chaos import TARGETS, chaos
+    from sacfleet.drills.soak import soak
 
     run_dir = args.run_dir or Path("runs") / f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}"
     if run_dir.exists():
@@ -248,10 +234,10 @@ def _drill(args) -> int:
         train_args += ["--num-cpus", str(args.num_cpus)]
     echo = lambda line: print(line, flush=True)  # noqa: E731
     if args.command == "chaos":
-        unknown = sorted(set(args.targets) - set(drills.TARGETS))
+        unknown = sorted(set(args.targets) - set(TARGETS))
         if unknown:
-            return _usage(f"--targets: unknown {unknown}; choose from {', '.join(drills.TARGETS)}", "chaos")
-        report = drills.chaos(train_args, run_dir, args.every, args.targets, args.seed, echo)
+            return _usage(f"--targets: unknown {unknown}; choose from {', '.join(TARGETS)}", "chaos")
+        report = chaos(train_args, run_dir, args.every, args.targets, args.seed, echo)
         print(f"chaos: {len(report['kills'])} processes killed every {args.every:g}s; run "
               f"{'finished' if report['finished'] else 'FAILED (exit ' + str(report['exit_code']) + ')'}"
               + (f"; killed {report['killed']}, counted {report['counted']} "
@@ -260,7 +246,7 @@ def _drill(args) -> int:
                  f"{report['lost_updates']:,} updates" if "killed" in report else "")
               + f"; report {run_dir / 'chaos.json'}", flush=True)
         return 0 if report["finished"] and report.get("exact") else EXIT_FAILED
-    report = drills.soak(train_args, run_dir, args.minutes, args.warmup_minutes, args.sample_every, echo)
+    report = soak(train_args, run_dir, args.minutes, args.warmup_minutes, args.sample_every, echo)
     for row in report["processes"]:
         print(f"  {row['process']:<24} pid {row['pid']:>7}  {row['rss_at_warmup_mb']:8.1f} MB at warm-up, "
               f"max {row['rss_max_after_mb']:8.1f} MB after ({100 * row['growth']:+.1f}%)")
@@ -278,12 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "scale":
         return _scale(args)
     from sacfleet.common.config import ConfigError
-    from sacfleet.driver.run_dir import RunDirInUse
-    from sacfleet.driver.checkpoint_files import CheckpointError
-    from sacfleet.replay_server.storage import ReplayMemoryError
+    from sacfleet.driver.errors import RunRefused
 
     try:
         return _train(args) if args.command == "train" else _eval(args)
-    except (ConfigError, CheckpointError, ReplayMemoryError, RunDirInUse) as exc:
+    except (ConfigError, RunRefused) as exc:
         print(f"sacfleet {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -10,13 +10,14 @@ from typing import Any
 import torch
 
 from sacfleet.common.io import atomic_write_bytes
+from sacfleet.driver.errors import RunRefused
 from sacfleet.replay_server.snapshot_files import SnapshotFileError, remove_unlisted, verify
 
 CHECKPOINT_VERSION = 2  # 2: replay snapshots in segments listed by a manifest (1: one file per shard)
 READABLE_VERSIONS = (1, 2)  # a version-1 checkpoint resumes with its learner state and an empty replay
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunRefused):
     """A checkpoint is missing, unreadable, or from an incompatible version."""
 
 

@@ -8,6 +8,12 @@ class RunFailed(RuntimeError):
     """A run stopped before its end because something failed; the message names what and why."""
 
 
+class RunRefused(RuntimeError):
+    """A run or command did not start because what it was given does not hold: its run directory, its
+    checkpoint, the memory its replay would need; the message names the file or key. (A config key's
+    own errors are common.config.ConfigError.)"""
+
+
 class FleetError(RunFailed):
     """The fleet stopped because a component failed; the message names the component and the cause."""
 

@@ -141,7 +141,8 @@ class FleetRecovery:
             except ActorDiedError as exc:  # out of restarts, or nowhere left to place it, once it persists
                 died_since = died_since or self.clock()
                 if self.clock() - died_since > DEAD_FOR_S:
-                    raise FleetError(f"{what} failed ({cause}) and cannot be restarted: {ray_cause(exc, detail=True)}") from None
+                    raise FleetError(f"{what} failed ({cause}) and cannot be restarted: "
+                                     f"{ray_cause(exc, detail=True)}") from None
                 time.sleep(0.2)
             except RayActorError:  # still restarting
                 if self.clock() > deadline:

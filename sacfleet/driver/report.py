@@ -185,8 +185,8 @@ def done_line(summary: Mapping, path: Path, plots: Sequence[Path]) -> str:
                  if recovery["recoveries"] != recovery["failures"] else
                  f"; recovered from {recovery['failures']} failures" if recovery["failures"] else "")
     return (f"done ({summary['stop_reason']}): {summary['env_steps']:,} env steps, {summary['updates']:,} updates in "
-            f"{wall:.1f}s ({rates['env_steps_per_s']:.0f} steps/s, {rates['updates_per_s']:.0f} updates/s, replay ratio "
-            f"{replay['samples_per_insert']:.1f} of {replay['samples_per_insert_target']:g}); eval return "
+            f"{wall:.1f}s ({rates['env_steps_per_s']:.0f} steps/s, {rates['updates_per_s']:.0f} updates/s, "
+            f"replay ratio {replay['samples_per_insert']:.1f} of {replay['samples_per_insert_target']:g}); eval return "
             f"{final['return_mean']:.1f} +- {final['return_std']:.1f} over {final['episodes']} episodes"
             f"{success_note(final['success_rate'])}; health {health['status']}{warnings}{recovered}; summary {path}"
             f"{'; plots ' + ', '.join(p.name for p in plots) if plots else ''}")

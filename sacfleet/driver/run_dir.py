@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sacfleet.driver.errors import RunRefused
 
-class RunDirInUse(RuntimeError):
+
+class RunDirInUse(RunRefused):
     """The run directory already holds another run's outputs, which a new run would overwrite."""
 
 

@@ -25,7 +25,7 @@ from sacfleet.common.config import Config, save_config, to_dict
 from sacfleet.common.envs import EnvInfo, check_env_config, describe_env
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.driver.checkpoint_files import kept_checkpoint_note, write_run_checkpoint
-from sacfleet.driver.errors import RunFailed
+from sacfleet.driver.errors import RunFailed, RunRefused
 from sacfleet.driver.report import INTERRUPTED, Point, Reporter, her_values
 from sacfleet.driver.schedule import RunSchedule
 from sacfleet.driver.run_dir import check_run_dir, echo_flush
@@ -34,6 +34,7 @@ from sacfleet.learner.builder import make_learner
 from sacfleet.learner.sac import LearnerDiverged, SACLearner, resolve_device, set_matmul_precision
 from sacfleet.replay_server.shard import make_table
 from sacfleet.replay_server.snapshot_files import SnapshotWriter
+from sacfleet.replay_server.storage import ReplayMemoryError
 from sacfleet.replay_server.table import ReplayTable
 
 
@@ -79,7 +80,10 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
     device = resolve_device(cfg.learner.device)
     set_matmul_precision(cfg.learner.matmul_precision)
     learner = make_learner(cfg.learner, env_info, device)
-    tables = build_tables(cfg, spec, insert_size=cfg.actors.envs_per_actor)
+    try:
+        tables = build_tables(cfg, spec, insert_size=cfg.actors.envs_per_actor)
+    except ReplayMemoryError as exc:
+        raise RunRefused(str(exc)) from None
     rollouts = [Rollout(cfg.env, env_info, cfg.actors.envs_per_actor, seed=cfg.train.seed, actor_index=i)
                 for i in range(cfg.actors.num)]
     timers = Timers()

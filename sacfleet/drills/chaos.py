@@ -1,0 +1,78 @@
+"""`sacfleet chaos`: a run during which a random fleet process is SIGKILLed every N seconds, each once the
+run has reported the previous failure; checks that the run finishes and counts every failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+from sacfleet.drills.child_run import ChildRun, learning
+
+# Fleet processes chaos kills, by Ray's process title, and the line the run prints for each failure.
+TARGETS = {"EnvActor": "env actor", "ReplayShard": "replay shard", "LearnerService": "learner",
+           "EvalActor": "eval actor"}
+
+
+def chaos(train_args: list[str], run_dir: Path, every: float, targets: list[str], seed: int,
+          echo: Callable[[str], None]) -> dict:
+    """Kill one random fleet process (of `targets`, Ray class names) every `every` seconds once the
+    run learns, each only after the run has reported the previous failure; returns the report, also
+    written to run_dir/chaos.json. Counters are exact when the run's failure counts equal the kills."""
+    rng = random.Random(seed)
+    child = ChildRun([*train_args, "--run-dir", str(run_dir), "--set", "train.max_failures=1000",
+                      "--set", "actors.max_restarts=1000"], echo)
+    kills: list[dict] = []
+    start = time.monotonic()
+    try:
+        if child.wait_for(learning, timeout=600) is None:
+            raise RuntimeError("chaos: the run did not start learning within 600 s")
+        while child.running():
+            time.sleep(every)
+            if any(line.startswith("stopping (") for line in child.lines):
+                break
+            candidates = [p for p in child.processes() if p.kind.removeprefix("ray::") in targets]
+            if not candidates:
+                continue
+            victim = rng.choice(candidates)
+            kind = victim.kind.removeprefix("ray::")
+            t0 = time.monotonic()
+            try:
+                os.kill(victim.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            what = TARGETS[kind]
+            echo(f"chaos: SIGKILL {victim.kind} pid {victim.pid} at {t0 - start:.0f}s")
+            # Wait until the run says it has it back (env actors: the restart line; others: recovered).
+            said = child.wait_for(lambda line: line.startswith(what) and (
+                "restarting it" in line or "recovered in" in line or "runs again" in line
+                or "nothing was lost" in line or "not restarted" in line), timeout=300)
+            back = child.wait_for(learning, timeout=300) if said else None
+            kills.append({"process": kind, "pid": victim.pid, "at_s": round(t0 - start, 1),
+                          "reported": said is not None,
+                          "seconds_tolearning_again": round(time.monotonic() - t0, 1) if back else None})
+    except BaseException:  # Ctrl-C of the drill stops the run too
+        child.stop(interrupt=True)
+        raise
+    code = child.stop()
+    summary_path = Path(run_dir) / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    report = {"exit_code": code, "finished": code == 0 and summary is not None, "kills": kills,
+              "every_s": every, "seed": seed}
+    if summary:
+        killed = {kind: sum(k["process"] == kind for k in kills) for kind in TARGETS}
+        events = summary["recovery"]["events"]
+        counted = {"EnvActor": summary["actors"]["restarts"],
+                   **{kind: sum(e["component"].startswith(TARGETS[kind]) for e in events)
+                      for kind in ("ReplayShard", "LearnerService", "EvalActor")}}
+        report.update({"killed": killed, "counted": counted, "exact": killed == counted,
+                       "eval_return": summary["eval"]["return_mean"], "env_steps": summary["env_steps"],
+                       "lost_transitions": summary["recovery"]["lost_transitions"],
+                       "lost_updates": summary["recovery"]["lost_updates"]})
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "chaos.json").write_text(json.dumps(report, indent=2))
+    return report
