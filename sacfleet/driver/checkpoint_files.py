@@ -1,5 +1,6 @@
-"""Atomic learner checkpoints: torch tensors and plain values only, loaded with weights_only=True
-so that opening a checkpoint cannot run code."""
+"""The checkpoint set's files: checkpoint.pt (the learner's state, the run's counters and the manifest of
+its replay snapshot files), written atomically after the files it lists. Torch tensors and plain values
+only, loaded with weights_only=True so that opening a checkpoint cannot run code."""
 
 from __future__ import annotations
 

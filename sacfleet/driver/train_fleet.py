@@ -1,8 +1,10 @@
 """Runs a fleet training session to its end: progress, evaluations and checkpoints on schedule; a
 stop on steps, wall time or Ctrl-C with a checkpoint, then a final evaluation and the summary; a
 failure stops with the learner's state saved. `fleet.py` builds the fleet, `supervisor.py` watches
-it, `recovery.py` brings back a dead shard or learner, `checkpointing.py` saves and restores
-checkpoint sets, `report.py` says what it sees, `resume.py` checks what a resumed run continues from.
+it (with `env_actors.py` and `evaluations.py`), `recovery.py` brings back a dead shard, learner or
+eval actor, `checkpointing.py` saves and restores checkpoint sets, `scaling.py` changes the actor
+count, `report.py` says what it sees, `resume.py` checks what a resumed run continues from
+(docs/architecture.md).
 
 The driver only steers: transitions go from actors to shards and batches from shards to the
 learner without passing through it. Checkpoints and replay snapshots do come to the driver, which

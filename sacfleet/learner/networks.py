@@ -1,4 +1,5 @@
-"""SAC networks: the squashed Gaussian actor and the twin critic evaluated as one batched ensemble."""
+"""SAC networks: the squashed Gaussian policy network (SAC's actor) and the twin critic evaluated as one
+batched ensemble."""
 
 from __future__ import annotations
 
