@@ -22,7 +22,6 @@ class ChunkAdder:
         self.spec, self.chunk_length, self.insert, self.clock = spec, chunk_length, insert, clock
         self.steps: list[Mapping[str, np.ndarray]] = []
         self.seconds_inserting = 0.0  # blocked in insert: back-pressure from the replay
-        self.chunks = 0
 
     def add(self, transitions: Mapping[str, np.ndarray]) -> None:
         """One vector step's transitions (every field [num_envs, ...]); a full chunk is sent."""
@@ -41,4 +40,3 @@ class ChunkAdder:
         t0 = self.clock()
         self.insert(payload)
         self.seconds_inserting += self.clock() - t0
-        self.chunks += 1

@@ -13,6 +13,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from sacfleet.driver.errors import FleetError, ray_cause
 
 CALL_TIMEOUT = 120.0  # a status call unanswered this long means the component hangs
+RESTART_TIMEOUT = 120.0  # a component whose process died and is not serving again by then stops the run
 # A call fails because the component's process died (RayActorError: Ray may be restarting it), its
 # method raised (RayTaskError), or it did not answer in time (GetTimeoutError).
 CALL_ERRORS = (RayActorError, RayTaskError, GetTimeoutError)

@@ -11,10 +11,8 @@ from typing import Callable, Iterator
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from sacfleet.driver.calls import CALL_ERRORS
+from sacfleet.driver.calls import CALL_ERRORS, RESTART_TIMEOUT
 from sacfleet.driver.errors import FleetError, ray_cause
-
-RESTART_TIMEOUT = 120.0  # a failed env actor not running again by then stops the run
 
 
 @dataclass

@@ -10,11 +10,10 @@ from typing import Callable
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from sacfleet.driver.calls import Lost, PendingCalls
+from sacfleet.driver.calls import RESTART_TIMEOUT, Lost, PendingCalls
 from sacfleet.driver.errors import FleetError, ray_cause
 
 EVAL_TIMEOUT = 1800.0  # longest wait for an evaluation (Humanoid's 100 final episodes fit)
-RESTART_TIMEOUT = 120.0  # a dead eval actor not answering again by then stops the run
 
 
 class Evaluations:

@@ -1,7 +1,8 @@
 """Builds a run's fleet on Ray where its placement puts each part: replay shards (restored from a
 checkpoint set when there is one), the learner, the env actors (a pool, env_actors.py) and the eval
-actor, in dependency order, each running its class of FleetParts; killed together at the end. Shards and the learner are restarted by Ray when their process dies, so
-their handles stay valid for every peer; `recovery.py` then restores what they held."""
+actor, in dependency order, each running its class of FleetParts; killed together at the end. Shards
+and the learner are restarted by Ray when their process dies, so their handles stay valid for every
+peer; `recovery.py` then restores what they held."""
 
 from __future__ import annotations
 

@@ -12,10 +12,10 @@ from typing import Callable
 import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
+from sacfleet.driver.calls import RESTART_TIMEOUT
 from sacfleet.driver.checkpointing import FleetCheckpointer
 from sacfleet.driver.errors import FleetError, ray_cause
 
-RESTART_TIMEOUT = 120.0
 # A failure noticed this soon after the previous one was noticed or recovered is part of it: a lost
 # node's processes are noticed one poll apart, each after the previous one's recovery.
 INCIDENT_S = 5.0

@@ -30,6 +30,19 @@ def her_values(shard_stats: Sequence[Mapping]) -> dict[str, float]:
     return {"replay/her_relabeled_fraction": sum(s["her_relabeled"] for s in shard_stats) / sampled} if sampled else {}
 
 
+def replay_ratio(stats: Sequence[Mapping]) -> float:
+    """Samples per insert the replay has held (`stats()` of tables or shards): the inserts before
+    sampling may start are not counted, so a run's ratio can reach its target."""
+    effective = sum(s["inserts"] - s["min_size_to_sample"] for s in stats)
+    return sum(s["samples"] for s in stats) / effective if effective > 0 else float("nan")
+
+
+def replay_section(stats: Sequence[Mapping], target: float) -> dict:
+    """The replay's part of summary.json, from the `stats()` of its tables or shards."""
+    return {"size": sum(s["size"] for s in stats), "samples_per_insert": replay_ratio(stats),
+            "samples_per_insert_target": target}
+
+
 def success_note(success_rate: float | None) -> str:
     """", success rate 0.97" for a final line, or nothing for envs without a success flag."""
     return "" if success_rate is None else f", success rate {success_rate:.2f}"

@@ -13,6 +13,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from sacfleet.driver.calls import CALL_TIMEOUT, Lost, PendingCalls
 from sacfleet.driver.errors import FleetDiverged, FleetError, ray_cause
 from sacfleet.driver.evaluations import Evaluations
+from sacfleet.driver.report import replay_ratio
 
 
 class FleetSupervisor:
@@ -42,6 +43,10 @@ class FleetSupervisor:
         return sum(s["inserts"] for s in self.shard_stats)
 
     @property
+    def replay_size(self) -> int:
+        return sum(s["size"] for s in self.shard_stats)
+
+    @property
     def samples(self) -> int:
         return sum(s["samples"] for s in self.shard_stats)
 
@@ -53,14 +58,8 @@ class FleetSupervisor:
     def stopping(self) -> bool:
         return self.actors.stopping
 
-    def replay_summary(self) -> dict:
-        """The replay's part of the summary: what the shards hold and the ratio they held."""
-        return {"size": sum(s["size"] for s in self.shard_stats), "samples_per_insert": self.replay_ratio(),
-                "error_buffer_per_shard": self.shard_stats[0]["error_buffer"]}
-
     def replay_ratio(self) -> float:
-        effective = sum(s["inserts"] - s["min_size_to_sample"] for s in self.shard_stats)
-        return self.samples / effective if effective > 0 else float("nan")
+        return replay_ratio(self.shard_stats)
 
     def policy_lag(self) -> float:
         versions = [s["recent_policy_version"] for s in self.shard_stats if s["recent_policy_version"] >= 0]

@@ -30,7 +30,7 @@ from sacfleet.driver.errors import FleetDiverged, FleetError
 from sacfleet.driver.fleet import Fleet, FleetParts, connect
 from sacfleet.driver.placement import Resources, cluster_nodes, describe, plan_fleet
 from sacfleet.driver.recovery import FleetRecovery
-from sacfleet.driver.report import INTERRUPTED, Point, Reporter, her_values
+from sacfleet.driver.report import INTERRUPTED, Point, Reporter, her_values, replay_section
 from sacfleet.driver.resume import ResumePoint, load_resume
 from sacfleet.driver.run_dir import check_run_dir, echo_flush
 from sacfleet.driver.scaling import Scaler
@@ -103,7 +103,7 @@ class FleetRun:
         recovery = self.recovery.totals()
         recent = self.recent_ratio(self.reporter.last, now)
         values = {**sup.learner_status.get("metrics", {}),
-                  "replay/size": sum(s["size"] for s in sup.shard_stats),
+                  "replay/size": sup.replay_size,
                   "replay/samples_per_insert": sup.replay_ratio(), "learner/policy_lag": lag,
                   "actors/restarts": self.fleet.actors.restarts, "fleet/actors": len(self.fleet.actors),
                   "fleet/recoveries": recovery["recoveries"],
@@ -289,8 +289,8 @@ def _finish(run: FleetRun, stop_reason: str, restored: int) -> dict:
                        "weight_pulls_per_s": final_status["weight_pulls"] / session_wall,
                        "weight_bytes_per_pull": final_status["weight_bytes"],
                        "stage_seconds": {k: round(v, 2) for k, v in stages.items()}},
-        "replay": {**sup.replay_summary(), "samples_per_insert_target": cfg.replay.samples_per_insert,
-                   "restored_size": restored},
+        "replay": {**replay_section(sup.shard_stats, cfg.replay.samples_per_insert), "restored_size": restored,
+                   "error_buffer_per_shard": sup.shard_stats[0]["error_buffer"]},
         "policy_lag": {"mean": sum(lags) / len(lags) if lags else None, "last": lags[-1] if lags else None,
                        "unit": "learner updates between the policy that acted and the learner's current one"},
         "actors": {"num": len(fleet.actors), "initial": cfg.actors.num, "envs_per_actor": cfg.actors.envs_per_actor,

@@ -26,9 +26,9 @@ from sacfleet.common.envs import EnvInfo, check_env_config, describe_env
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.driver.checkpoint_files import kept_checkpoint_note, write_run_checkpoint
 from sacfleet.driver.errors import RunFailed, RunRefused
-from sacfleet.driver.report import INTERRUPTED, Point, Reporter, her_values
-from sacfleet.driver.schedule import RunSchedule
+from sacfleet.driver.report import INTERRUPTED, Point, Reporter, her_values, replay_ratio, replay_section
 from sacfleet.driver.run_dir import check_run_dir, echo_flush
+from sacfleet.driver.schedule import RunSchedule
 from sacfleet.learner.batch import Batch
 from sacfleet.learner.builder import make_learner
 from sacfleet.learner.sac import LearnerDiverged, SACLearner, resolve_device, set_matmul_precision
@@ -141,9 +141,9 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
                 _evaluate(cfg, learner, reporter, timers, env_steps, cfg.eval.episodes)
             if schedule.log(env_steps):
                 learner.check_finite()
-                reporter.progress(point(), {**learner.metrics.read(), "replay/size": sum(t.size for t in tables),
-                                            "replay/samples_per_insert": _ratio(tables),
-                                            **her_values([t.stats() for t in tables])})
+                stats = [t.stats() for t in tables]
+                reporter.progress(point(), {**learner.metrics.read(), "replay/size": sum(s["size"] for s in stats),
+                                            "replay/samples_per_insert": replay_ratio(stats), **her_values(stats)})
             if schedule.checkpoint(learner.updates, timers.wall):
                 _checkpoint(cfg, run_dir, learner, tables, snapshots, env_steps, env_info)
         learner.check_finite()
@@ -165,8 +165,7 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
         "throughput": {"env_steps_per_s": env_steps / wall, "updates_per_s": learner.updates / wall,
                        "seconds_env": round(timers.env, 2), "seconds_replay_and_update": round(timers.update, 2),
                        "seconds_eval": round(timers.eval, 2)},
-        "replay": {"size": sum(t.size for t in tables), "samples_per_insert": _ratio(tables),
-                   "samples_per_insert_target": cfg.replay.samples_per_insert},
+        "replay": replay_section([t.stats() for t in tables], cfg.replay.samples_per_insert),
     }
     return reporter.finish(mode="inline", stop_reason=stop_reason, now=point(), final=final, sections=sections,
                            stage_seconds={"env": timers.env, "replay and update": timers.update, "eval": timers.eval})
@@ -184,12 +183,6 @@ def _evaluate(cfg: Config, learner: SACLearner, reporter: Reporter, timers: Time
     timers.eval += time.monotonic() - t0
     mean, std = reporter.evaluation(env_steps, timers.wall, returns.tolist(), success_rate)
     return {"returns": returns.tolist(), "mean": mean, "std": std, "success_rate": success_rate}
-
-
-def _ratio(tables: list[ReplayTable]) -> float:
-    samples = sum(t.limiter.samples for t in tables)
-    effective = sum(t.limiter.inserts - t.limiter.min_size_to_sample for t in tables)
-    return samples / effective if effective > 0 else float("nan")
 
 
 def _checkpoint(cfg, run_dir, learner, tables, snapshots: SnapshotWriter, env_steps: int, env_info: EnvInfo) -> None:

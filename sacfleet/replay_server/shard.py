@@ -111,11 +111,8 @@ class ReplayShard(ProcessIdentity):
         return self.table.update_priorities(keys, priorities)
 
     def stats(self) -> dict:
-        limiter = self.table.limiter
         return {**self.table.stats(), "shard": self.shard, "awaiting_restore": self.awaiting_restore,
-                "capacity": self.table.storage.capacity,
-                "min_size_to_sample": limiter.min_size_to_sample, "error_buffer": limiter.error_buffer,
-                "restored_size": self.restored_size}
+                "capacity": self.table.storage.capacity, "restored_size": self.restored_size}
 
     # -- snapshots, one segment per call: the driver writes each to a file before asking for the next
 

@@ -119,8 +119,10 @@ class ReplayTable:
         return int(fresh.sum())
 
     def stats(self) -> dict:
-        """Counters only (the measured ratio follows from them and the limiter's min_size_to_sample)."""
+        """Counters, and the limiter's settings the measured ratio and its slack follow from
+        (driver.report.replay_section)."""
         return {"size": self.size, "inserts": self.limiter.inserts, "samples": self.limiter.samples,
+                "min_size_to_sample": self.limiter.min_size_to_sample, "error_buffer": self.limiter.error_buffer,
                 "her_sampled": self.her.sampled if self.her else 0,
                 "her_relabeled": self.her.relabeled if self.her else 0,
                 "recent_policy_version": self.recent_policy_version}
