@@ -1,5 +1,6 @@
 """The driver's calls to fleet components: what they can raise, how long an unanswered one may take
-before the component counts as hung, and status calls polled without blocking."""
+before the component counts as hung (and a dead one to come back), and status calls polled without
+blocking."""
 
 from __future__ import annotations
 
