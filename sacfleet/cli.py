@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint with deterministic actions")
     ev.add_argument("--checkpoint", type=Path, required=True, help="checkpoint file or run directory")
+    ev.add_argument("--best", action="store_true", help="the run's best-evaluated policy (checkpoints/best.pt, "
+                                                        "kept with checkpoint.best) instead of its last checkpoint")
     ev.add_argument("--episodes", type=int, default=20)
     ev.add_argument("--seed", type=int, help="evaluation seed; default the run's eval.seed")
     return parser
@@ -206,7 +208,7 @@ def _eval(args) -> int:
 
     if args.episodes < 1:
         return _usage("--episodes must be >= 1", "eval")
-    print(evaluate_checkpoint(args.checkpoint, args.episodes, args.seed))
+    print(evaluate_checkpoint(args.checkpoint, args.episodes, args.seed, best=args.best))
     return 0
 
 

@@ -78,19 +78,25 @@ def test_the_naive_reference_is_a_working_sac_update():
     assert last["critic_loss"] < first["critic_loss"]  # fitting one fixed batch
 
 
-def test_the_compiled_update_computes_the_same_losses_and_gradients_as_the_plain_one(monkeypatch):
-    """learner.compile=on (the CUDA default) checked on CPU: same start, same noise, a block of two updates."""
+@pytest.mark.parametrize("inputs", [{}, {"obs_norm": True, "obs_clip": 5.0, "obs_symlog": True}])
+def test_the_compiled_update_computes_the_same_losses_and_gradients_as_the_plain_one(inputs):
+    """learner.compile=on (the CUDA default) checked on CPU: same start, same noise, a block of two updates;
+    with the plain inputs and with observation statistics updated inside the step."""
     import torch._inductor.config as inductor_config
 
     from sacfleet.learner import compiled
 
-    monkeypatch.setattr(inductor_config, "fallback_random", True)  # eager's RNG, so the noise matches
+    with inductor_config.patch(fallback_random=True):  # eager's RNG, so the noise matches
+        _compare_compiled_and_plain(compiled, inputs)
+
+
+def _compare_compiled_and_plain(compiled, inputs):
     torch.manual_seed(0)
     batch = random_batch(128, OBS_DIM, ACT_DIM, torch.device("cpu"))
     learners = []
     for mode in ("off", "on"):
         torch.manual_seed(1)
-        learner = SACLearner(OBS_DIM, ACT_DIM, -np.ones(ACT_DIM), np.ones(ACT_DIM), hidden_sizes=(32, 32))
+        learner = SACLearner(OBS_DIM, ACT_DIM, -np.ones(ACT_DIM), np.ones(ACT_DIM), hidden_sizes=(32, 32), **inputs)
         learners.append(compiled.accelerate(learner) if mode == "on" else learner)
     plain, fast = learners
     assert not plain.compiled and fast.compiled
@@ -109,6 +115,8 @@ def test_the_compiled_update_computes_the_same_losses_and_gradients_as_the_plain
     for a, b in zip([*fast.critic.parameters(), *fast.actor.parameters(), fast.log_alpha],
                     [*plain.critic.parameters(), *plain.actor.parameters(), plain.log_alpha]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(fast.actor.buffers(), plain.actor.buffers()):
+        torch.testing.assert_close(a, b)
 
 
 def _learner(seed=1, **kwargs):

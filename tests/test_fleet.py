@@ -33,7 +33,8 @@ from sacfleet.replay_server.snapshot_files import read_shard
 # and check a ratio other than one update per step.
 SHORT = ["train.total_env_steps=2500", "train.learning_starts=400", "train.log_interval=500",
          "learner.hidden_sizes=[32, 32]", "learner.batch_size=64", "replay.samples_per_insert=32",
-         "learner.prefetch_batches=4", "eval.interval=0", "eval.final_episodes=2", "learner.publish_interval=5"]
+         "learner.prefetch_batches=4", "eval.interval=0", "eval.final_episodes=2", "learner.publish_interval=5",
+         "learner.critic_warmup=40"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -606,3 +607,44 @@ def test_an_env_actor_that_stops_pushes_what_it_collected_since_its_last_chunk()
         for handle in (actor, shard, source):
             if handle is not None:
                 ray.kill(handle)
+
+
+def recording_env_actor(path: Path) -> FleetParts:
+    """Fleet parts whose env actors append each policy they load (its version and observation
+    statistics) to `path` as JSON lines."""
+
+    class RecordingEnvActor(EnvActor):
+        def rollout(self, stream):
+            rollout = super().rollout(stream)
+            load = rollout.load_weights
+
+            def recording(weights, version):
+                load(weights, version)
+                with open(path, "a") as out:
+                    out.write(json.dumps({"version": int(version), "count": float(weights["obs_norm.count"]),
+                                          "mean": np.asarray(weights["obs_norm.mean"]).tolist()}) + "\n")
+
+            rollout.load_weights = recording
+            return rollout
+
+    return FleetParts(env_actor=RecordingEnvActor)
+
+
+def test_a_fleet_run_publishes_the_observation_statistics_with_each_weight_version(tmp_path):
+    """With learner.obs_norm each published version carries the statistics of exactly the batches its
+    updates trained on (batch_size observations per update); none is published in the critic warm-up;
+    the checkpoint holds the final statistics in every network's state."""
+    log = tmp_path / "weights.jsonl"
+    summary = run(tmp_path, "learner.obs_norm=true", "learner.critic_warmup=100", "actors.num=2",
+                  parts=recording_env_actor(log))
+    loads = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len({load["version"] for load in loads}) >= 3, loads
+    assert all(load["version"] >= 100 and load["count"] == 64 * load["version"] for load in loads), loads[:5]
+    newest = max(loads, key=lambda load: load["version"])
+    state = load_checkpoint(tmp_path / "run")["learner"]
+    count = state["actor"]["obs_norm.count"].item()
+    assert count == 64 * state["updates"] >= newest["count"]
+    for key in ("critic", "target_critic"):
+        assert torch.equal(state[key]["obs_norm.mean"], state["actor"]["obs_norm.mean"])
+    # The random warm-up's observations: positions and velocities within a few units of the origin.
+    assert np.all(np.abs(newest["mean"]) < 5.0) and summary["eval"]["episodes"] == 2

@@ -321,3 +321,30 @@ def test_her_reaches_goals_that_the_same_run_without_her_does_not(tmp_path):
     assert any(r.get("replay/her_relabeled_fraction", 0) > 0.75 for r in records)
     assert len(with_her["eval"]["curve"][-1]) == 4  # [env steps, wall, return, success rate]
     assert (tmp_path / "future" / "eval_return.png").is_file()
+
+
+def test_observation_normalization_of_a_goal_env_covers_the_concatenated_input_and_leaves_replay_raw(tmp_path):
+    """The networks of a Dict env see [observation, achieved_goal, desired_goal] standardized as one
+    vector; replay keeps raw observations, so HER's rewards are the env's for raw goals."""
+    import torch
+
+    from sacfleet.driver.train_inline import train_inline
+    from sacfleet.replay_server.snapshot_files import read_shard
+
+    cfg = load_config(None, ["env.id=sacfleet/PointMassGoal-v0", "replay.her=future", "learner.obs_norm=true",
+                             "train.total_env_steps=600", "train.learning_starts=200", "learner.batch_size=32",
+                             "learner.hidden_sizes=[16, 16]", "replay.samples_per_insert=32", "eval.interval=0",
+                             "eval.final_episodes=2", "learner.num_threads=1", "learner.critic_warmup=50"])
+    train_inline(cfg, tmp_path, echo=lambda line: None)
+    state = torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)
+    actor = state["learner"]["actor"]
+    assert actor["obs_norm.mean"].shape == (8,) and actor["obs_norm.count"].item() == 32 * state["learner"]["updates"]
+    # Every part of the input varies (desired goals as the networks see them: relabeled ones included).
+    assert (actor["obs_norm.var"] > 1e-3).all()
+    cfg.replay.error_buffer = 1e12  # a table that samples without new inserts
+    table = make_table(cfg, TransitionSpec.for_env(describe_env(cfg.env)), 0, 1, 32)
+    table.restore(*read_shard(tmp_path / "checkpoints", state["replay"]["shards"][0]))
+    out = table.sample(1, 32)
+    env = make_env(cfg.env).unwrapped
+    np.testing.assert_array_equal(out.data["reward"], env.compute_reward(out.data["next_obs"][..., 0:2],
+                                                                         out.data["next_obs"][..., 2:4], None))

@@ -13,7 +13,8 @@ HEALTHY = {"train/q_mean": -0.6, "train/q1_mean": -0.61, "train/q2_mean": -0.6, 
 
 
 def monitor(*overrides, fleet=True):
-    cfg = load_config("pointmass", list(overrides))
+    # The records above were read off a run with rewards scaled by 0.01 (the preset before issue 24).
+    cfg = load_config("pointmass", ["learner.reward_scale=0.01", *overrides])
     return HealthMonitor(RunFacts.from_config(cfg, act_dim=1, fleet=fleet), cfg.health)
 
 
@@ -168,3 +169,45 @@ def test_disabled_health_checks_nothing_and_divergence_is_recorded():
     mon.diverged(120, "train/critic_loss", 3000)
     assert mon.summary()["status"] == "diverged"
     assert mon.summary()["diverged"] == {"update": 120, "env_steps": 3000, "what": "train/critic_loss"}
+
+
+def test_a_return_that_collapses_after_the_run_learned_warns_naming_both_returns_and_steps():
+    """Issue 24's seed 3: learned (recent training episodes near -10), then its training episodes
+    averaged -12,822. The random phase's returns set the gain; the policy's readings the best."""
+    mon = monitor("learner.critic_warmup=0")  # the policy acts from learning_starts (1,000) on
+    recent = [-2500, -400, -40, -12, -10, -11, -900, -12822, -15000]
+    records = [{**HEALTHY, "rollout/ep_rew_mean": -1500.0, "rollout/ep_rew_recent": r} for r in recent]
+    started = feed(mon, records, start=1000)
+    [warning] = [w for w in started if w.check == "return_collapsed"]
+    # -900 is within the limit (-10 - 0.5 * 2,490 = -1,255); -12,822 is not, and a second reading confirms it.
+    assert warning.first_env_steps == 9000
+    assert "the training return fell to -1.5e+04 at 9,000 env steps, far below the best -10 it reached at 5,000 " \
+           "(limit -1255)" in warning.symptom
+    assert warning.limit_key == "health.collapse_fraction" and "checkpoint.best" in warning.cause
+    assert mon.summary()["warnings"][-1]["check"] == "return_collapsed"
+
+
+def test_an_evaluation_far_below_the_best_one_warns_and_sets_the_final_lines_limit():
+    mon = monitor("learner.critic_warmup=0")
+    feed(mon, [{**HEALTHY, "rollout/ep_rew_recent": -3000.0}], start=1000)
+    evals = [-300.0, -8.0, -5.0, -2000.0, -9000.0]
+    started = []
+    for i, value in enumerate(evals):
+        started += mon.observe(4000 * (i + 1), {"eval/mean_reward": value})
+    [warning] = started
+    assert warning.check == "return_collapsed" and warning.first_env_steps == 20000
+    assert "the evaluation return fell to -9000 at 20,000 env steps, far below the best -5 it reached at 12,000" \
+        in warning.symptom
+    # The final evaluation's limit: half the gain to the best evaluation below it.
+    assert mon.collapse_limit(-5.0) == pytest.approx(-5.0 - 0.5 * (3000 - 5))
+
+
+def test_evaluation_noise_near_the_optimum_and_the_random_phase_raise_no_collapse():
+    """A learned point-mass policy's evaluations move between -4.5 and -12; random episodes (before the
+    policy acts) between -250 and -3,300 (issue 24, a seed of the first trial): neither is a collapse."""
+    mon = monitor()  # the preset's critic warm-up: the policy acts from 3,000 env steps on
+    random_phase = [{**HEALTHY, "rollout/ep_rew_recent": r} for r in (-252, -3300, -2960)]
+    assert feed(mon, random_phase, start=1000) == []
+    learned = [{**HEALTHY, "rollout/ep_rew_recent": r, "eval/mean_reward": e}
+               for r, e in zip([-2100, -900, -60, -9, -7, -12, -8], [-300, -30, -4.5, -12.0, -6.0, -9.0, -5.0])]
+    assert [w.check for w in feed(mon, learned, start=4000)] == []

@@ -19,7 +19,8 @@ from sacfleet.driver.train_inline import train_inline
 
 SHORT = ["train.total_env_steps=1200", "train.learning_starts=400", "train.log_interval=400",
          "learner.hidden_sizes=[32, 32]", "learner.batch_size=64", "replay.samples_per_insert=64",
-         "eval.interval=600", "eval.episodes=2", "eval.final_episodes=3", "learner.num_threads=1"]
+         "eval.interval=600", "eval.episodes=2", "eval.final_episodes=3", "learner.num_threads=1",
+         "learner.critic_warmup=300"]
 
 
 def short_run(run_dir, *extra):
@@ -90,6 +91,46 @@ def test_cli_eval_reads_a_checkpoint(run, capsys):
     out = capsys.readouterr().out
     assert "sacfleet/PointMass-v0: eval return" in out and "over 3 episodes" in out
     assert f"{summary['eval']['return_mean']:.2f}" in out  # same policy, same seeds as the final eval
+
+
+def test_the_best_evaluated_policy_is_kept_and_sacfleet_eval_best_reads_it(run, capsys):
+    run_dir, summary = run
+    curve = summary["eval"]["curve"]
+    best = summary["eval"]["best"]
+    assert best["return_mean"] == max(point[2] for point in curve[:-1]) and best["env_steps"] == 600
+    kept = load_checkpoint(run_dir / "checkpoints" / "best.pt")["best"]
+    assert kept["return_mean"] == max(point[2] for point in curve) == best["kept_return_mean"]
+    # The kept policy, evaluated on the episodes it was chosen on, returns what it returned then.
+    episodes = 2 if kept["env_steps"] == 600 else 3
+    assert main(["eval", "--checkpoint", str(run_dir), "--best", "--episodes", str(episodes)]) == 0
+    out = capsys.readouterr().out
+    assert f"eval return {kept['return_mean']:.2f}" in out and "(best policy, evaluated" in out
+    assert main(["eval", "--checkpoint", str(run_dir / "summary.json"), "--best"]) == 2
+    assert "--best takes a run or checkpoints directory" in capsys.readouterr().err
+
+
+def test_a_final_policy_far_below_the_best_evaluation_is_named_in_the_final_line(tmp_path):
+    from sacfleet.driver.report import Point, Reporter, done_line
+
+    cfg = load_config("pointmass", ["learner.critic_warmup=0"])
+    reporter = Reporter(cfg, tmp_path, lambda line: None, act_dim=1, fleet=False, start=Point(0, 0, 0.0))
+    reporter.health.observe(1000, {"rollout/ep_rew_recent": -3000.0})
+    for steps, value in ((4000, -8.0), (8000, -5.0), (12000, -1800.0)):
+        reporter.evaluation(steps, 1.0, [value])
+    kept = {"return_mean": -5.0, "env_steps": 8000, "policy_version": 7000}
+    section = reporter.best_evaluation(-1800.0, kept)
+    assert section["final_below_best"] and section["best"]["return_mean"] == -5.0
+    summary = {"stop_reason": "done", "env_steps": 12000, "updates": 11000, "wall_seconds": 9.0,
+               "throughput": {"env_steps_per_s": 1.0, "updates_per_s": 1.0},
+               "replay": {"samples_per_insert": 256.0, "samples_per_insert_target": 256.0},
+               "eval": {"return_mean": -1800.0, "return_std": 0.0, "episodes": 100, "success_rate": None, **section},
+               "health": {"status": "ok", "warnings": []}}
+    line = done_line(summary, tmp_path / "summary.json", [])
+    assert "eval return -1800.0 +- 0.0 over 100 episodes, far below the run's best evaluation -5.0 at 8,000 " \
+           f"env steps (kept in {tmp_path / 'checkpoints' / 'best.pt'}: sacfleet eval --best)" in line
+    # Evaluation noise is not a collapse (the gain to the best was about 3,000).
+    assert not reporter.best_evaluation(-12.0, kept)["final_below_best"]
+    reporter.close()
 
 
 def test_cli_errors_are_clear_and_exit_2(tmp_path, capsys):

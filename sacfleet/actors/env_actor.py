@@ -142,18 +142,23 @@ class EvalActor(ProcessIdentity):
         learner = peer_handles(peers)["learner"]
         self.cfg = cfg
         self.policy = PolicyNetwork(env_info.obs_dim, env_info.act_dim, cfg.learner.hidden_sizes,
-                            env_info.action_low, env_info.action_high)
+                                    env_info.action_low, env_info.action_high, obs_norm=cfg.learner.obs_norm,
+                                    obs_symlog=cfg.learner.obs_symlog)
         self.policy.requires_grad_(False)
         self.version = RANDOM_POLICY_VERSION
         self.puller = WeightPuller(learner)
 
-    def evaluate(self, episodes: int) -> dict:
-        """Deterministic returns of the newest published policy (the initial one before any publish)."""
+    def evaluate(self, episodes: int, weights_above: float | None = None) -> dict:
+        """Deterministic returns of the newest published policy (the initial one before any publish);
+        with the policy's weights when their mean return is above `weights_above` (checkpoint.best)."""
         fresh = self.puller.wait(self.version)
         if fresh is not None:
             weights, self.version = fresh
             self.policy.load_state_dict({name: torch.as_tensor(np.array(a)) for name, a in weights.items()})
         t0 = time.monotonic()
         returns, success_rate = evaluate(self.policy, self.cfg.env, episodes, self.cfg.eval.seed)
-        return {"version": self.version, "returns": returns.tolist(), "success_rate": success_rate,
-                "seconds": time.monotonic() - t0}
+        result = {"version": self.version, "returns": returns.tolist(), "success_rate": success_rate,
+                  "seconds": time.monotonic() - t0}
+        if weights_above is not None and returns.mean() > weights_above:
+            result["weights"] = {name: tensor.numpy().copy() for name, tensor in self.policy.state_dict().items()}
+        return result

@@ -8,11 +8,13 @@ from typing import Mapping
 
 import numpy as np
 
-from sacfleet.learner.networks import LOG_STD_MAX, LOG_STD_MIN, PolicyNetwork
+from sacfleet.learner.networks import LOG_STD_MAX, LOG_STD_MIN, OBS_NORM_EPS, ObsNormalizer, PolicyNetwork
 
 
 class NumpyPolicy:
-    """a = scale * tanh(mean + std * noise) + bias, with (mean, log std) from the MLP trunk, or
+    """a = scale * tanh(mean + std * noise) + bias, with (mean, log std) from the MLP trunk (on the
+    observation standardized by the published statistics, if any, clipped, and symlog if the learner's
+    is), or
     scale * tanh(mean) + bias when deterministic; the same function as `PolicyNetwork.sample` and
     `PolicyNetwork.deterministic`, in float32."""
 
@@ -24,12 +26,25 @@ class NumpyPolicy:
         # Transposed once, so that each layer is one (batch x in) @ (in x out) product.
         self.layers = [(np.ascontiguousarray(f32(weight).T), f32(bias)) for weight, bias in layers]
         self.obs_clip = float(weights[PolicyNetwork.OBS_CLIP])
+        self.obs_symlog = bool(weights.get(PolicyNetwork.OBS_SYMLOG, 0.0))
+        # The learner's observation statistics (learner.obs_norm), as a shift and a scale in float32.
+        self.obs_shift, self.obs_scale = None, None
+        mean_key = PolicyNetwork.norm_key(ObsNormalizer.MEAN)
+        if mean_key in weights:
+            variance = np.asarray(weights[PolicyNetwork.norm_key(ObsNormalizer.VAR)], dtype=np.float32)
+            self.obs_shift = f32(mean_key)
+            self.obs_scale = (1.0 / np.sqrt(variance + np.float32(OBS_NORM_EPS))).astype(np.float32)
         self.action_scale, self.action_bias = f32(PolicyNetwork.ACTION_SCALE), f32(PolicyNetwork.ACTION_BIAS)
         self.act_dim = self.action_scale.size
 
     def __call__(self, obs: np.ndarray, rng: np.random.Generator | None = None,
                  deterministic: bool = False) -> np.ndarray:
-        h = np.clip(np.asarray(obs, dtype=np.float32), -self.obs_clip, self.obs_clip)
+        h = np.asarray(obs, dtype=np.float32)
+        if self.obs_shift is not None:
+            h = (h - self.obs_shift) * self.obs_scale
+        h = np.clip(h, -self.obs_clip, self.obs_clip)
+        if self.obs_symlog:
+            h = np.sign(h) * np.log1p(np.abs(h))
         last = len(self.layers) - 1
         for i, (weight, bias) in enumerate(self.layers):
             h = h @ weight

@@ -41,7 +41,8 @@ class StaticWeights:
         from sacfleet.learner.networks import PolicyNetwork
 
         policy = PolicyNetwork(env_info.obs_dim, env_info.act_dim, cfg.learner.hidden_sizes, env_info.action_low,
-                       env_info.action_high)
+                               env_info.action_high, obs_norm=cfg.learner.obs_norm,
+                               obs_symlog=cfg.learner.obs_symlog)
         weights = {name: t.detach().numpy() for name, t in policy.state_dict().items()}
         self.published = (0, encode_weights(weights, 0))
 

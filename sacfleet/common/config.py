@@ -94,7 +94,15 @@ class LearnerConfig:
     learn_alpha: bool = _key(True)
     target_entropy: float | None = _key(None, doc="null means -|A|")
     reward_scale: float = _key(1.0, gt=0, doc="rewards are multiplied by this in the critic target")
-    obs_clip: float | None = _key(None, gt=0, doc="networks see observations clipped to [-obs_clip, obs_clip]; null: unclipped")
+    obs_norm: bool = _key(False, doc="networks see observations standardized by the running mean and variance of "
+                                     "those the learner trains on (published with the weights, checkpointed)")
+    obs_clip: float | None = _key(None, gt=0, doc="networks see observations (standardized ones with obs_norm) clipped "
+                                                  "to [-obs_clip, obs_clip]; null: unclipped")
+    obs_symlog: bool = _key(False, doc="networks see symlog(x) of each input x (after obs_norm and obs_clip): inputs "
+                                       "far from the data grow logarithmically, so a symlog_q critic extrapolates Q "
+                                       "polynomially there, not exponentially")
+    critic_warmup: int = _key(0, ge=0, doc="first learner updates that train only the critics; the policy is "
+                                           "published after them, so env actors act at random until then")
     compile: str = _key("auto", choices=("auto", "on", "off"),
                         doc="torch.compile the losses and capture the update in a CUDA graph; auto: on with CUDA only")
     matmul_precision: str = _key("float32", choices=("float32", "tf32"),
@@ -138,6 +146,8 @@ class CheckpointConfig:
                              "A failure loses at most this much work")
     replay: bool = _key(True, doc="also snapshot the replay contents with each checkpoint (incrementally: only "
                         "what changed since the last)")
+    best: bool = _key(True, doc="keep the best-evaluated policy as checkpoints/best.pt (sacfleet eval --best); "
+                      "a policy only, not a point to resume from")
 
 
 @dataclass
@@ -157,6 +167,9 @@ class HealthConfig:
                                               "below learner.target_entropy")
     stall_fraction: float = _key(0.5, gt=0, le=1, doc="warn when the return (or a success rate below 0.5) gains nothing "
                                                      "over this share of the run's steps after learning starts")
+    collapse_fraction: float = _key(0.5, gt=0, doc="warn when the evaluation or training return falls below the best "
+                                                   "the run reached by more than this fraction of the larger of |best| "
+                                                   "and the gain since learning began")
     ratio_tolerance: float = _key(0.2, gt=0, doc="warn when the measured samples per insert is off its target by "
                                                "more than this fraction")
     lag_factor: float = _key(4.0, gt=1, doc="warn when the policy lag exceeds this multiple of what the fleet's "

@@ -30,6 +30,7 @@ class RunFacts:
     init_alpha: float
     learn_alpha: bool
     learning_starts: int
+    policy_starts: int  # env steps before the policy acts: the random phase and the critic warm-up
     total_env_steps: int
     log_interval: int
     samples_per_insert: float
@@ -42,6 +43,8 @@ class RunFacts:
         return cls(gamma=learner.gamma, reward_scale=learner.reward_scale, act_dim=act_dim, target_entropy=target,
                    init_alpha=learner.init_alpha, learn_alpha=learner.learn_alpha,
                    learning_starts=cfg.train.learning_starts, total_env_steps=cfg.train.total_env_steps,
+                   policy_starts=cfg.train.learning_starts + math.ceil(
+                       learner.critic_warmup * learner.batch_size / cfg.replay.samples_per_insert),
                    log_interval=cfg.train.log_interval, samples_per_insert=cfg.replay.samples_per_insert,
                    expected_lag=expected_policy_lag(cfg) if fleet else None)
 
@@ -104,13 +107,14 @@ class QBlowup(Check):
              "Check that rewards are bounded, that learner.tau is small (0.005) and Polyak averaging runs, and try a "
              "lower learner.critic_lr")
     # Q far below every return the rewards allow is the other direction, and has another usual cause:
-    # in the point-mass preset's runaways (README, "Tuning the point-mass preset") it followed early
+    # in the point-mass preset's old runaways (README, "Every seed learns") it followed early
     # policies that drove into far-away, costly states.
     cause_below = ("underestimation feedback: targets built on the critics' too-low values train them lower still, "
                    "the clipped double-Q minimum pulling the same way. It usually follows a runaway: early policies "
                    "that drive into far-away, costly states (training returns, rollout/ep_rew_mean, far below "
-                   "eval/mean_reward) and critics extrapolating there. Try a longer random phase "
-                   "(train.learning_starts) or a lower learner.critic_lr")
+                   "eval/mean_reward) and critics extrapolating there. Try critic-only updates first "
+                   "(learner.critic_warmup), bounded network inputs (learner.obs_symlog, learner.obs_clip), a longer "
+                   "random phase (train.learning_starts) or a lower learner.critic_lr")
 
     def __init__(self, facts, limits):
         super().__init__(facts, limits)
@@ -281,6 +285,61 @@ class SuccessStalled(Check):
                        f"env steps")
 
 
+def collapse_limit(best: float, gain: float, fraction: float) -> float:
+    """The return below which a run that reached `best`, having gained `gain` to get there, has
+    collapsed: `fraction` of the larger of |best| and the gain below the best. Noise between
+    evaluations of a learned policy stays well above it; a policy that lost most of what it learned
+    (or, with returns near zero, one that costs several times what it did) falls below it."""
+    return best - fraction * max(abs(best), gain)
+
+
+class ReturnCollapsed(Check):
+    """The return far below the best the run reached, after it reached it: a late collapse that no
+    other check sees while the losses look sane. Evaluations and recent training episodes are each
+    compared with their own best, counted from when the policy acts (after the random phase and the
+    critic warm-up, whose returns vary widely); the gain to the best is from the lowest return before it."""
+
+    name, limit_key, confirm = "return_collapsed", "health.collapse_fraction", 2
+    cause = ("the policy unlearned what it had learned: usually critics that diverged in states the policy reached "
+             "(check train/q_mean against the returns, and q_blowup) or a policy pushed by critics that have not "
+             "caught up. checkpoint.best keeps the best-evaluated policy (checkpoints/best.pt, sacfleet eval --best); "
+             "try learner.obs_norm or learner.critic_warmup")
+
+    def __init__(self, facts, limits):
+        super().__init__(facts, limits)
+        self.low = math.inf  # the lowest return seen so far
+        self.best: dict[str, tuple[int, float, float]] = {}  # source -> (env steps, best return, gain to it)
+
+    def limit(self, source: str) -> float | None:
+        if source not in self.best:
+            return None
+        _, best, gain = self.best[source]
+        return collapse_limit(best, gain, self.limits.collapse_fraction)
+
+    def read(self, env_steps, values):
+        training = "rollout/ep_rew_recent" if _have(values, "rollout/ep_rew_recent") else "rollout/ep_rew_mean"
+        acting = env_steps >= self.facts.policy_starts + self.facts.log_interval
+        readings = []
+        for key, source, what in (("eval/mean_reward", "eval", "the evaluation return"),
+                                  (training, "training", "the training return")):
+            if not _have(values, key):
+                continue
+            value = values[key]
+            self.low = min(self.low, value)
+            if not acting:
+                continue
+            if source not in self.best or value > self.best[source][1]:
+                self.best[source] = (env_steps, value, value - self.low)
+            best_at, best, _ = self.best[source]
+            limit = self.limit(source)
+            # The measure: how far below its best the return is, as a share of the allowed fall.
+            measure = (best - value) / (best - limit) if best > limit else 0.0
+            readings.append(Reading(measure, value < limit,
+                                    f"{what} fell to {value:.4g} at {env_steps:,} env steps, far below the best "
+                                    f"{best:.4g} it reached at {best_at:,} (limit {limit:.4g})"))
+        return max(readings, key=lambda reading: reading.measure) if readings else None
+
+
 class ReplayRatioDrift(Check):
     name, limit_key, confirm = "replay_ratio_drift", "health.ratio_tolerance", 2
     cause = ("the rate limiter is not holding the replay ratio: check replay.error_buffer, and that every shard "
@@ -342,8 +401,8 @@ class LearnerStarved(_Stall):
              "actors or actors.envs_per_actor, or lower replay.samples_per_insert")
 
 
-CHECKS = (QBlowup, CriticDisagreement, AlphaCollapse, EntropyCollapse, ReturnStalled, SuccessStalled,
-          ReplayRatioDrift, PolicyLag, ActorsStarved, LearnerStarved)
+CHECKS = (QBlowup, CriticDisagreement, AlphaCollapse, EntropyCollapse, ReturnStalled, ReturnCollapsed,
+          SuccessStalled, ReplayRatioDrift, PolicyLag, ActorsStarved, LearnerStarved)
 
 
 @dataclass
@@ -375,7 +434,7 @@ class HealthMonitor:
     """Feed it each progress record with `observe`; it returns the warnings that start there."""
 
     def __init__(self, facts: RunFacts, limits, checks=CHECKS):
-        self.enabled = limits.enabled
+        self.enabled, self.limits = limits.enabled, limits
         self.checks = [cls(facts, limits) for cls in checks] if self.enabled else []
         self.state = {check.name: _State() for check in self.checks}
         self.measures: dict[str, float] = {}
@@ -406,6 +465,13 @@ class HealthMonitor:
                 if state.warning is not None and state.warning.active and state.good_run >= CLEAR_AFTER:
                     state.warning.active = False
         return started
+
+    def collapse_limit(self, best: float) -> float:
+        """The return below which a final evaluation counts as collapsed from the best one, `best`:
+        ReturnCollapsed's limit, with the gain it saw to its best evaluation (none if it saw none)."""
+        check = next((c for c in self.checks if isinstance(c, ReturnCollapsed)), None)
+        gain = check.best["eval"][2] if check is not None and "eval" in check.best else 0.0
+        return collapse_limit(best, gain, self.limits.collapse_fraction)
 
     def active(self) -> list[str]:
         return [w.check for w in self.history if w.active]

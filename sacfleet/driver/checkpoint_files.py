@@ -5,11 +5,14 @@ only, loaded with weights_only=True so that opening a checkpoint cannot run code
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+import numpy as np
 import torch
 
+from sacfleet.common.config import to_dict
 from sacfleet.common.io import atomic_write_bytes
 from sacfleet.driver.errors import RunRefused
 from sacfleet.replay_server.snapshot_files import SnapshotFileError, remove_unlisted, verify
@@ -42,6 +45,45 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         versions = " or ".join(map(str, READABLE_VERSIONS))
         raise CheckpointError(f"{path} is not a sacfleet checkpoint of version {versions}")
     return state
+
+
+BEST_FILE = "best.pt"
+
+
+class BestPolicy:
+    """checkpoint.best: the policy of the best evaluation so far, kept as checkpoints/best.pt (as SB3's
+    EvalCallback keeps best_model), so that a run that collapses late still leaves what it learned.
+    A policy and its evaluation only, readable by `sacfleet eval`; a resume never starts from it."""
+
+    def __init__(self, cfg, directory: Path, env_info: dict):
+        self.enabled = cfg.checkpoint.best
+        self.path = Path(directory) / BEST_FILE
+        self.extra = {"config": to_dict(cfg), "env_info": env_info}
+        self.best: dict | None = None  # {"return_mean", "env_steps", "policy_version"}
+        if self.enabled and self.path.is_file():  # a resumed run's best so far
+            try:
+                self.best = load_checkpoint(self.path).get("best")
+            except CheckpointError:
+                self.best = None
+
+    @property
+    def threshold(self) -> float | None:
+        """The return an evaluation must beat to replace the kept policy; None when none is kept."""
+        if not self.enabled:
+            return None
+        return -math.inf if self.best is None else self.best["return_mean"]
+
+    def offer(self, weights: Mapping[str, Any], version: int, mean: float, env_steps: int) -> bool:
+        """Keep `weights` (the evaluated policy's state dict) if their evaluation `mean` is the best yet."""
+        threshold = self.threshold
+        if threshold is None or not mean > threshold:
+            return False
+        self.best = {"return_mean": float(mean), "env_steps": int(env_steps), "policy_version": int(version)}
+        actor = {name: value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor)
+                 else torch.as_tensor(np.array(value)) for name, value in weights.items()}
+        save_checkpoint(self.path, {"actor": actor, "updates": int(version)},
+                        {**self.extra, "env_steps": int(env_steps), "best": self.best})
+        return True
 
 
 def write_run_checkpoint(directory: Path, learner_state: dict, extra: dict[str, Any],

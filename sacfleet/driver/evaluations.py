@@ -25,6 +25,7 @@ class Evaluations:
                                                                                  env_steps, clock)
         self.ref = None  # the evaluation running
         self.episodes = 0
+        self.weights_above: float | None = None
         self.pid: int | None = None  # of the eval actor's process, to notice one that died idle
         self.down = False  # its death was counted; calls fail until Ray has restarted it
         self.down_since = 0.0
@@ -51,17 +52,19 @@ class Evaluations:
         elif self.clock() - self.down_since > RESTART_TIMEOUT:
             raise FleetError(f"eval actor did not come back within {RESTART_TIMEOUT:g} s")
 
-    def start(self, episodes: int) -> bool:
-        """Ask for `episodes` of the newest policy; False if an evaluation is running already."""
+    def start(self, episodes: int, weights_above: float | None = None) -> bool:
+        """Ask for `episodes` of the newest policy, and its weights if it does better than `weights_above`;
+        False if an evaluation is running already."""
         if self.ref is not None:
             return False
         self.calls.drop("evaluator")  # an answer from before the evaluation could predate a death in it
-        self.ref, self.episodes = self.evaluator.evaluate.remote(episodes), episodes
+        self.ref = self.evaluator.evaluate.remote(episodes, weights_above)
+        self.episodes, self.weights_above = episodes, weights_above
         return True
 
     def result(self, wait: bool = False) -> dict | None:
-        """The running evaluation's result ({"version", "returns", "success_rate", "seconds"}) once it
-        is done; waiting at most EVAL_TIMEOUT."""
+        """The running evaluation's result ({"version", "returns", "success_rate", "seconds", and "weights"
+        when asked for}) once it is done; waiting at most EVAL_TIMEOUT."""
         while self.ref is not None:
             ready, _ = ray.wait([self.ref], timeout=EVAL_TIMEOUT if wait else 0)
             if not ready:
@@ -77,7 +80,7 @@ class Evaluations:
                 # Its process died: Ray restarts it (it holds nothing to restore) and the evaluation runs again.
                 self._lost(ray_cause(exc), evaluating=True)
                 time.sleep(0.2)  # calls fail at once while it restarts
-                self.start(self.episodes)
+                self.start(self.episodes, self.weights_above)
                 if not wait:
                     return None
             except RayTaskError as exc:

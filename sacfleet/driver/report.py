@@ -150,16 +150,17 @@ class Reporter:
         self.close()
 
     def finish(self, *, mode: str, stop_reason: str, now: Point, final: Mapping, sections: Mapping,
-               stage_seconds: Mapping[str, float]) -> dict:
+               stage_seconds: Mapping[str, float], best: Mapping | None = None) -> dict:
         """A run's end: summary.json, the common part (counters, why it stopped, the final evaluation
         `final`: {"returns", "mean", "std", "success_rate"} and, from a fleet, the policy "version" it
-        evaluated) followed by the trainer's and its components' `sections`; then the plots and the
-        `done` line. Returns the summary."""
+        evaluated; the best evaluation, and `best`: the policy checkpoint.best kept) followed by the
+        trainer's and its components' `sections`; then the plots and the `done` line. Returns the summary."""
         self.close()
         evaluation = {"return_mean": final["mean"], "return_std": final["std"], "episodes": len(final["returns"]),
                       "success_rate": final.get("success_rate")}
         if "version" in final:
             evaluation["policy_version"] = final["version"]
+        evaluation.update(self.best_evaluation(final["mean"], best))
         summary = self.write_summary({
             "env_steps": now.env_steps, "updates": now.updates, "wall_seconds": round(now.wall, 2),
             "stop_reason": stop_reason, "interrupted": stop_reason == INTERRUPTED, "mode": mode,
@@ -168,6 +169,19 @@ class Reporter:
         plots = write_plots(self.run_dir, self.evals, stage_seconds, self.cfg.env.id)
         self.echo(done_line(summary, self.run_dir / "summary.json", plots))
         return summary
+
+    def best_evaluation(self, final_mean: float, kept: Mapping | None) -> dict:
+        """The best evaluation before the final one, whether the final policy fell far below it (the
+        return_collapsed check's limit), and the policy file checkpoint.best kept."""
+        earlier = self.evals[:-1]
+        if not earlier:
+            return {}
+        steps, _, mean = max(earlier, key=lambda row: row[2])[:3]
+        limit = self.health.collapse_limit(mean)
+        return {"best": {"return_mean": mean, "env_steps": steps,
+                         "kept": str(self.run_dir / "checkpoints" / "best.pt") if kept else None,
+                         "kept_return_mean": kept["return_mean"] if kept else None},
+                "final_below_best": final_mean < limit}
 
     def write_summary(self, summary: dict) -> dict:
         """summary.json: the trainer's `summary` with the health section added."""
@@ -197,9 +211,16 @@ def done_line(summary: Mapping, path: Path, plots: Sequence[Path]) -> str:
     recovered = (f"; recovered {recovery['recoveries']} processes from {recovery['failures']} failures"
                  if recovery["recoveries"] != recovery["failures"] else
                  f"; recovered from {recovery['failures']} failures" if recovery["failures"] else "")
+    below = ""
+    if final.get("final_below_best"):
+        best = final["best"]
+        kept = f" (kept in {best['kept']}: sacfleet eval --best)" if best["kept"] else ""
+        below = (f", far below the run's best evaluation {best['return_mean']:.1f} at {best['env_steps']:,} env "
+                 f"steps{kept}")
     return (f"done ({summary['stop_reason']}): {summary['env_steps']:,} env steps, {summary['updates']:,} updates in "
             f"{wall:.1f}s ({rates['env_steps_per_s']:.0f} steps/s, {rates['updates_per_s']:.0f} updates/s, "
             f"replay ratio {replay['samples_per_insert']:.1f} of {replay['samples_per_insert_target']:g}); eval return "
             f"{final['return_mean']:.1f} +- {final['return_std']:.1f} over {final['episodes']} episodes"
-            f"{success_note(final['success_rate'])}; health {health['status']}{warnings}{recovered}; summary {path}"
+            f"{success_note(final['success_rate'])}{below}; health {health['status']}{warnings}{recovered}; "
+            f"summary {path}"
             f"{'; plots ' + ', '.join(p.name for p in plots) if plots else ''}")

@@ -20,6 +20,8 @@ FIXED_KEYS = {
     "env.id": "the checkpoint's networks were trained on another environment",
     "learner.hidden_sizes": "the checkpoint's networks have other layer sizes",
     "learner.symlog_q": "the checkpoint's critics predict Q in another space",
+    "learner.obs_norm": "the checkpoint's networks were trained on observations standardized otherwise",
+    "learner.obs_symlog": "the checkpoint's networks were trained on observations transformed otherwise",
 }
 # Keys the restored replay snapshots fix.
 FIXED_WITH_REPLAY = {

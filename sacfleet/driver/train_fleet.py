@@ -24,7 +24,7 @@ import ray
 
 from sacfleet.common.config import Config, save_config, to_dict
 from sacfleet.common.envs import EnvInfo, check_env_config, describe_env
-from sacfleet.driver.checkpoint_files import kept_checkpoint_note
+from sacfleet.driver.checkpoint_files import BestPolicy, kept_checkpoint_note
 from sacfleet.driver.checkpointing import CheckpointSkipped, FleetCheckpointer
 from sacfleet.driver.errors import FleetDiverged, FleetError
 from sacfleet.driver.fleet import Fleet, FleetParts, connect
@@ -68,6 +68,7 @@ class FleetRun:
         self.supervisor = FleetSupervisor(fleet, echo, self.reporter.episodes, self.recovery, lambda: self.env_steps)
         self.scaler = Scaler(run_dir, fleet, echo, lambda: self.env_steps, lambda: self.wall)
         self.eval_at: tuple[int, float] | None = None
+        self.best = BestPolicy(cfg, Path(run_dir) / "checkpoints", env_info.to_dict())
         self.placement: list[dict] = []  # each node and the parts running there, as the fleet started
         self.reported_lost_updates = 0
 
@@ -127,7 +128,7 @@ class FleetRun:
         return samples / inserts
 
     def start_eval(self, episodes: int) -> None:
-        if self.supervisor.evaluations.start(episodes):
+        if self.supervisor.evaluations.start(episodes, self.best.threshold):
             self.eval_at = (self.env_steps, self.wall)
 
     def collect_eval(self, wait: bool = False) -> dict | None:
@@ -135,6 +136,8 @@ class FleetRun:
         if result is None:
             return None
         mean, std = self.reporter.evaluation(*self.eval_at, result["returns"], result.get("success_rate"))
+        if "weights" in result:
+            self.best.offer(result.pop("weights"), result["version"], mean, self.eval_at[0])
         return {**result, "mean": mean, "std": std}
 
     def checkpoint(self, on_failure: bool = False) -> None:
@@ -303,4 +306,4 @@ def _finish(run: FleetRun, stop_reason: str, restored: int) -> dict:
         "ray": ray.__version__,
     }
     return run.reporter.finish(mode="fleet", stop_reason=stop_reason, now=run.point(), final=final,
-                               sections=sections, stage_seconds=stages)
+                               sections=sections, stage_seconds=stages, best=run.best.best)

@@ -24,7 +24,7 @@ from sacfleet.actors.rollout import Rollout
 from sacfleet.common.config import Config, save_config, to_dict
 from sacfleet.common.envs import EnvInfo, check_env_config, describe_env
 from sacfleet.common.transitions import TransitionSpec
-from sacfleet.driver.checkpoint_files import kept_checkpoint_note, write_run_checkpoint
+from sacfleet.driver.checkpoint_files import BestPolicy, kept_checkpoint_note, write_run_checkpoint
 from sacfleet.driver.errors import RunFailed, RunRefused
 from sacfleet.driver.report import INTERRUPTED, Point, Reporter, her_values, replay_ratio, replay_section
 from sacfleet.driver.run_dir import check_run_dir, echo_flush
@@ -95,6 +95,7 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
     prioritized = cfg.replay.sampler == "prioritized"
     schedule = RunSchedule(cfg)
     snapshots = SnapshotWriter(run_dir / "checkpoints", len(tables))
+    best = BestPolicy(cfg, run_dir / "checkpoints", env_info.to_dict())
     published: tuple = ({}, -1)  # the newest published weights and their version
 
     echo(f"sacfleet inline: {cfg.env.id} obs_dim={env_info.obs_dim} act_dim={env_info.act_dim} "
@@ -116,7 +117,8 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
             # Weights are "published" every publish_interval updates; a rollout picks up the newest
             # every weight_sync_interval of its steps, as a fleet actor would.
             version = learner.updates - learner.updates % cfg.learner.publish_interval
-            if rollout.steps % cfg.actors.weight_sync_interval == 0 and version > rollout.policy_version:
+            if (rollout.steps % cfg.actors.weight_sync_interval == 0 and version > rollout.policy_version
+                    and learner.policy_ready):
                 if published[1] != version:
                     published = (learner.policy_weights(), version)
                 rollout.load_weights(*published)
@@ -138,7 +140,7 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
             timers.update += time.monotonic() - t1
 
             if schedule.evaluation(env_steps):
-                _evaluate(cfg, learner, reporter, timers, env_steps, cfg.eval.episodes)
+                _evaluate(cfg, learner, reporter, timers, env_steps, cfg.eval.episodes, best)
             if schedule.log(env_steps):
                 learner.check_finite()
                 stats = [t.stats() for t in tables]
@@ -159,7 +161,7 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
 
     # The learner's state is saved before the final evaluation, which could fail or be interrupted.
     _checkpoint(cfg, run_dir, learner, tables, snapshots, env_steps, env_info)
-    final = _evaluate(cfg, learner, reporter, timers, env_steps, cfg.eval.final_episodes)
+    final = _evaluate(cfg, learner, reporter, timers, env_steps, cfg.eval.final_episodes, best)
     wall = timers.wall
     sections = {
         "throughput": {"env_steps_per_s": env_steps / wall, "updates_per_s": learner.updates / wall,
@@ -168,13 +170,14 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
         "replay": replay_section([t.stats() for t in tables], cfg.replay.samples_per_insert),
     }
     return reporter.finish(mode="inline", stop_reason=stop_reason, now=point(), final=final, sections=sections,
+                           best=best.best,
                            stage_seconds={"env": timers.env, "replay and update": timers.update, "eval": timers.eval})
 
 
 def _evaluate(cfg: Config, learner: SACLearner, reporter: Reporter, timers: Timers, env_steps: int,
-              episodes: int) -> dict:
-    """`episodes` deterministic episodes of the learner's policy, recorded; {"returns", "mean", "std",
-    "success_rate"}."""
+              episodes: int, best: BestPolicy) -> dict:
+    """`episodes` deterministic episodes of the learner's policy, recorded, and the policy kept if it
+    is the best yet; {"returns", "mean", "std", "success_rate"}."""
     t0 = time.monotonic()
     policy = learner.actor
     if learner.device.type != "cpu":
@@ -182,6 +185,7 @@ def _evaluate(cfg: Config, learner: SACLearner, reporter: Reporter, timers: Time
     returns, success_rate = evaluate(policy, cfg.env, episodes, cfg.eval.seed)
     timers.eval += time.monotonic() - t0
     mean, std = reporter.evaluation(env_steps, timers.wall, returns.tolist(), success_rate)
+    best.offer(policy.state_dict(), learner.updates, mean, env_steps)
     return {"returns": returns.tolist(), "mean": mean, "std": std, "success_rate": success_rate}
 
 

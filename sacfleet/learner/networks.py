@@ -41,6 +41,50 @@ def squashed_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
 
 
 NO_CLIP = float(torch.finfo(torch.float32).max)  # finite, so weights pass the codec's finiteness check
+OBS_NORM_EPS = 1e-8  # added to the variance, as SB3's VecNormalize does
+
+
+class ObsNormalizer(nn.Module):
+    """Running mean and variance of the observations the learner trains on, and the standardization
+    the networks see their input through: (obs - mean) / sqrt(var + eps).
+
+    One instance is shared by the policy, the critics and the target critics, so that all of them
+    see the same inputs; its buffers travel in the policy's state dict (published weights,
+    checkpoints). `update` merges a batch into the statistics (Chan et al.'s parallel form, in
+    float64) in place and without host syncs, so that a CUDA graph of the update can hold it."""
+
+    COUNT, MEAN, VAR = "count", "mean", "var"
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer(self.COUNT, torch.zeros((), dtype=torch.float64))
+        self.register_buffer(self.MEAN, torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer(self.VAR, torch.ones(dim, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, obs: torch.Tensor) -> None:
+        x = obs.reshape(-1, self.mean.shape[0]).to(torch.float64)
+        n = x.shape[0]
+        batch_var, batch_mean = torch.var_mean(x, dim=0, correction=0)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * n + delta.pow(2) * (self.count * n / total)
+        self.mean.add_(delta * (n / total))
+        self.var.copy_(m2 / total)
+        self.count.copy_(total)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return (obs - self.mean.to(obs.dtype)) * torch.rsqrt(self.var.to(obs.dtype) + OBS_NORM_EPS)
+
+
+def network_input(obs: torch.Tensor, obs_norm: ObsNormalizer | None, obs_clip: torch.Tensor,
+                  obs_symlog: bool) -> torch.Tensor:
+    """What the networks see of an observation: standardized (learner.obs_norm), clipped
+    (learner.obs_clip), then symlog (learner.obs_symlog)."""
+    if obs_norm is not None:
+        obs = obs_norm(obs)
+    obs = torch.clamp(obs, -obs_clip, obs_clip)
+    return torch.sign(obs) * torch.log1p(obs.abs()) if obs_symlog else obs
 
 
 class PolicyNetwork(nn.Module):
@@ -48,17 +92,24 @@ class PolicyNetwork(nn.Module):
     log std. Its state dict is what the learner publishes and env actors act with in numpy
     (actors/policy.py), by the key names below."""
 
-    # State-dict keys: the buffers, and the trunk's layers (an mlp(): Linear layers at the even
-    # indices of an nn.Sequential, ReLUs between them).
-    OBS_CLIP, ACTION_SCALE, ACTION_BIAS = "obs_clip", "action_scale", "action_bias"
+    # State-dict keys: the buffers, the observation statistics (with learner.obs_norm only), and the
+    # trunk's layers (an mlp(): Linear layers at the even indices of an nn.Sequential, ReLUs between them).
+    OBS_CLIP, OBS_SYMLOG, ACTION_SCALE, ACTION_BIAS = "obs_clip", "obs_symlog", "action_scale", "action_bias"
+    OBS_NORM = "obs_norm"
     TRUNK = "trunk"
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: Sequence[int],
-                 action_low: np.ndarray, action_high: np.ndarray, obs_clip: float | None = None):
+                 action_low: np.ndarray, action_high: np.ndarray, obs_clip: float | None = None,
+                 obs_norm: ObsNormalizer | bool | None = None, obs_symlog: bool = False):
+        """`obs_norm`: the learner's shared ObsNormalizer, True for one of this network's own (to load
+        published weights into), or None."""
         super().__init__()
         self.act_dim = act_dim
-        # A buffer, so that actors loading the learner's weights clip as the learner does.
+        # Buffers, so that actors loading the learner's weights see observations as the learner does.
         self.register_buffer(self.OBS_CLIP, torch.tensor(NO_CLIP if obs_clip is None else float(obs_clip)))
+        self.register_buffer(self.OBS_SYMLOG, torch.tensor(float(obs_symlog)))
+        self.symlog_input = bool(obs_symlog)  # the buffer's value, read without a device sync
+        self.obs_norm = ObsNormalizer(obs_dim) if obs_norm is True else (obs_norm if isinstance(obs_norm, ObsNormalizer) else None)
         self.trunk = mlp([obs_dim, *hidden_sizes, 2 * act_dim])
         low = torch.tensor(np.asarray(action_low, dtype=np.float32))  # copies: the bounds may be read-only
         high = torch.tensor(np.asarray(action_high, dtype=np.float32))
@@ -74,9 +125,21 @@ class PolicyNetwork(nn.Module):
             keys.append((f"{name}.weight", f"{name}.bias"))
         return keys
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + self.OBS_SYMLOG
+        if key not in state_dict:  # weights from before learner.obs_symlog existed: off
+            state_dict[key] = torch.zeros(())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.symlog_input = bool(self.obs_symlog)
+
+    @classmethod
+    def norm_key(cls, name: str) -> str:
+        """The state-dict key of one of the ObsNormalizer's buffers."""
+        return f"{cls.OBS_NORM}.{name}"
+
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        obs = torch.clamp(obs, -self.obs_clip, self.obs_clip)
-        mean, log_std = self.trunk(obs).split(self.act_dim, dim=-1)
+        x = network_input(obs, self.obs_norm, self.obs_clip, self.symlog_input)
+        mean, log_std = self.trunk(x).split(self.act_dim, dim=-1)
         return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
     def sample(self, obs: torch.Tensor, generator: torch.Generator | None = None
@@ -122,15 +185,16 @@ class TwinCritic(nn.Module):
     """Q_1 and Q_2 with separate weights, computed together: returns [2, B]."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: Sequence[int], num_q: int = 2,
-                 obs_clip: float | None = None):
+                 obs_clip: float | None = None, obs_norm: ObsNormalizer | None = None, obs_symlog: bool = False):
         super().__init__()
         self.num_q = num_q
         self.register_buffer("obs_clip", torch.tensor(NO_CLIP if obs_clip is None else float(obs_clip)))
+        self.obs_norm, self.obs_symlog = obs_norm, bool(obs_symlog)
         sizes = [obs_dim + act_dim, *hidden_sizes, 1]
         self.layers = nn.ModuleList(EnsembleLinear(num_q, i, o) for i, o in zip(sizes[:-1], sizes[1:]))
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        obs = torch.clamp(obs, -self.obs_clip, self.obs_clip)
+        obs = network_input(obs, self.obs_norm, self.obs_clip, self.obs_symlog)
         x = torch.cat([obs, action], dim=-1).expand(self.num_q, *obs.shape[:-1], -1)
         for layer in self.layers[:-1]:
             x = F.relu(layer(x), inplace=True)  # in place: the layer's backward does not need its output

@@ -53,6 +53,8 @@ class PolicyPublisher:
 
     def snapshot(self) -> None:
         learner = self.learner
+        if not learner.policy_ready:  # in the critic warm-up: actors keep acting at random
+            return
         cuda = learner.device.type == "cuda"
 
         def host(tensor: torch.Tensor) -> torch.Tensor:

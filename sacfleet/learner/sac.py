@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from sacfleet.learner.batch import Batch
-from sacfleet.learner.networks import PolicyNetwork, TwinCritic
+from sacfleet.learner.networks import ObsNormalizer, PolicyNetwork, TwinCritic
 
 # What each update reports, averaged over a logging period. q_mean is the mean critic target;
 # q1_mean and q2_mean are each critic's mean Q on the batch; the gradient norms are taken before
@@ -40,7 +40,8 @@ class LearnerDiverged(RuntimeError):
     def __init__(self, update: int, what: str):
         super().__init__(f"learner diverged at update {update}: non-finite {what} (usual causes: a learning rate "
                          f"or learner.reward_scale too large, rewards or observations of huge magnitude; "
-                         f"try lower learning rates, learner.obs_clip or learner.symlog_q)")
+                         f"try lower learning rates, learner.obs_clip, learner.obs_norm, learner.obs_symlog or "
+                         f"learner.symlog_q)")
         self.update, self.what = update, what
 
     def __reduce__(self):  # crosses process boundaries (Ray) with its fields
@@ -196,14 +197,21 @@ class SACLearner:
                  hidden_sizes=(256, 256), actor_lr: float = 3e-4, critic_lr: float = 3e-4,
                  alpha_lr: float = 3e-4, gamma: float = 0.99, tau: float = 0.005, init_alpha: float = 1.0,
                  learn_alpha: bool = True, target_entropy: float | None = None, reward_scale: float = 1.0,
-                 obs_clip: float | None = None, symlog_q: bool = False, device: str | torch.device = "cpu"):
+                 obs_clip: float | None = None, symlog_q: bool = False, obs_norm: bool = False,
+                 obs_symlog: bool = False, critic_warmup: int = 0, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self.gamma, self.tau, self.reward_scale, self.learn_alpha = gamma, tau, reward_scale, learn_alpha
         self.symlog_q = symlog_q
+        self.critic_warmup = critic_warmup
         self.target_entropy = -float(act_dim) if target_entropy is None else float(target_entropy)
-        self.actor = PolicyNetwork(obs_dim, act_dim, hidden_sizes, action_low, action_high, obs_clip).to(self.device)
-        self.critic = TwinCritic(obs_dim, act_dim, hidden_sizes, obs_clip=obs_clip).to(self.device)
-        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        # One set of observation statistics for all networks, so that they all see the same inputs.
+        self.obs_norm = ObsNormalizer(obs_dim).to(self.device) if obs_norm else None
+        self.actor = PolicyNetwork(obs_dim, act_dim, hidden_sizes, action_low, action_high, obs_clip,
+                                   self.obs_norm, obs_symlog).to(self.device)
+        self.critic = TwinCritic(obs_dim, act_dim, hidden_sizes, obs_clip=obs_clip, obs_norm=self.obs_norm,
+                                 obs_symlog=obs_symlog).to(self.device)
+        shared = {id(self.obs_norm): self.obs_norm} if self.obs_norm is not None else {}
+        self.target_critic = copy.deepcopy(self.critic, shared).requires_grad_(False)
         self.log_alpha = torch.tensor(math.log(init_alpha), device=self.device, requires_grad=True)
         self.actor_optim = _adam(self.actor.parameters(), actor_lr)
         self.critic_optim = _adam(self.critic.parameters(), critic_lr)
@@ -225,7 +233,8 @@ class SACLearner:
                    hidden_sizes=tuple(cfg.hidden_sizes), actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr,
                    alpha_lr=cfg.alpha_lr, gamma=cfg.gamma, tau=cfg.tau, init_alpha=cfg.init_alpha,
                    learn_alpha=cfg.learn_alpha, target_entropy=cfg.target_entropy,
-                   reward_scale=cfg.reward_scale, obs_clip=cfg.obs_clip, symlog_q=cfg.symlog_q, device=device)
+                   reward_scale=cfg.reward_scale, obs_clip=cfg.obs_clip, symlog_q=cfg.symlog_q, obs_norm=cfg.obs_norm,
+                   obs_symlog=cfg.obs_symlog, critic_warmup=cfg.critic_warmup, device=device)
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -235,24 +244,39 @@ class SACLearner:
         """One SAC update; returns the per-sample |TD error| (on the device, for priorities)."""
         return self.update_block(batch.as_block())[0]
 
+    @property
+    def policy_ready(self) -> bool:
+        """Whether the policy has started learning (`critic_warmup` updates made): before, there is no
+        policy worth acting with or publishing, and actors keep acting at random."""
+        return self.updates >= self.critic_warmup
+
     def update_block(self, block: Batch) -> torch.Tensor:
         """k SAC updates, one per batch of a block (fields [k, B, ...]), in order: exactly what k calls
         of `update` compute. On CUDA the k updates replay as one graph, so the host's work (a copy,
-        a launch, the metrics) is paid once per block. Returns |TD errors| [k, B] on the device."""
-        td_error, values = self.block_step(block)
+        a launch, the metrics) is paid once per block. Returns |TD errors| [k, B] on the device.
+        A block that starts within the critic warm-up trains the critics only (not in the graph)."""
+        if self.policy_ready:
+            td_error, values = self.block_step(block)
+        else:
+            td_error, values = self._block_step(block, train_policy=False)
         self.updates += block.num_batches
         self.metrics.add(values)
         return td_error
 
-    def _block_step(self, block: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _block_step(self, block: Batch, train_policy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The block's updates with no host syncs, so that they can be captured in one CUDA graph."""
-        steps = [self._step(block[i]) for i in range(block.num_batches)]
+        steps = [self._step(block[i], train_policy) for i in range(block.num_batches)]
         td_error, values = torch.stack([td for td, _ in steps]), torch.stack([values for _, values in steps])
         self.divergence.observe(values)
         return td_error, values
 
-    def _step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The update's tensor work, with no host syncs, so that it can be captured in a CUDA graph."""
+    def _step(self, batch: Batch, train_policy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The update's tensor work, with no host syncs, so that it can be captured in a CUDA graph.
+        Without `train_policy` (the critic warm-up) the critics learn the initial policy's values and
+        the policy and temperature stay as they are: an untrained critic's action gradients are noise,
+        and a policy that follows them can drive into far-away states it then has to learn its way back from."""
+        if self.obs_norm is not None:
+            self.obs_norm.update(batch.obs)
         alpha = self.alpha
         q_target = self.losses.critic_target(self.actor, self.target_critic, batch, alpha, self.gamma,
                                               self.reward_scale, self.symlog_q)
@@ -262,9 +286,24 @@ class SACLearner:
         critic_grad_norm = _grad_norm(self.critic)
         self.critic_optim.step()
 
+        if train_policy:
+            loss_pi, log_prob, actor_grad_norm, loss_alpha = self._policy_step(batch.obs, alpha)
+        else:
+            with torch.no_grad():
+                _, log_prob = self.actor.sample(batch.obs)  # for the entropy the health checks read
+            loss_pi = actor_grad_norm = loss_alpha = torch.zeros((), device=self.device)
+
+        polyak_update(self.critic.parameters(), self.target_critic.parameters(), self.tau)
+        values = torch.stack([loss_q.detach(), loss_pi.detach(), alpha, loss_alpha.detach(),
+                              -log_prob.detach().mean(), q_target.mean(), q_each[0], q_each[1],
+                              critic_grad_norm, actor_grad_norm, batch.reward.abs().max()])
+        return td_error, values
+
+    def _policy_step(self, obs: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The actor's and the temperature's steps: (actor loss, log pi, actor gradient norm, alpha loss)."""
         # The critic is only evaluated for the actor loss; freezing it skips its weight gradients.
         self.critic.requires_grad_(False)
-        loss_pi, log_prob = self.losses.actor_loss(self.actor, self.critic, batch.obs, alpha, self.symlog_q)
+        loss_pi, log_prob = self.losses.actor_loss(self.actor, self.critic, obs, alpha, self.symlog_q)
         self.actor_optim.zero_grad(set_to_none=True)
         loss_pi.backward()
         actor_grad_norm = _grad_norm(self.actor)
@@ -276,12 +315,7 @@ class SACLearner:
             self.alpha_optim.zero_grad(set_to_none=True)
             loss_alpha.backward()
             self.alpha_optim.step()
-
-        polyak_update(self.critic.parameters(), self.target_critic.parameters(), self.tau)
-        values = torch.stack([loss_q.detach(), loss_pi.detach(), alpha, loss_alpha.detach(),
-                              -log_prob.detach().mean(), q_target.mean(), q_each[0], q_each[1],
-                              critic_grad_norm, actor_grad_norm, batch.reward.abs().max()])
-        return td_error, values
+        return loss_pi, log_prob, actor_grad_norm, loss_alpha
 
     def check_finite(self) -> None:
         """Raise LearnerDiverged if any update so far had a non-finite loss, gradient or Q value.
@@ -325,8 +359,11 @@ class SACLearner:
     def load_state_dict(self, state: Mapping) -> None:
         # Buffers hold settings (obs_clip, action scale and bias), not learned values: this
         # learner's configured ones win, so that `--resume DIR --set learner.obs_clip=5` takes effect.
+        # The observation statistics are learned, and restored.
+        learned = PolicyNetwork.OBS_NORM + "."
         for module, name in ((self.actor, "actor"), (self.critic, "critic"), (self.target_critic, "target_critic")):
-            module.load_state_dict({**state[name], **dict(module.named_buffers())})
+            settings = {key: value for key, value in module.named_buffers() if not key.startswith(learned)}
+            module.load_state_dict({**state[name], **settings})
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
         for optim, name in zip(self.optimizers, ("actor_optim", "critic_optim", "alpha_optim")):
