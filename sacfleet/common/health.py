@@ -69,6 +69,7 @@ class Reading:
     bad: bool
     symptom: str = ""  # what is wrong, with the numbers, when bad
     cause: str = ""  # when the usual cause depends on the reading: replaces the check's own
+    confirmed: bool = False  # a bad reading that warns without waiting for the check's `confirm`
 
 
 def _have(values: Mapping[str, float], *keys: str) -> bool:
@@ -286,57 +287,68 @@ class SuccessStalled(Check):
 
 
 def collapse_limit(best: float, gain: float, fraction: float) -> float:
-    """The return below which a run that reached `best`, having gained `gain` to get there, has
-    collapsed: `fraction` of the larger of |best| and the gain below the best. Noise between
-    evaluations of a learned policy stays well above it; a policy that lost most of what it learned
-    (or, with returns near zero, one that costs several times what it did) falls below it."""
+    """The return below which a run that reached `best`, having gained `gain` over the random phase to
+    get there, has collapsed: `fraction` of the larger of |best| and the gain below the best.
+    Noise between evaluations of a learned policy stays well above it; a policy that lost most of
+    what it learned (or, with returns near zero, one that costs several times what it did) falls below it."""
     return best - fraction * max(abs(best), gain)
 
 
 class ReturnCollapsed(Check):
     """The return far below the best the run reached, after it reached it: a late collapse that no
     other check sees while the losses look sane. Evaluations and recent training episodes are each
-    compared with their own best, counted from when the policy acts (after the random phase and the
-    critic warm-up, whose returns vary widely); the gain to the best is from the lowest return before it."""
+    compared with their own best, counted once the policy acts (after the random phase and the critic
+    warm-up); the gain to the best is measured from the random phase's mean training return, so an
+    early runaway does not excuse a late collapse. An evaluation (many deterministic episodes) warns
+    on its own; training returns must stay below the limit twice in a row."""
 
     name, limit_key, confirm = "return_collapsed", "health.collapse_fraction", 2
     cause = ("the policy unlearned what it had learned: usually critics that diverged in states the policy reached "
              "(check train/q_mean against the returns, and q_blowup) or a policy pushed by critics that have not "
              "caught up. checkpoint.best keeps the best-evaluated policy (checkpoints/best.pt, sacfleet eval --best); "
-             "try learner.obs_norm or learner.critic_warmup")
+             "try learner.obs_norm, learner.obs_symlog or learner.critic_warmup")
 
     def __init__(self, facts, limits):
         super().__init__(facts, limits)
-        self.low = math.inf  # the lowest return seen so far
-        self.best: dict[str, tuple[int, float, float]] = {}  # source -> (env steps, best return, gain to it)
+        self.random_phase: list[float] = []  # training returns before the policy acts
+        self.baseline: float | None = None
+        self.best: dict[str, tuple[int, float]] = {}  # source -> (env steps, best return)
 
     def limit(self, source: str) -> float | None:
-        if source not in self.best:
+        if source not in self.best or self.baseline is None:
             return None
-        _, best, gain = self.best[source]
-        return collapse_limit(best, gain, self.limits.collapse_fraction)
+        best = self.best[source][1]
+        return collapse_limit(best, max(best - self.baseline, 0.0), self.limits.collapse_fraction)
 
     def read(self, env_steps, values):
         training = "rollout/ep_rew_recent" if _have(values, "rollout/ep_rew_recent") else "rollout/ep_rew_mean"
-        acting = env_steps >= self.facts.policy_starts + self.facts.log_interval
+        if env_steps < self.facts.policy_starts + self.facts.log_interval:
+            if _have(values, training):
+                self.random_phase.append(values[training])
+            return None
+        if self.baseline is None:
+            if self.random_phase:
+                self.baseline = sum(self.random_phase) / len(self.random_phase)
+            elif _have(values, training):  # no random phase (train.learning_starts=0): where learning began
+                self.baseline = values[training]
+            else:
+                return None
         readings = []
         for key, source, what in (("eval/mean_reward", "eval", "the evaluation return"),
                                   (training, "training", "the training return")):
             if not _have(values, key):
                 continue
             value = values[key]
-            self.low = min(self.low, value)
-            if not acting:
-                continue
             if source not in self.best or value > self.best[source][1]:
-                self.best[source] = (env_steps, value, value - self.low)
-            best_at, best, _ = self.best[source]
+                self.best[source] = (env_steps, value)
+            best_at, best = self.best[source]
             limit = self.limit(source)
             # The measure: how far below its best the return is, as a share of the allowed fall.
             measure = (best - value) / (best - limit) if best > limit else 0.0
             readings.append(Reading(measure, value < limit,
                                     f"{what} fell to {value:.4g} at {env_steps:,} env steps, far below the best "
-                                    f"{best:.4g} it reached at {best_at:,} (limit {limit:.4g})"))
+                                    f"{best:.4g} it reached at {best_at:,} (limit {limit:.4g})",
+                                    confirmed=source == "eval"))
         return max(readings, key=lambda reading: reading.measure) if readings else None
 
 
@@ -455,7 +467,7 @@ class HealthMonitor:
                 if state.warning is not None and state.warning.active:
                     state.warning.last_env_steps, state.warning.symptom = env_steps, reading.symptom
                     state.warning.readings += 1
-                elif state.bad_run >= check.confirm:
+                elif state.bad_run >= check.confirm or reading.confirmed:
                     state.warning = HealthWarning(check.name, reading.symptom, reading.cause or check.cause,
                                                   check.limit_key, env_steps, env_steps)
                     self.history.append(state.warning)
@@ -468,9 +480,10 @@ class HealthMonitor:
 
     def collapse_limit(self, best: float) -> float:
         """The return below which a final evaluation counts as collapsed from the best one, `best`:
-        ReturnCollapsed's limit, with the gain it saw to its best evaluation (none if it saw none)."""
+        ReturnCollapsed's limit, with the gain over the random phase (none if it saw none)."""
         check = next((c for c in self.checks if isinstance(c, ReturnCollapsed)), None)
-        gain = check.best["eval"][2] if check is not None and "eval" in check.best else 0.0
+        baseline = check.baseline if check is not None else None
+        gain = max(best - baseline, 0.0) if baseline is not None else 0.0
         return collapse_limit(best, gain, self.limits.collapse_fraction)
 
     def active(self) -> list[str]:
