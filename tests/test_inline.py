@@ -113,10 +113,15 @@ def test_a_final_policy_far_below_the_best_evaluation_is_named_in_the_final_line
     from sacfleet.driver.report import Point, Reporter, done_line
 
     cfg = load_config("pointmass", ["learner.critic_warmup=0"])
-    reporter = Reporter(cfg, tmp_path, lambda line: None, act_dim=1, fleet=False, start=Point(0, 0, 0.0))
+    lines = []
+    reporter = Reporter(cfg, tmp_path, lines.append, act_dim=1, fleet=False, start=Point(0, 0, 0.0))
     reporter.health.observe(1000, {"rollout/ep_rew_recent": -3000.0})
     for steps, value in ((4000, -8.0), (8000, -5.0), (12000, -1800.0)):
         reporter.evaluation(steps, 1.0, [value])
+    # The evaluation's warning is printed as it starts, and summary.json keeps it.
+    assert [line for line in lines if line.startswith("health warning (return_collapsed) at 12,000 env steps: "
+                                                      "the evaluation return fell to -1800")]
+    assert reporter.health.summary()["warnings"][0]["check"] == "return_collapsed"
     kept = {"return_mean": -5.0, "env_steps": 8000, "policy_version": 7000}
     section = reporter.best_evaluation(-1800.0, kept)
     assert section["final_below_best"] and section["best"]["return_mean"] == -5.0

@@ -138,8 +138,10 @@ class Reporter:
         record = {"eval/mean_reward": mean, "eval/std_reward": std}
         if success_rate is not None:
             record["eval/success_rate"] = success_rate
-        self.health.observe(env_steps, record)
+        started = self.health.observe(env_steps, record)
         self.metrics.log(env_steps, wall, record)
+        for warning in started:  # return_collapsed warns on an evaluation
+            self.echo(warning.line())
         return mean, std
 
     def diverged(self, now: Point, update: int, what: str, reason: str, mode: str) -> None:
