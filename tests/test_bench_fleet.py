@@ -50,14 +50,18 @@ def test_acting_policy_is_the_learners_actor_in_numpy(obs_clip):
     assert (action >= [-1, 0, -3]).all() and (action <= [1, 2, 1]).all()
 
 
-def test_the_numpy_policy_reads_every_layer_the_policy_network_has():
-    network = PolicyNetwork(4, 2, [16, 8, 8], np.array([-1.0, -1.0]), np.array([1.0, 1.0]))
+@pytest.mark.parametrize("obs_norm", [False, True])
+def test_the_numpy_policy_reads_every_layer_the_policy_network_has(obs_norm):
+    network = PolicyNetwork(4, 2, [16, 8, 8], np.array([-1.0, -1.0]), np.array([1.0, 1.0]), obs_norm=obs_norm)
     state = network.state_dict()
     layers = PolicyNetwork.layer_keys(state)
     assert len(layers) == 4  # three hidden layers and the output
-    buffers = {PolicyNetwork.OBS_CLIP, PolicyNetwork.ACTION_SCALE, PolicyNetwork.ACTION_BIAS}
+    buffers = {PolicyNetwork.OBS_CLIP, PolicyNetwork.OBS_SYMLOG, PolicyNetwork.ACTION_SCALE, PolicyNetwork.ACTION_BIAS}
+    if obs_norm:  # the observation statistics, which the numpy policy applies too
+        buffers |= {PolicyNetwork.norm_key(name) for name in ("count", "mean", "var")}
     assert {key for pair in layers for key in pair} | buffers == set(state)
-    assert len(NumpyPolicy({k: v.numpy() for k, v in state.items()}).layers) == 4
+    policy = NumpyPolicy({k: v.numpy() for k, v in state.items()})
+    assert len(policy.layers) == 4 and (policy.obs_shift is not None) == obs_norm
 
 
 def test_acting_policy_rejects_weights_without_layers():
