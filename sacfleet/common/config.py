@@ -169,7 +169,7 @@ class HealthConfig:
                                                      "over this share of the run's steps after learning starts")
     collapse_fraction: float = _key(0.5, gt=0, doc="warn when the evaluation or training return falls below the best "
                                                    "the run reached by more than this fraction of the larger of |best| "
-                                                   "and the gain since learning began")
+                                                   "and its gain over the random phase's return")
     ratio_tolerance: float = _key(0.2, gt=0, doc="warn when the measured samples per insert is off its target by "
                                                "more than this fraction")
     lag_factor: float = _key(4.0, gt=1, doc="warn when the policy lag exceeds this multiple of what the fleet's "
