@@ -110,6 +110,7 @@ def test_the_best_evaluated_policy_is_kept_and_sacfleet_eval_best_reads_it(run, 
 
 
 def test_a_final_policy_far_below_the_best_evaluation_is_named_in_the_final_line(tmp_path):
+    from sacfleet.driver.checkpoint_files import BestPolicy
     from sacfleet.driver.report import Point, Reporter, done_line
 
     cfg = load_config("pointmass", ["learner.critic_warmup=0"])
@@ -122,7 +123,8 @@ def test_a_final_policy_far_below_the_best_evaluation_is_named_in_the_final_line
     assert [line for line in lines if line.startswith("health warning (return_collapsed) at 12,000 env steps: "
                                                       "the evaluation return fell to -1800")]
     assert reporter.health.summary()["warnings"][0]["check"] == "return_collapsed"
-    kept = {"return_mean": -5.0, "env_steps": 8000, "policy_version": 7000}
+    kept = BestPolicy(cfg, tmp_path / "checkpoints", {})
+    kept.best = {"return_mean": -5.0, "env_steps": 8000, "policy_version": 7000}
     section = reporter.best_evaluation(-1800.0, kept)
     assert section["final_below_best"] and section["best"]["return_mean"] == -5.0
     summary = {"stop_reason": "done", "env_steps": 12000, "updates": 11000, "wall_seconds": 9.0,

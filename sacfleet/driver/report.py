@@ -19,6 +19,7 @@ from sacfleet.common.health import HealthMonitor, RunFacts
 from sacfleet.common.io import atomic_write_bytes
 from sacfleet.common.metrics import EpisodeStats, MetricsLogger
 from sacfleet.common.plots import write_plots
+from sacfleet.driver.checkpoint_files import BestPolicy
 
 INTERRUPTED = "interrupted"  # the stop reason of a run stopped by Ctrl-C or SIGTERM
 
@@ -152,7 +153,7 @@ class Reporter:
         self.close()
 
     def finish(self, *, mode: str, stop_reason: str, now: Point, final: Mapping, sections: Mapping,
-               stage_seconds: Mapping[str, float], best: Mapping | None = None) -> dict:
+               stage_seconds: Mapping[str, float], best: BestPolicy | None = None) -> dict:
         """A run's end: summary.json, the common part (counters, why it stopped, the final evaluation
         `final`: {"returns", "mean", "std", "success_rate"} and, from a fleet, the policy "version" it
         evaluated; the best evaluation, and `best`: the policy checkpoint.best kept) followed by the
@@ -172,18 +173,17 @@ class Reporter:
         self.echo(done_line(summary, self.run_dir / "summary.json", plots))
         return summary
 
-    def best_evaluation(self, final_mean: float, kept: Mapping | None) -> dict:
+    def best_evaluation(self, final_mean: float, best: BestPolicy | None) -> dict:
         """The best evaluation before the final one, whether the final policy fell far below it (the
         return_collapsed check's limit), and the policy file checkpoint.best kept."""
         earlier = self.evals[:-1]
         if not earlier:
             return {}
         steps, _, mean = max(earlier, key=lambda row: row[2])[:3]
-        limit = self.health.collapse_limit(mean)
-        return {"best": {"return_mean": mean, "env_steps": steps,
-                         "kept": str(self.run_dir / "checkpoints" / "best.pt") if kept else None,
+        kept = best.best if best is not None else None
+        return {"best": {"return_mean": mean, "env_steps": steps, "kept": str(best.path) if kept else None,
                          "kept_return_mean": kept["return_mean"] if kept else None},
-                "final_below_best": final_mean < limit}
+                "final_below_best": final_mean < self.health.collapse_limit(mean)}
 
     def write_summary(self, summary: dict) -> dict:
         """summary.json: the trainer's `summary` with the health section added."""

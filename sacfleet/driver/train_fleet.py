@@ -306,4 +306,4 @@ def _finish(run: FleetRun, stop_reason: str, restored: int) -> dict:
         "ray": ray.__version__,
     }
     return run.reporter.finish(mode="fleet", stop_reason=stop_reason, now=run.point(), final=final,
-                               sections=sections, stage_seconds=stages, best=run.best.best)
+                               sections=sections, stage_seconds=stages, best=run.best)

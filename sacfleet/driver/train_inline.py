@@ -170,7 +170,7 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
         "replay": replay_section([t.stats() for t in tables], cfg.replay.samples_per_insert),
     }
     return reporter.finish(mode="inline", stop_reason=stop_reason, now=point(), final=final, sections=sections,
-                           best=best.best,
+                           best=best,
                            stage_seconds={"env": timers.env, "replay and update": timers.update, "eval": timers.eval})
 
 
