@@ -610,21 +610,37 @@ def test_an_env_actor_that_stops_pushes_what_it_collected_since_its_last_chunk()
 
 
 def recording_env_actor(path: Path) -> FleetParts:
-    """Fleet parts whose env actors append each policy they load (its version and observation
-    statistics) to `path` as JSON lines."""
+    """Fleet parts whose env actors append to `path`, as JSON lines, each policy they load (its version
+    and observation statistics) and, whenever they widen, the bounds of the observations they made."""
 
     class RecordingEnvActor(EnvActor):
         def rollout(self, stream):
             rollout = super().rollout(stream)
-            load = rollout.load_weights
+            load, step = rollout.load_weights, rollout.step
+            bounds = {}
 
-            def recording(weights, version):
-                load(weights, version)
+            def record(line):
                 with open(path, "a") as out:
-                    out.write(json.dumps({"version": int(version), "count": float(weights["obs_norm.count"]),
-                                          "mean": np.asarray(weights["obs_norm.mean"]).tolist()}) + "\n")
+                    out.write(json.dumps(line) + "\n")
 
-            rollout.load_weights = recording
+            def loading(weights, version):
+                load(weights, version)
+                record({"version": int(version), "count": float(weights["obs_norm.count"]),
+                        "mean": np.asarray(weights["obs_norm.mean"]).tolist(),
+                        "var": np.asarray(weights["obs_norm.var"]).tolist()})
+
+            def stepping(random_actions):
+                # Recorded before the transitions leave the actor, so every observation a learner
+                # can sample lies within bounds already written.
+                transitions = step(random_actions)
+                low = np.minimum(bounds.get("low", np.inf), transitions["obs"].min(axis=0))
+                high = np.maximum(bounds.get("high", -np.inf), transitions["obs"].max(axis=0))
+                if not bounds or np.any(low < bounds["low"]) or np.any(high > bounds["high"]):
+                    bounds.update(low=low, high=high)
+                    record({"low": low.tolist(), "high": high.tolist()})
+                return transitions
+
+            rollout.load_weights, rollout.step = loading, stepping
             return rollout
 
     return FleetParts(env_actor=RecordingEnvActor)
@@ -637,7 +653,8 @@ def test_a_fleet_run_publishes_the_observation_statistics_with_each_weight_versi
     log = tmp_path / "weights.jsonl"
     summary = run(tmp_path, "learner.obs_norm=true", "learner.critic_warmup=100", "actors.num=2",
                   parts=recording_env_actor(log))
-    loads = [json.loads(line) for line in log.read_text().splitlines()]
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    loads = [line for line in lines if "version" in line]
     assert len({load["version"] for load in loads}) >= 3, loads
     assert all(load["version"] >= 100 and load["count"] == 64 * load["version"] for load in loads), loads[:5]
     newest = max(loads, key=lambda load: load["version"])
@@ -646,5 +663,13 @@ def test_a_fleet_run_publishes_the_observation_statistics_with_each_weight_versi
     assert count == 64 * state["updates"] >= newest["count"]
     for key in ("critic", "target_critic"):
         assert torch.equal(state[key]["obs_norm.mean"], state["actor"]["obs_norm.mean"])
-    # The random warm-up's observations: positions and velocities within a few units of the origin.
-    assert np.all(np.abs(newest["mean"]) < 5.0) and summary["eval"]["episodes"] == 2
+    # Statistics of observations the actors made: each mean lies within their bounds, each variance
+    # is positive and at most a quarter of the squared range (Popoviciu's bound).
+    low = np.min([line["low"] for line in lines if "low" in line], axis=0)
+    high = np.max([line["high"] for line in lines if "high" in line], axis=0)
+    final = {"mean": state["actor"]["obs_norm.mean"].numpy(), "var": state["actor"]["obs_norm.var"].numpy()}
+    for stats in (*loads, final):
+        mean, var = np.asarray(stats["mean"]), np.asarray(stats["var"])
+        assert np.all(low <= mean) and np.all(mean <= high), (low, stats, high)
+        assert np.all(var > 0) and np.all(var <= (high - low) ** 2 / 4 * (1 + 1e-6)), (low, stats, high)
+    assert summary["eval"]["episodes"] == 2
