@@ -12,11 +12,18 @@ from sacfleet.learner import (Batch, LearnerDiverged, PolicyNetwork, SACLearner,
 
 
 def reference_log_prob(u, mean, log_std, low, high):
+    """torch's log-density of the env action scale * tanh(u) + bias, and that action."""
     scale, bias = (high - low) / 2, (high + low) / 2
     dist = TransformedDistribution(Normal(mean, log_std.exp()),
                                    [TanhTransform(cache_size=1), AffineTransform(bias, scale)])
     action = dist.transforms[1](dist.transforms[0](u))  # keeps u cached, as rsample would
     return dist.log_prob(action).sum(-1), action
+
+
+def normalized_reference_log_prob(u, mean, log_std, low, high):
+    """The log-density of the normalized action tanh(u): the env action's, plus sum(log scale) by the
+    change of variables a_env = scale * a + bias."""
+    return reference_log_prob(u, mean, log_std, low, high)[0] + torch.log((high - low) / 2).sum(-1)
 
 
 @pytest.mark.parametrize("low,high", [(-1.0, 1.0), (-2.0, 2.0), (-0.4, 0.4), (0.0, 3.0)])
@@ -28,8 +35,8 @@ def test_log_prob_matches_torch_transformed_distribution(low, high):
     u = u[(u.abs() < 3).all(-1)]  # non-saturated samples, where the reference is accurate
     mean, log_std = mean[: len(u)], log_std[: len(u)]
     lo, hi = torch.full((3,), low, dtype=torch.float64), torch.full((3,), high, dtype=torch.float64)
-    ours = squashed_log_prob(u, mean, log_std, (hi - lo) / 2)
-    ref, _ = reference_log_prob(u, mean, log_std, lo, hi)
+    ours = squashed_log_prob(u, mean, log_std)
+    ref = normalized_reference_log_prob(u, mean, log_std, lo, hi)
     assert len(u) > 400
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
 
@@ -37,7 +44,7 @@ def test_log_prob_matches_torch_transformed_distribution(low, high):
 def test_log_prob_is_finite_when_tanh_saturates():
     u = torch.tensor([[30.0], [-30.0], [80.0], [-200.0]])
     mean, log_std = torch.zeros_like(u), torch.zeros_like(u)
-    out = squashed_log_prob(u, mean, log_std, torch.tensor([2.0]))
+    out = squashed_log_prob(u, mean, log_std)
     assert torch.isfinite(out).all()
     # A naive log(1 - tanh(u)^2 + eps) would flatten here; the exact form keeps decreasing.
     assert out[2] < out[0]
@@ -58,9 +65,31 @@ def test_actor_samples_respect_asymmetric_bounds_and_log_prob():
     mean, log_std = actor(obs)
     u = mean + log_std.exp() * torch.randn(mean.shape, generator=torch.Generator().manual_seed(5))
     keep = (u.abs() < 3).all(-1)
-    ref, _ = reference_log_prob(u[keep].double(), mean[keep].double(), log_std[keep].double(),
-                                torch.as_tensor(low).double(), torch.as_tensor(high).double())
+    ref = normalized_reference_log_prob(u[keep].double(), mean[keep].double(), log_std[keep].double(),
+                                        torch.as_tensor(low).double(), torch.as_tensor(high).double())
     torch.testing.assert_close(log_prob[keep].double(), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("bound", [0.4, 2.0])
+def test_the_entropy_target_is_met_in_normalized_action_units_whatever_the_bounds(bound):
+    """Humanoid's +-0.4 or Pusher's +-2 change the env actions, not the log-probs the temperature and the
+    losses see: those are of the normalized action, so that -|A| means what SAC and SB3 mean by it."""
+    act_dim = 17
+    ones = np.ones(act_dim, np.float32)
+    unit = PolicyNetwork(5, act_dim, [32], -ones, ones)
+    scaled = PolicyNetwork(5, act_dim, [32], -bound * ones, bound * ones)
+    scaled.load_state_dict({**unit.state_dict(), "action_scale": scaled.action_scale, "action_bias": scaled.action_bias})
+    obs = torch.randn(64, 5)
+    a_unit, lp_unit = unit.sample(obs, torch.Generator().manual_seed(7))
+    a_scaled, lp_scaled = scaled.sample(obs, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(a_scaled, bound * a_unit)
+    assert torch.equal(lp_scaled, lp_unit)
+    learner = SACLearner(5, act_dim, -bound * ones, bound * ones, hidden_sizes=(32,))
+    assert learner.target_entropy == -act_dim
+    # The temperature's gradient says raise alpha exactly when the normalized entropy is below -|A|.
+    log_alpha = torch.zeros((), requires_grad=True)
+    alpha_loss(log_alpha, lp_scaled, learner.target_entropy).backward()
+    assert (log_alpha.grad < 0) == bool(-lp_unit.mean() < -act_dim)
 
 
 def test_twin_critic_members_are_independent_linear_stacks():

@@ -92,7 +92,7 @@ class LearnerConfig:
     tau: float = _key(0.005, gt=0, le=1)
     init_alpha: float = _key(1.0, gt=0, doc="initial entropy temperature")
     learn_alpha: bool = _key(True)
-    target_entropy: float | None = _key(None, doc="null means -|A|")
+    target_entropy: float | None = _key(None, doc="entropy target of the normalized action (in [-1, 1]^|A|, whatever the env's bounds); null means -|A|")
     reward_scale: float = _key(1.0, gt=0, doc="rewards are multiplied by this in the critic target")
     obs_norm: bool = _key(False, doc="networks see observations standardized by the running mean and variance of "
                                      "those the learner trains on (published with the weights, checkpointed)")

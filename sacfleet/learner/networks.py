@@ -27,16 +27,19 @@ def mlp(sizes: Sequence[int]) -> nn.Sequential:
 
 
 def squashed_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor,
-                      action_scale: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """log pi(a|s) for a = scale * tanh(u) + bias, u ~ N(mean, std), summed over action dims.
+                      noise: torch.Tensor | None = None) -> torch.Tensor:
+    """log pi(a|s) of the normalized action a = tanh(u) in [-1, 1]^|A|, u ~ N(mean, std), summed over
+    action dims.
 
-    The tanh Jacobian uses log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), exact and finite
-    even where tanh saturates; the affine scaling adds log(scale). For a reparameterised sample
-    u = mean + std * noise, pass `noise`: (u - mean) / std is then `noise` itself, with the same
-    gradients and fewer operations."""
+    Normalized, not in env units: the env action scale * a + bias would add sum(log scale) to every
+    log-prob, and the entropy target -|A| (SAC's and SB3's, both stated for [-1, 1] actions) would then
+    mean another entropy on every env whose bounds are not +-1 (Humanoid's +-0.4: -|A| - 15.6 nats).
+    The tanh Jacobian uses log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), exact and finite even
+    where tanh saturates. For a reparameterised sample u = mean + std * noise, pass `noise`:
+    (u - mean) / std is then `noise` itself, with the same gradients and fewer operations."""
     z = (u - mean) / log_std.exp() if noise is None else noise
     gaussian = -0.5 * z.pow(2) - log_std - _HALF_LOG_2PI
-    log_det = 2.0 * (_LOG_2 - u - F.softplus(-2.0 * u)) + torch.log(action_scale)
+    log_det = 2.0 * (_LOG_2 - u - F.softplus(-2.0 * u))
     return (gaussian - log_det).sum(-1)
 
 
@@ -144,12 +147,12 @@ class PolicyNetwork(nn.Module):
 
     def sample(self, obs: torch.Tensor, generator: torch.Generator | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A reparameterised action and its log-probability."""
+        """A reparameterised action (in env units) and the log-probability of its normalized form."""
         mean, log_std = self(obs)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         u = mean + log_std.exp() * noise
         action = torch.tanh(u) * self.action_scale + self.action_bias
-        return action, squashed_log_prob(u, mean, log_std, self.action_scale, noise)
+        return action, squashed_log_prob(u, mean, log_std, noise)
 
     def deterministic(self, obs: torch.Tensor) -> torch.Tensor:
         mean, _ = self(obs)
