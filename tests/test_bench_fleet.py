@@ -14,7 +14,7 @@ from sacfleet.bench import Record, actors_suite, e2e_suite, suite_module
 from sacfleet.bench.report import write_outputs
 from sacfleet.common.codec import decode_weights, encode_weights
 from sacfleet.common.envs import POINTMASS_ID
-from sacfleet.learner.networks import PolicyNetwork
+from sacfleet.learner.networks import BatchRenorm, PolicyNetwork, evaluating
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +24,29 @@ def local_ray():
     ray.shutdown()
 
 
-def _policy(obs_dim=5, act_dim=3, obs_clip=None):
+def _policy(obs_dim=5, act_dim=3, obs_clip=None, renorm=False):
     torch.manual_seed(0)
-    actor = PolicyNetwork(obs_dim, act_dim, [16, 8], np.array([-1.0, 0.0, -3.0]), np.array([1.0, 2.0, 1.0]), obs_clip)
+    actor = PolicyNetwork(obs_dim, act_dim, [16, 8], np.array([-1.0, 0.0, -3.0]), np.array([1.0, 2.0, 1.0]), obs_clip,
+                          renorm={"momentum": 0.5, "warmup": 0} if renorm else None)
+    if renorm:
+        # Running statistics and affine parameters far from the identity, as training leaves them.
+        with torch.no_grad():
+            for _ in range(5):
+                actor(torch.randn(32, obs_dim) * 4 + 2)
+            for module in actor.modules():
+                if isinstance(module, BatchRenorm):
+                    module.weight.uniform_(0.5, 2.0)
+                    module.bias.uniform_(-1.0, 1.0)
     weights, _ = decode_weights(encode_weights({k: v.numpy() for k, v in actor.state_dict().items()}, 0))
     return actor, NumpyPolicy(weights)
 
 
-@pytest.mark.parametrize("obs_clip", [None, 0.5])
-def test_acting_policy_is_the_learners_actor_in_numpy(obs_clip):
-    actor, policy = _policy(obs_clip=obs_clip)
+@pytest.mark.parametrize("obs_clip,renorm", [(None, False), (0.5, False), (None, True)])
+def test_acting_policy_is_the_learners_actor_in_numpy(obs_clip, renorm):
+    """The same function as the torch policy in eval mode, batch renormalization (CrossQ) included."""
+    actor, policy = _policy(obs_clip=obs_clip, renorm=renorm)
     obs = np.random.default_rng(1).normal(size=(7, 5)).astype(np.float32) * 3
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(actor):
         expected = actor.deterministic(torch.as_tensor(obs)).numpy()
         mean, log_std = actor(torch.as_tensor(obs))
     np.testing.assert_allclose(policy(obs, deterministic=True), expected, rtol=1e-5, atol=1e-5)
@@ -48,20 +59,30 @@ def test_acting_policy_is_the_learners_actor_in_numpy(obs_clip):
     action = policy(obs, np.random.default_rng(3))
     assert action.dtype == np.float32 and action.shape == (7, 3)
     assert (action >= [-1, 0, -3]).all() and (action <= [1, 2, 1]).all()
+    if renorm:  # and act() is eval mode too: it neither uses nor changes batch statistics
+        stats = {k: v.clone() for k, v in actor.state_dict().items()}
+        np.testing.assert_allclose(actor.act(obs, deterministic=True), policy(obs, deterministic=True),
+                                   rtol=1e-5, atol=1e-5)
+        assert all(torch.equal(v, stats[k]) for k, v in actor.state_dict().items())
 
 
-@pytest.mark.parametrize("obs_norm", [False, True])
-def test_the_numpy_policy_reads_every_layer_the_policy_network_has(obs_norm):
-    network = PolicyNetwork(4, 2, [16, 8, 8], np.array([-1.0, -1.0]), np.array([1.0, 1.0]), obs_norm=obs_norm)
+@pytest.mark.parametrize("obs_norm,renorm", [(False, False), (True, False), (True, True)])
+def test_the_numpy_policy_reads_every_layer_the_policy_network_has(obs_norm, renorm):
+    network = PolicyNetwork(4, 2, [16, 8, 8], np.array([-1.0, -1.0]), np.array([1.0, 1.0]), obs_norm=obs_norm,
+                            renorm={} if renorm else None)
     state = network.state_dict()
-    layers = PolicyNetwork.layer_keys(state)
-    assert len(layers) == 4  # three hidden layers and the output
+    layers = PolicyNetwork.trunk_layers(state)
+    # Three hidden layers and the output; with batch renormalization, one before each of them.
+    assert [kind for kind, _ in layers] == ["renorm", "linear"] * 4 if renorm else ["linear"] * 4
     buffers = {PolicyNetwork.OBS_CLIP, PolicyNetwork.OBS_SYMLOG, PolicyNetwork.ACTION_SCALE, PolicyNetwork.ACTION_BIAS}
     if obs_norm:  # the observation statistics, which the numpy policy applies too
         buffers |= {PolicyNetwork.norm_key(name) for name in ("count", "mean", "var")}
-    assert {key for pair in layers for key in pair} | buffers == set(state)
+    read = {f"{name}.{key}" for kind, name in layers
+            for key in (("weight", "bias") if kind == "linear" else ("weight", "bias", "running_mean", "running_var"))}
+    steps = {f"{name}.steps" for kind, name in layers if kind == "renorm"}  # training's count, not the function
+    assert read | buffers | steps == set(state)
     policy = NumpyPolicy({k: v.numpy() for k, v in state.items()})
-    assert len(policy.layers) == 4 and (policy.obs_shift is not None) == obs_norm
+    assert len(policy.layers) == len(layers) and (policy.obs_shift is not None) == obs_norm
 
 
 def test_acting_policy_rejects_weights_without_layers():

@@ -35,7 +35,10 @@ def test_bench_learner_json_runs_with_only_torch_and_numpy(tmp_path):
     assert all(list(r) == KEYS for r in records)
     rates = {(r["name"], r["batch_size"]): r["value"] for r in records if r["metric"] == "updates_per_s"}
     names = ("sacfleet", "naive", "sacfleet block 8", "sacfleet fed 8")
-    assert set(rates) == {(name, b) for name in names for b in (32, 64)}  # no tf32 rows on CPU
+    modes = {(f"critic {mode}", 32) for mode in ("mlp", "layernorm", "crossq")}  # at the first batch size
+    assert set(rates) == {(name, b) for name in names for b in (32, 64)} | modes  # no tf32 rows on CPU
+    ratio = next(r for r in records if r["name"] == "critic crossq" and r["metric"] == "ratio_to_mlp")
+    assert ratio["value"] == pytest.approx(rates[("critic crossq", 32)] / rates[("critic mlp", 32)])
     assert all(v > 0 for v in rates.values())
     fed = next(r for r in records if r["metric"] == "fraction_of_block" and r["batch_size"] == 64)
     assert fed["value"] == pytest.approx(rates[("sacfleet fed 8", 64)] / rates[("sacfleet block 8", 64)])
@@ -78,10 +81,13 @@ def test_the_naive_reference_is_a_working_sac_update():
     assert last["critic_loss"] < first["critic_loss"]  # fitting one fixed batch
 
 
-@pytest.mark.parametrize("inputs", [{}, {"obs_norm": True, "obs_clip": 5.0, "obs_symlog": True}])
+@pytest.mark.parametrize("inputs", [{}, {"obs_norm": True, "obs_clip": 5.0, "obs_symlog": True, "critic": "layernorm"},
+                                    {"critic": "crossq", "policy_delay": 3, "adam_beta1": 0.5}])
 def test_the_compiled_update_computes_the_same_losses_and_gradients_as_the_plain_one(inputs):
     """learner.compile=on (the CUDA default) checked on CPU: same start, same noise, a block of two updates;
-    with the plain inputs and with observation statistics updated inside the step."""
+    with the plain inputs, with observation statistics updated inside the step and LayerNorm critics, and
+    with CrossQ (batch renormalization's statistics updated inside the step, the second update's policy
+    delayed)."""
     import torch._inductor.config as inductor_config
 
     from sacfleet.learner import compiled
@@ -104,7 +110,7 @@ def _compare_compiled_and_plain(compiled, inputs):
     results = []
     for learner in learners:
         torch.manual_seed(2)
-        td_error, values = learner._block_step(block)  # two updates: the second starts from the first's result
+        td_error, values, _ = learner._block_step(block)  # two updates: the second starts from the first's result
         grads = [p.grad.clone() for p in [*learner.critic.parameters(), *learner.actor.parameters()]]
         results.append((td_error, values, grads))
     (td0, v0, g0), (td1, v1, g1) = results
@@ -115,7 +121,7 @@ def _compare_compiled_and_plain(compiled, inputs):
     for a, b in zip([*fast.critic.parameters(), *fast.actor.parameters(), fast.log_alpha],
                     [*plain.critic.parameters(), *plain.actor.parameters(), plain.log_alpha]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    for a, b in zip(fast.actor.buffers(), plain.actor.buffers()):
+    for a, b in zip([*fast.actor.buffers(), *fast.critic.buffers()], [*plain.actor.buffers(), *plain.critic.buffers()]):
         torch.testing.assert_close(a, b)
 
 
@@ -316,3 +322,54 @@ def test_cuda_graph_step_warms_each_block_shape_then_replays_one_graph_per_shape
     assert len(runner.graphs) == 2
     torch.testing.assert_close(runner(block(8, 14))[0], block(8, 14).obs.sum(-1))  # the first graph again
     assert len(calls) == compiled.WARMUP_UPDATES + 3
+
+
+def test_cuda_graph_step_captures_one_graph_per_static_argument(monkeypatch):
+    """The learner passes its place in the learner.policy_delay cycle as a static argument: each value
+    is a capture of its own, and replays run the step that value selected."""
+    import contextlib
+
+    from sacfleet.learner import compiled
+
+    calls = []
+
+    def step(block, phase):
+        calls.append(phase)
+        out = (block.obs.sum(-1) + phase,)
+        if _FakeGraph.capturing is not None:
+            def rerun(inputs=block, outputs=out, phase=phase):
+                outputs[0].copy_(inputs.obs.sum(-1) + phase)
+            _FakeGraph.capturing.run = rerun
+        return out
+
+    @contextlib.contextmanager
+    def graph(g, capture_error_mode="global"):
+        _FakeGraph.capturing = g
+        try:
+            yield
+        finally:
+            _FakeGraph.capturing = None
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    cuda = torch.cuda
+    for name, value in (("Stream", Stream), ("stream", lambda s: contextlib.nullcontext()),
+                        ("current_stream", Stream), ("synchronize", lambda: None), ("CUDAGraph", _FakeGraph),
+                        ("graph", graph)):
+        monkeypatch.setattr(cuda, name, value)
+
+    def block(seed):
+        g = torch.Generator().manual_seed(seed)
+        return Batch(obs=torch.randn(2, 4, 3, generator=g), action=torch.zeros(2, 4, 2), reward=torch.zeros(2, 4),
+                     next_obs=torch.zeros(2, 4, 3), terminated=torch.zeros(2, 4))
+
+    runner = compiled.CudaGraphStep(step)
+    for seed in range(40):
+        phase = seed % 3
+        b = block(seed)
+        torch.testing.assert_close(runner(b, phase)[0], b.obs.sum(-1) + phase)
+    assert sorted(key[1] for key in runner.graphs) == [(0,), (1,), (2,)]
+    # Warm-up and one capture per phase ran the step; every later call was a replay.
+    assert len(calls) < 12

@@ -673,3 +673,26 @@ def test_a_fleet_run_publishes_the_observation_statistics_with_each_weight_versi
         assert np.all(low <= mean) and np.all(mean <= high), (low, stats, high)
         assert np.all(var > 0) and np.all(var <= (high - low) ** 2 / 4 * (1 + 1e-6)), (low, stats, high)
     assert summary["eval"]["episodes"] == 2
+
+
+def test_a_crossq_fleet_run_acts_with_the_batch_renormalized_policy(tmp_path):
+    """learner.critic=crossq in the fleet: actors load each published version (batch renormalization's
+    running statistics included) into the numpy policy; the checkpoint holds no target critics; a resume
+    carries the running statistics and their step counts on."""
+    log = tmp_path / "weights.jsonl"
+    # Plain Q: with the preset's symlog_q, CrossQ's critics ran away within 3k steps (README, "Critics").
+    summary = run(tmp_path, "learner.critic=crossq", "learner.critic_hidden_sizes=[32, 32]", "learner.obs_norm=true",
+                  "learner.symlog_q=false", parts=recording_env_actor(log))
+    loads = [json.loads(line) for line in log.read_text().splitlines() if "version" in line]
+    assert len({load["version"] for load in loads}) >= 3 and np.isfinite(summary["eval"]["return_mean"])
+    state = load_checkpoint(tmp_path / "run")["learner"]
+    assert "target_critic" not in state
+    actor_steps = {int(value) for key, value in state["actor"].items() if key.endswith(".steps")}
+    assert len(actor_steps) == 1 and 0 < actor_steps.pop() < state["updates"]  # one per policy update (delay 3)
+    critic_steps = {key for key in state["critic"] if key.endswith(".steps")}
+    assert {int(state["critic"][key]) for key in critic_steps} == {state["updates"]}  # one joint pass per update
+    cfg = load_config(str(tmp_path / "run" / "config.yaml"), ["train.total_env_steps=3500"])
+    train_fleet(cfg, tmp_path / "run", resume=True, echo=lambda line: None)
+    resumed = load_checkpoint(tmp_path / "run")["learner"]
+    assert resumed["updates"] > state["updates"]
+    assert {int(resumed["critic"][key]) for key in critic_steps} == {resumed["updates"]}

@@ -243,6 +243,7 @@ def test_resume_refuses_what_it_cannot_apply_and_leaves_the_run_unchanged(run, c
         "env.kwargs.dims=2": "another environment than sacfleet/PointMass-v0: obs_dim 2 there, 4 now",
         "learner.hidden_sizes=[64, 64]": "--resume cannot change learner.hidden_sizes ([32, 32] -> [64, 64])",
         "learner.symlog_q=false": "--resume cannot change learner.symlog_q",
+        "learner.critic=crossq": "--resume cannot change learner.critic",
         "env.id=Pendulum-v1": "--resume cannot change env.id",
         "replay.capacity=5000": "--resume cannot change replay.capacity (100000 -> 5000) while restoring the replay",
     }
@@ -287,3 +288,17 @@ def test_a_resume_refuses_snapshot_files_that_do_not_belong_to_the_checkpoint(ru
     # Without the replay, the learner's state alone still resumes.
     plain = load_config("pointmass", [*SHORT, "checkpoint.replay=false", "train.total_env_steps=5000"])
     assert load_resume(copy, plain, info).replay is None
+
+
+def test_a_crossq_run_checkpoints_no_target_critics_and_its_policy_evaluates(tmp_path, capsys):
+    """learner.critic=crossq end to end in process: the checkpoint holds the critics' batch
+    renormalization state (one training pass per update) and no target critics; `sacfleet eval` reads
+    the policy, running statistics included."""
+    summary = short_run(tmp_path, "learner.critic=crossq", "learner.critic_hidden_sizes=[32, 32]", "learner.symlog_q=false")
+    assert np.isfinite(summary["eval"]["return_mean"])
+    state = load_checkpoint(tmp_path / "checkpoints" / "checkpoint.pt")["learner"]
+    assert "target_critic" not in state
+    steps = {key: int(value) for key, value in state["critic"].items() if key.endswith(".steps")}
+    assert len(steps) == 3 and set(steps.values()) == {state["updates"]}
+    assert main(["eval", "--checkpoint", str(tmp_path), "--episodes", "2"]) == 0
+    assert "eval return" in capsys.readouterr().out

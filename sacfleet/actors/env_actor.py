@@ -141,9 +141,8 @@ class EvalActor(ProcessIdentity):
         torch.set_num_threads(1)
         learner = peer_handles(peers)["learner"]
         self.cfg = cfg
-        self.policy = PolicyNetwork(env_info.obs_dim, env_info.act_dim, cfg.learner.hidden_sizes,
-                                    env_info.action_low, env_info.action_high, obs_norm=cfg.learner.obs_norm,
-                                    obs_symlog=cfg.learner.obs_symlog)
+        self.policy = PolicyNetwork.for_config(cfg.learner, env_info.obs_dim, env_info.act_dim,
+                                               env_info.action_low, env_info.action_high)
         self.policy.requires_grad_(False)
         self.version = RANDOM_POLICY_VERSION
         self.puller = WeightPuller(learner)

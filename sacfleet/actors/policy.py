@@ -8,23 +8,36 @@ from typing import Mapping
 
 import numpy as np
 
-from sacfleet.learner.networks import LOG_STD_MAX, LOG_STD_MIN, OBS_NORM_EPS, ObsNormalizer, PolicyNetwork
+from sacfleet.learner.networks import (BATCH_RENORM_EPS, LOG_STD_MAX, LOG_STD_MIN, OBS_NORM_EPS, BatchRenorm, ObsNormalizer,
+                                       PolicyNetwork)
 
 
 class NumpyPolicy:
     """a = scale * tanh(mean + std * noise) + bias, with (mean, log std) from the MLP trunk (on the
     observation standardized by the published statistics, if any, clipped, and symlog if the learner's
-    is), or
+    is; batch renormalization, if any, in eval mode), or
     scale * tanh(mean) + bias when deterministic; the same function as `PolicyNetwork.sample` and
     `PolicyNetwork.deterministic`, in float32."""
 
     def __init__(self, weights: Mapping[str, np.ndarray]):
-        layers = PolicyNetwork.layer_keys(weights)
-        if not layers:
+        layers = PolicyNetwork.trunk_layers(weights)
+        if not any(kind == "linear" for kind, _ in layers):
             raise ValueError(f"policy weights have no trunk layers (expected keys {PolicyNetwork.TRUNK}.<i>.weight)")
         f32 = lambda name: np.ascontiguousarray(weights[name], dtype=np.float32)  # noqa: E731
-        # Transposed once, so that each layer is one (batch x in) @ (in x out) product.
-        self.layers = [(np.ascontiguousarray(f32(weight).T), f32(bias)) for weight, bias in layers]
+        # Each layer as (matrix or None, scale or None, shift): a Linear layer transposed once, so that it is
+        # one (batch x in) @ (in x out) product; a batch renormalization (CrossQ) as its eval-mode affine map
+        # x * scale + shift, folded from its running statistics.
+        self.layers: list[tuple[np.ndarray | None, np.ndarray | None, np.ndarray]] = []
+        for kind, name in layers:
+            if kind == "linear":
+                self.layers.append((np.ascontiguousarray(f32(f"{name}.weight").T), None, f32(f"{name}.bias")))
+            else:
+                variance = np.asarray(weights[f"{name}.{BatchRenorm.RUNNING_VAR}"], dtype=np.float64)
+                scale = np.asarray(weights[f"{name}.weight"], np.float64) / np.sqrt(variance + BATCH_RENORM_EPS)
+                shift = np.asarray(weights[f"{name}.bias"], np.float64) - np.asarray(
+                    weights[f"{name}.{BatchRenorm.RUNNING_MEAN}"], np.float64) * scale
+                self.layers.append((None, scale.astype(np.float32), shift.astype(np.float32)))
+        self.last_linear = max(i for i, (matrix, _, _) in enumerate(self.layers) if matrix is not None)
         self.obs_clip = float(weights[PolicyNetwork.OBS_CLIP])
         self.obs_symlog = bool(weights.get(PolicyNetwork.OBS_SYMLOG, 0.0))
         # The learner's observation statistics (learner.obs_norm), as a shift and a scale in float32.
@@ -45,11 +58,13 @@ class NumpyPolicy:
         h = np.clip(h, -self.obs_clip, self.obs_clip)
         if self.obs_symlog:
             h = np.sign(h) * np.log1p(np.abs(h))
-        last = len(self.layers) - 1
-        for i, (weight, bias) in enumerate(self.layers):
-            h = h @ weight
-            h += bias
-            if i < last:
+        for i, (matrix, scale, shift) in enumerate(self.layers):
+            if matrix is None:
+                h = h * scale
+            else:
+                h = h @ matrix
+            h += shift
+            if matrix is not None and i < self.last_linear:
                 np.maximum(h, 0.0, out=h)
         mean, log_std = h[:, :self.act_dim], h[:, self.act_dim:]
         if deterministic:

@@ -40,9 +40,8 @@ class StaticWeights:
         from sacfleet.common.codec import encode_weights
         from sacfleet.learner.networks import PolicyNetwork
 
-        policy = PolicyNetwork(env_info.obs_dim, env_info.act_dim, cfg.learner.hidden_sizes, env_info.action_low,
-                               env_info.action_high, obs_norm=cfg.learner.obs_norm,
-                               obs_symlog=cfg.learner.obs_symlog)
+        policy = PolicyNetwork.for_config(cfg.learner, env_info.obs_dim, env_info.act_dim, env_info.action_low,
+                                          env_info.action_high)
         weights = {name: t.detach().numpy() for name, t in policy.state_dict().items()}
         self.published = (0, encode_weights(weights, 0))
 

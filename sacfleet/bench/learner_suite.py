@@ -252,14 +252,15 @@ class LearnerFigures:
 
 
 def _ours(device: torch.device, batch_size: int, k: int, shapes: tuple = (OBS_DIM, ACT_DIM, HIDDEN),
-          compile_mode: str = "auto") -> tuple[SACLearner, Batch, Batch]:
-    """The suite's learner for (obs_dim, act_dim, hidden sizes) `shapes`, a batch and a block of k."""
+          compile_mode: str = "auto", **options) -> tuple[SACLearner, Batch, Batch]:
+    """The suite's learner for (obs_dim, act_dim, hidden sizes) `shapes` (and SACLearner `options`), a batch
+    and a block of k."""
     obs_dim, act_dim, hidden = shapes
     torch.manual_seed(0)
     batch = random_batch(batch_size, obs_dim, act_dim, device)
     block = Batch.stack([random_batch(batch_size, obs_dim, act_dim, device, seed=i) for i in range(k)])
     learner = SACLearner(obs_dim, act_dim, -np.ones(act_dim), np.ones(act_dim), hidden_sizes=tuple(hidden),
-                         device=device)
+                         device=device, **options)
     if resolve_compile(compile_mode, learner.device):
         accelerate(learner)
     return learner, batch, block
@@ -312,6 +313,31 @@ def update_rates(device: torch.device, batch_size: int, seconds: float, threads:
         set_matmul_precision("float32")
 
 
+# learner.critic's modes as the suite measures them: each with its own settings (CrossQ's policy delay
+# and, on CUDA, its published critic width too), at the batch size the presets use.
+CRITIC_MODES = {"mlp": {}, "layernorm": {"critic": "layernorm"},
+                "crossq": {"critic": "crossq", "policy_delay": 3, "adam_beta1": 0.5}}
+CROSSQ_WIDE = {"critic": "crossq", "policy_delay": 3, "adam_beta1": 0.5, "critic_hidden_sizes": (2048, 2048)}
+
+
+def critic_mode_rates(device: torch.device, batch_size: int, seconds: float, k: int = BLOCK,
+                      rounds: int = 5) -> dict[str, float]:
+    """Updates/s in blocks of k of each learner.critic mode at the suite's shapes, the modes taking turns
+    (and CrossQ with its published 2048-wide critics on CUDA, where it is meant to run)."""
+    modes = dict(CRITIC_MODES)
+    if device.type == "cuda":
+        modes["crossq 2048"] = CROSSQ_WIDE
+    blocks = {}
+    for name, options in modes.items():
+        learner, _, block = _ours(device, batch_size, k, **options)
+        blocks[name] = (learner, block)
+    best = best_rates({name: (lambda learner=learner, block=block: learner.update_block(block))
+                       for name, (learner, block) in blocks.items()}, device, seconds, rounds)
+    for learner, _ in blocks.values():
+        learner.check_finite()
+    return {name: k * rate for name, rate in best.items()}
+
+
 def precisions(device: torch.device) -> tuple[str, ...]:
     """learner.matmul_precision's values the suite measures: tf32 only changes CUDA matmuls."""
     return ("float32", "tf32") if device.type == "cuda" else ("float32",)
@@ -336,6 +362,16 @@ def run(devices: list[str] | None = None, batch_sizes: tuple[int, ...] = BATCH_S
                      f"matmul FLOP rate; blocks of {BLOCK}: {fig.block:,.0f} updates/s, fed by the prefetcher "
                      f"{fig.fed:,.0f} ({fig.fed / fig.block:.2f} of blocks)")
                 records += _records(fig)
+        batch_size = batch_sizes[0]
+        modes = critic_mode_rates(device, batch_size, seconds * len(CRITIC_MODES))
+        echo(f"learner {device.type} batch {batch_size}, blocks of {BLOCK}, by learner.critic: " + ", ".join(
+            f"{name} {value:,.0f} updates/s ({value / modes['mlp']:.2f}x mlp)" for name, value in modes.items()))
+        common = dict(suite="learner", device=device.type, batch_size=batch_size)
+        for name, value in modes.items():
+            records.append(Record(name=f"critic {name}", metric="updates_per_s", value=value, unit="updates/s",
+                                  **common))
+            records.append(Record(name=f"critic {name}", metric="ratio_to_mlp", value=value / modes["mlp"],
+                                  unit="x", **common))
     return records
 
 

@@ -103,6 +103,24 @@ class LearnerConfig:
                                        "polynomially there, not exponentially")
     critic_warmup: int = _key(0, ge=0, doc="first learner updates that train only the critics; the policy is "
                                            "published after them, so env actors act at random until then")
+    critic: str = _key("mlp", choices=("mlp", "layernorm", "crossq"),
+                       doc="mlp: SAC's critics with Polyak-averaged target critics; layernorm: the same with "
+                           "LayerNorm after each hidden layer (as BRO); crossq: CrossQ (Bhatt et al., 2024), batch "
+                           "renormalization in actor and critics, no target critics, (s, a) and (s', a') in one "
+                           "forward pass")
+    critic_hidden_sizes: list[int] | None = _key(None, ge=1, auto=True,
+                                                 doc="widths of the critics' hidden layers; auto: hidden_sizes, "
+                                                     "with crossq CrossQ's published [2048, 2048]")
+    policy_delay: int | None = _key(None, ge=1, auto=True,
+                                    doc="updates per policy (and temperature) update; auto: 1, with crossq 3 "
+                                        "(CrossQ's)")
+    adam_beta1: float | None = _key(None, ge=0, le=1, auto=True,
+                                    doc="Adam's beta1 for every optimizer; auto: 0.9, with crossq 0.5 (CrossQ's)")
+    batch_renorm_momentum: float = _key(0.99, gt=0, le=1, doc="crossq: decay of batch renormalization's running "
+                                                              "statistics")
+    batch_renorm_warmup: int = _key(100_000, ge=0, doc="crossq: training steps of each batch renormalization "
+                                                        "layer that normalize by batch statistics alone, before "
+                                                        "renormalizing towards the running ones (CrossQ's 100k)")
     compile: str = _key("auto", choices=("auto", "on", "off"),
                         doc="torch.compile the losses and capture the update in a CUDA graph; auto: on with CUDA only")
     matmul_precision: str = _key("float32", choices=("float32", "tf32"),
@@ -333,9 +351,24 @@ def auto_shards(num_actors: int) -> int:
     return max(1, math.ceil(num_actors / SHARD_ACTORS))
 
 
+# What learner.critic=crossq sets its auto keys to: CrossQ's published settings (Bhatt et al., 2024).
+CROSSQ_DEFAULTS = {"critic_hidden_sizes": [2048, 2048], "policy_delay": 3, "adam_beta1": 0.5}
+
+
+def _resolve_learner(learner: "LearnerConfig") -> None:
+    crossq = learner.critic == "crossq"
+    if learner.critic_hidden_sizes is None:
+        learner.critic_hidden_sizes = list(CROSSQ_DEFAULTS["critic_hidden_sizes"]) if crossq else list(learner.hidden_sizes)
+    if learner.policy_delay is None:
+        learner.policy_delay = CROSSQ_DEFAULTS["policy_delay"] if crossq else 1
+    if learner.adam_beta1 is None:
+        learner.adam_beta1 = CROSSQ_DEFAULTS["adam_beta1"] if crossq else 0.9
+
+
 def _check_consistency(config: Config) -> None:
     if config.replay.num_shards is None:
         config.replay.num_shards = auto_shards(config.actors.num)
+    _resolve_learner(config.learner)
     if config.replay.capacity < config.learner.batch_size:
         raise ConfigError(
             f"replay.capacity: {config.replay.capacity} is smaller than learner.batch_size "

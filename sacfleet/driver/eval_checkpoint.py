@@ -20,9 +20,8 @@ def evaluate_checkpoint(path: Path, episodes: int, seed: int | None = None, best
     CheckpointError for what is not a readable checkpoint."""
     state = load_checkpoint(best_policy_path(path) if best else path)
     cfg, info = from_dict(state["config"]), state["env_info"]
-    policy = PolicyNetwork(info["obs_dim"], info["act_dim"], cfg.learner.hidden_sizes, info["action_low"],
-                           info["action_high"], obs_norm=cfg.learner.obs_norm,
-                           obs_symlog=cfg.learner.obs_symlog)
+    policy = PolicyNetwork.for_config(cfg.learner, info["obs_dim"], info["act_dim"], info["action_low"],
+                                      info["action_high"])
     policy.load_state_dict(state["learner"]["actor"])
     torch.set_num_threads(1)
     returns, success_rate = evaluate(policy, cfg.env, episodes, cfg.eval.seed if seed is None else seed)

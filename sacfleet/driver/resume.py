@@ -22,6 +22,8 @@ FIXED_KEYS = {
     "learner.symlog_q": "the checkpoint's critics predict Q in another space",
     "learner.obs_norm": "the checkpoint's networks were trained on observations standardized otherwise",
     "learner.obs_symlog": "the checkpoint's networks were trained on observations transformed otherwise",
+    "learner.critic": "the checkpoint's networks have another architecture (and crossq keeps no target critics)",
+    "learner.critic_hidden_sizes": "the checkpoint's critics have other layer sizes",
 }
 # Keys the restored replay snapshots fix.
 FIXED_WITH_REPLAY = {

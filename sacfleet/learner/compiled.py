@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 
 WARMUP_UPDATES = 3  # eager (compiled) blocks before capture: compilation and optimizer state happen there
-MAX_GRAPHS = 16  # block shapes captured: a block of k <= learner.prefetch_batches batches, with or without weights
+MAX_GRAPHS = 48  # captures: a block of k <= learner.prefetch_batches batches, with or without weights, per
+# place in the learner.policy_delay cycle
 
 
 def resolve_compile(requested: str, device: torch.device) -> bool:
@@ -70,10 +71,11 @@ def tensors_of(inputs) -> dict[str, torch.Tensor]:
 
 
 class CudaGraphStep:
-    """Runs `step(inputs)` (a dataclass of tensors in, a tuple of tensors out) from static input tensors:
-    a few warm-up calls on a side stream, then, for each input shape, one capture, and for every call a
-    copy into that shape's static inputs and a replay. Shapes beyond MAX_GRAPHS (or a capture this
-    torch build cannot make) run `step` uncaptured."""
+    """Runs `step(inputs, *static)` (a dataclass of tensors and hashable Python values in, a tuple of
+    tensors out) from static input tensors: a few warm-up calls on a side stream, then, for each input
+    shape and `static` values, one capture, and for every call a copy into that capture's static inputs
+    and a replay. Captures beyond MAX_GRAPHS (or a capture this torch build cannot make) run `step`
+    uncaptured."""
 
     def __init__(self, step: Callable):
         self.step = step
@@ -85,52 +87,52 @@ class CudaGraphStep:
         self.warmup_left = WARMUP_UPDATES
         self.failed = False
 
-    def __call__(self, inputs) -> tuple[torch.Tensor, ...]:
+    def __call__(self, inputs, *static) -> tuple[torch.Tensor, ...]:
         tensors = tensors_of(inputs)
-        shape = tuple((name, tuple(tensor.shape)) for name, tensor in tensors.items())
+        shape = (tuple((name, tuple(tensor.shape)) for name, tensor in tensors.items()), static)
         captured = self.graphs.get(shape)
         if captured is None:
             if self.failed or len(self.graphs) >= MAX_GRAPHS:
-                return self.step(inputs)
+                return self.step(inputs, *static)
             # Every shape runs once uncaptured before its capture, so that what it needs (a compiled
             # loss with importance weights, say) exists; the first shape a few times.
             if self.warmup_left > 0 or shape not in self.warmed:
                 self.warmed.add(shape)
-                return self._warmup(inputs)
+                return self._warmup(inputs, static)
             try:
-                captured = self.graphs[shape] = self._capture(inputs)
+                captured = self.graphs[shape] = self._capture(inputs, static)
             except RuntimeError as exc:  # an op this torch build cannot capture: run uncaptured, slower
                 warnings.warn(f"learner: CUDA graph capture failed ({exc}); updates run without it")
                 self.failed = True
                 torch.cuda.synchronize()
-                return self.step(inputs)
+                return self.step(inputs, *static)
         for name, tensor in tensors.items():
             getattr(captured.inputs, name).copy_(tensor, non_blocking=True)
         captured.graph.replay()
         # Clones, so that a caller holding them is not overwritten by the next replay.
         return tuple(output.clone() for output in captured.outputs)
 
-    def _warmup(self, inputs) -> tuple[torch.Tensor, ...]:
+    def _warmup(self, inputs, static: tuple) -> tuple[torch.Tensor, ...]:
         # Warm-up runs on a side stream, as capture requires: it must not see the default
         # stream's pending work as part of its own.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            out = self.step(inputs)
+            out = self.step(inputs, *static)
         torch.cuda.current_stream().wait_stream(side)
         self.warmup_left = max(0, self.warmup_left - 1)
         return out
 
-    def _capture(self, inputs) -> "_Captured":
-        static = dataclasses.replace(inputs, **{name: torch.empty_like(tensor)
-                                                for name, tensor in tensors_of(inputs).items()})
+    def _capture(self, inputs, static: tuple) -> "_Captured":
+        static_inputs = dataclasses.replace(inputs, **{name: torch.empty_like(tensor)
+                                                       for name, tensor in tensors_of(inputs).items()})
         torch.cuda.synchronize()  # the static inputs exist before the capture reads them
         graph = torch.cuda.CUDAGraph()
         # thread_local: the prefetch thread keeps copying batches to the device while this thread
         # captures; those calls are not part of the graph and must not invalidate it.
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            outputs = self.step(static)
-        return _Captured(graph, static, outputs)
+            outputs = self.step(static_inputs, *static)
+        return _Captured(graph, static_inputs, outputs)
 
 
 @dataclasses.dataclass
