@@ -676,13 +676,13 @@ def test_a_fleet_run_publishes_the_observation_statistics_with_each_weight_versi
 
 
 def test_a_crossq_fleet_run_acts_with_the_batch_renormalized_policy(tmp_path):
-    """learner.critic=crossq in the fleet: actors load each published version (batch renormalization's
+    """learner.critic=crossq with 3-step returns in the fleet: actors load each published version (batch renormalization's
     running statistics included) into the numpy policy; the checkpoint holds no target critics; a resume
     carries the running statistics and their step counts on."""
     log = tmp_path / "weights.jsonl"
     # Plain Q: with the preset's symlog_q, CrossQ's critics ran away within 3k steps (README, "Critics").
     summary = run(tmp_path, "learner.critic=crossq", "learner.critic_hidden_sizes=[32, 32]", "learner.obs_norm=true",
-                  "learner.symlog_q=false", parts=recording_env_actor(log))
+                  "learner.symlog_q=false", "replay.n_step=3", parts=recording_env_actor(log))
     loads = [json.loads(line) for line in log.read_text().splitlines() if "version" in line]
     assert len({load["version"] for load in loads}) >= 3 and np.isfinite(summary["eval"]["return_mean"])
     state = load_checkpoint(tmp_path / "run")["learner"]

@@ -34,7 +34,7 @@ class Rollout:
         self.episode_return = np.zeros(num_envs)
         self.episode_length = np.zeros(num_envs, dtype=np.int64)
         self.finished: list[tuple[float, int, float | None]] = []
-        # Episode ids (Dict observations only): random per rollout, so that ids from different actors,
+        # Episode ids: random per rollout, so that ids from different actors,
         # restarts and sessions never meet in a shard; they only group transitions, so runs stay
         # deterministic for a seed.
         self.next_episode = secrets.randbits(30) << 32
@@ -70,8 +70,7 @@ class Rollout:
         transitions.update(self._observations(next_obs, "next_obs", finals))
         transitions.update({"terminated": terminated.astype(np.bool_), "truncated": truncated.astype(np.bool_),
                             "policy_version": np.full(self.num_envs, version, dtype=np.int64)})
-        if self.obs_names:
-            transitions["episode"] = self.episode_id.copy()
+        transitions["episode"] = self.episode_id.copy()
         self.episode_return += reward
         self.episode_length += 1
         for i, success in zip(np.flatnonzero(done), episode_successes(info, done) if done.any() else []):

@@ -78,6 +78,10 @@ class ReplayConfig:
                         "achieved later in (future), at the end of (final) or anywhere in (episode) their episode")
     her_k: int = _key(4, ge=1, doc="relabeled goals per real one: a sampled transition is relabeled with "
                                    "probability her_k / (her_k + 1)")
+    n_step: int = _key(1, ge=1, doc="n-step returns: each sampled transition sums the rewards of up to n steps of "
+                                    "its episode, discounted, and the learner bootstraps from the state reached with "
+                                    "gamma^k for the k steps summed (fewer at an episode's end, where a time-limit "
+                                    "truncation still bootstraps and a termination does not)")
 
 
 @dataclass
@@ -377,6 +381,10 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError("replay.her: relabeling cannot be combined with replay.sampler=prioritized (a stored "
                           "transition's TD error depends on the goal each sample draws for it); choose "
                           "replay.sampler=uniform or replay.her=off")
+    if config.replay.her != "off" and config.replay.n_step > 1:
+        raise ConfigError(f"replay.n_step: {config.replay.n_step} cannot be combined with replay.her (relabeling "
+                          f"gives a sampled transition a new goal, and every reward of its n-step sum would have to "
+                          f"be recomputed for it, which sacfleet does not do); set replay.n_step=1 or replay.her=off")
     if config.replay.her != "off" and config.replay.num_shards > config.actors.num:
         raise ConfigError(f"replay.num_shards: {config.replay.num_shards} shards with replay.her on need at least "
                           f"as many env actors (actors.num={config.actors.num}): each actor's episodes go to one "

@@ -2,9 +2,9 @@
 before it may touch a replay buffer.
 
 A flat observation is stored as `obs` and `next_obs`. A Dict observation stores each key as its own
-field, `obs/<key>` and `next_obs/<key>`, plus `episode`, an id shared by the transitions of one
-episode (hindsight relabeling draws goals within it); the learner sees them concatenated
-(`learner_view`)."""
+field, `obs/<key>` and `next_obs/<key>`; the learner sees them concatenated (`learner_view`). Every
+transition carries `episode`, an id shared by the transitions of one env's episode (hindsight
+relabeling draws goals within it; n-step returns follow it)."""
 
 from __future__ import annotations
 
@@ -47,17 +47,15 @@ class TransitionSpec:
         fields.update({"action": (f32, act), "reward": (f32, ())})
         fields.update({name: (f32, (width,)) for name, width in self.obs_fields("next_obs").items()})
         fields.update({"terminated": (np.dtype(np.bool_), ()), "truncated": (np.dtype(np.bool_), ()),
-                       "policy_version": (i64, ())})
-        if self.obs_keys:
-            fields["episode"] = (i64, ())
+                       "policy_version": (i64, ()), "episode": (i64, ())})
         return fields
 
     def learner_view(self, data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The fields as the learner reads them: a Dict observation's keys concatenated into `obs`
         and `next_obs` (in `obs_keys` order); flat observations pass through."""
-        if not self.obs_keys:
-            return dict(data)
         view = {name: array for name, array in data.items() if "/" not in name and name != "episode"}
+        if not self.obs_keys:
+            return view
         for prefix in ("obs", "next_obs"):
             view[prefix] = np.concatenate([data[name] for name in self.obs_fields(prefix)], axis=-1)
         return view

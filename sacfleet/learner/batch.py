@@ -19,6 +19,7 @@ class Batch:
     next_obs: torch.Tensor
     terminated: torch.Tensor  # float 0/1; truncation is deliberately absent: it is not a terminal state
     weights: torch.Tensor | None = None  # importance weights from prioritized replay
+    discount: torch.Tensor | None = None  # gamma^k of each n-step transition (replay.n_step > 1); else gamma
 
     @classmethod
     def from_numpy(cls, data: Mapping[str, np.ndarray], weights: np.ndarray | None,
@@ -28,7 +29,8 @@ class Batch:
 
         return cls(obs=to(data["obs"]), action=to(data["action"]), reward=to(data["reward"]),
                    next_obs=to(data["next_obs"]), terminated=to(data["terminated"]),
-                   weights=None if weights is None else to(weights))
+                   weights=None if weights is None else to(weights),
+                   discount=to(data["discount"]) if "discount" in data else None)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The fields that are set (weights only with prioritized replay), by name."""

@@ -33,6 +33,8 @@ def to_device_block(data: Mapping[str, np.ndarray], weights: np.ndarray | None,
     arrays = {name: data[name] for name in LEARNER_FIELDS}
     if weights is not None:
         arrays["weights"] = weights
+    if "discount" in data:  # n-step returns
+        arrays["discount"] = data["discount"]
     sizes = [array.size for array in arrays.values()]
     host = torch.empty(sum(sizes), dtype=torch.float32, pin_memory=device.type == "cuda")
     flat = host.numpy()

@@ -2,6 +2,7 @@
 networks, targets, optimizers and the temperature.
 
   q_target    = r + gamma * (1 - terminated) * (min_i Q_target_i(s', a') - alpha * log pi(a'|s'))
+                (n-step: r the discounted sum of k rewards, gamma^k for gamma, s' the state k steps on)
   critic_loss = sum_i mean(w * (Q_i(s, a) - q_target)^2)
   actor_loss  = mean(alpha * log pi(a|s) - min_i Q_i(s, a))
   alpha_loss  = -mean(log_alpha * (log pi(a|s) + target_entropy))
@@ -73,8 +74,10 @@ def q_values(critic: TwinCritic, obs: torch.Tensor, action: torch.Tensor, symlog
 
 def soft_target(batch: Batch, q_next: torch.Tensor, next_log_prob: torch.Tensor, alpha: torch.Tensor,
                 gamma: float, reward_scale: float) -> torch.Tensor:
-    """r + gamma * (1 - terminated) * (min_i Q_i(s', a') - alpha * log pi(a'|s')), given the minimum."""
-    return reward_scale * batch.reward + gamma * (1.0 - batch.terminated) * (q_next - alpha * next_log_prob)
+    """r + gamma * (1 - terminated) * (min_i Q_i(s', a') - alpha * log pi(a'|s')), given the minimum; for
+    n-step transitions r is the discounted sum of k rewards and the batch's discount gamma^k replaces gamma."""
+    discount = gamma if batch.discount is None else batch.discount
+    return reward_scale * batch.reward + discount * (1.0 - batch.terminated) * (q_next - alpha * next_log_prob)
 
 
 def critic_target(actor: PolicyNetwork, target_critic: TwinCritic, batch: Batch, alpha: torch.Tensor,

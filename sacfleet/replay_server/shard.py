@@ -41,7 +41,8 @@ def make_table(cfg: Config, spec: TransitionSpec, shard: int, insert_size: int, 
         spec, cfg.replay.capacity // shards, limiter, sampler=cfg.replay.sampler,
         seed=cfg.train.seed * 1000 + shard, priority_alpha=cfg.replay.priority_alpha,
         priority_beta=cfg.replay.priority_beta, priority_eps=cfg.replay.priority_eps,
-        max_memory_fraction=cfg.replay.max_memory_fraction / shards, her=her)
+        max_memory_fraction=cfg.replay.max_memory_fraction / shards, her=her, n_step=cfg.replay.n_step,
+        gamma=cfg.learner.gamma)
 
 
 def fleet_request_sizes(cfg: Config) -> tuple[int, int]:

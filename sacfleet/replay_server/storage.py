@@ -120,8 +120,12 @@ class RingStorage:
     def load_rows(self, lo: int, arrays: Mapping[str, np.ndarray]) -> int:
         """Write a snapshot segment's rows at slot `lo`; validates them first (raises ValueError)."""
         batch = {name: arrays[f"data/{name}"] for name in self.spec.fields() if f"data/{name}" in arrays}
-        rows = self.spec.validate(batch)
         keys = arrays.get("keys")
+        if "episode" not in batch and isinstance(keys, np.ndarray) and keys.dtype == np.int64:
+            # Snapshots of flat-observation shards from before every transition carried its episode:
+            # each transition its own episode (ids below any env actor's), so n-step sums stop at it.
+            batch["episode"] = -1 - keys
+        rows = self.spec.validate(batch)
         if keys is None or keys.dtype != np.int64 or keys.shape != (rows,):
             raise ValueError(f"snapshot segment at slot {lo}: keys do not match its {rows} rows")
         if lo < 0 or lo + rows > self.capacity:

@@ -15,6 +15,7 @@ import numpy as np
 from sacfleet.common.codec import decode_chunk, decode_replay, encode_replay
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.replay_server.her import HindsightRelabeler
+from sacfleet.replay_server.n_step import NStepIndex
 from sacfleet.replay_server.rate_limiter import RateLimited, RateLimiter
 from sacfleet.replay_server.samplers import PrioritizedSampler, UniformSampler
 from sacfleet.replay_server.storage import RingStorage
@@ -35,12 +36,16 @@ class ReplayTable:
     def __init__(self, spec: TransitionSpec, capacity: int, limiter: RateLimiter, *,
                  sampler: str = "uniform", seed: int = 0, priority_alpha: float = 0.6,
                  priority_beta: float = 0.4, priority_eps: float = 1e-6, max_memory_fraction: float = 0.8,
-                 her: tuple | None = None, segment_slots: int = SEGMENT_SLOTS):
-        """`her`: (strategy, k, compute_reward) to relabel sampled goal-env transitions, or None."""
+                 her: tuple | None = None, n_step: int = 1, gamma: float = 0.99,
+                 segment_slots: int = SEGMENT_SLOTS):
+        """`her`: (strategy, k, compute_reward) to relabel sampled goal-env transitions, or None.
+        `n_step` > 1: sampled transitions become n-step ones discounted by `gamma` (replay.n_step)."""
         if sampler not in ("uniform", "prioritized"):
             raise ValueError(f"sampler must be 'uniform' or 'prioritized', got {sampler!r}")
         if her is not None and not spec.obs_keys:
             raise ValueError("hindsight relabeling needs Dict observations with achieved and desired goals")
+        if her is not None and n_step > 1:
+            raise ValueError("hindsight relabeling cannot be combined with n-step returns (replay.n_step > 1)")
         self.spec = spec
         self.storage = RingStorage(spec, capacity, prioritized=sampler == "prioritized",
                                    max_memory_fraction=max_memory_fraction)
@@ -50,6 +55,7 @@ class ReplayTable:
         self.limiter = limiter
         self.her = (HindsightRelabeler(capacity, *her, rng=np.random.default_rng([seed, 1]))
                     if her is not None else None)
+        self.n_step = NStepIndex(capacity, n_step, gamma) if n_step > 1 else None
         self.segment_slots = int(segment_slots)
         self.dirty = np.zeros(-(-capacity // self.segment_slots), dtype=bool)  # segments changed since a snapshot
         self._restoring: dict | None = None
@@ -83,6 +89,10 @@ class ReplayTable:
         self.sampler.on_insert(slots)
         if self.her is not None:
             self.her.on_insert(slots, {name: array[n - slots.size:] for name, array in batch.items()})
+        if self.n_step is not None:
+            written = slice(n - slots.size, n)
+            self.n_step.on_insert(slots, self.storage.keys[slots], batch["episode"][written],
+                                  batch["terminated"][written] | batch["truncated"][written], self.storage.keys)
         self.limiter.record_insert(n)
         versions = batch["policy_version"]
         learned = versions[versions >= 0]
@@ -101,6 +111,8 @@ class ReplayTable:
         data = self.storage.gather(flat)
         if self.her is not None:
             self.her.relabel(flat, data, self.storage.data)
+        if self.n_step is not None:
+            self.n_step.returns(flat, data, self.storage.data, tuple(self.spec.obs_fields("next_obs")))
         data = self.spec.learner_view(data)
         return SampleBatch(
             data={name: array.reshape(*slots.shape, *array.shape[1:]) for name, array in data.items()},
@@ -219,10 +231,13 @@ class ReplayTable:
             raise
         self.limiter.load_state_dict({"inserts": meta["limiter/inserts"], "samples": meta["limiter/samples"]})
         self.dirty[:] = False  # the contents are those of the snapshot just read
+        n, data = self.storage.size, self.storage.data
         if self.her is not None:
-            n, data = self.storage.size, self.storage.data
             self.her.index.rebuild(self.storage.keys[:n], data["episode"][:n],
                                    data["terminated"][:n] | data["truncated"][:n])
+        if self.n_step is not None:
+            self.n_step.rebuild(np.arange(n), self.storage.keys[:n], data["episode"][:n],
+                                data["terminated"][:n] | data["truncated"][:n], self.storage.keys)
 
     def abort_restore(self) -> None:
         self._restoring = None
