@@ -47,6 +47,16 @@ def sum_distance_reward(achieved, desired, info):
     return -np.abs(np.asarray(achieved) - np.asarray(desired)).sum(-1)
 
 
+def never(achieved, desired, info):
+    """compute_terminated of a GoalEnv that never terminates, as Fetch's: one False for the batch."""
+    return False
+
+
+def reached(achieved, desired, info):
+    """compute_terminated of a GoalEnv whose episodes end where the goal is reached (within 1.5)."""
+    return np.abs(np.asarray(achieved) - np.asarray(desired)).sum(-1) < 1.5
+
+
 def insert_episodes(tab, lengths_per_env, chunk=5, done_last=True):
     """Insert the episodes of several envs interleaved step by step, as an actor's chunks are."""
     streams = []  # per env: list of (episode id, step, last)
@@ -196,7 +206,7 @@ def sample_goals(tab, n=4000, batch=200):
 
 
 def test_future_goals_come_from_the_same_episode_at_or_after_the_step_with_env_rewards():
-    tab = table(10_000, her=("future", 4, sum_distance_reward))
+    tab = table(10_000, her=("future", 4, sum_distance_reward, never))
     insert_episodes(tab, [[50, 50, 30], [50, 17, 50], [40, 40, 40]])
     rows = sample_goals(tab)
     episode, step, goal_episode, goal_step, relabeled = rows.T
@@ -210,7 +220,7 @@ def test_future_goals_come_from_the_same_episode_at_or_after_the_step_with_env_r
 
 
 def test_goals_never_cross_an_episode_or_reach_overwritten_slots_after_ring_wraparound():
-    tab = table(64, her=("episode", 3, sum_distance_reward))
+    tab = table(64, her=("episode", 3, sum_distance_reward, never))
     # 2 envs, 230 steps each: the 64-slot ring wraps many times and cuts episodes in the middle.
     insert_episodes(tab, [[23] * 10, [19] * 12 + [2]], chunk=3)
     alive = {(e, s) for e, s in zip(tab.storage.data["episode"],
@@ -242,8 +252,56 @@ def test_a_goal_env_shard_relabels_with_the_envs_own_compute_reward():
     assert tab.her.relabeled / tab.her.sampled == pytest.approx(0.8, abs=0.05)
 
 
+def test_relabeling_recomputes_terminated_for_the_new_goal_both_ways():
+    """An env that terminates on reaching its goal: a transition stored as terminated (it reached the
+    old goal) is not terminal for a far goal, and one stored as not terminated is for a goal it reached."""
+    tab = table(10_000, her=("future", 4, sum_distance_reward, reached))
+    insert_episodes(tab, [[30, 30], [30, 30]])
+    rng = np.random.default_rng(4)
+    flip = rng.random(tab.size) < 0.5
+    tab.storage.data["terminated"][:tab.size] = flip  # stored flags, half of them set, whatever the goal
+    changed = {True: 0, False: 0}
+    for _ in range(20):
+        out = tab.sample(1, 200)
+        slots = out.keys[0] % tab.storage.capacity
+        goal = out.data["obs"][0][:, 2:4]
+        achieved = tab.storage.data["next_obs/achieved_goal"][slots]
+        relabeled = ~np.all(goal == tab.storage.data["obs/desired_goal"][slots], axis=1)
+        terminated = out.data["terminated"][0].astype(bool)
+        np.testing.assert_array_equal(terminated[relabeled], reached(achieved[relabeled], goal[relabeled], None))
+        np.testing.assert_array_equal(terminated[~relabeled], flip[slots][~relabeled])
+        stored = flip[slots][relabeled]
+        for was in (True, False):
+            changed[was] += int((stored == was)[terminated[relabeled] != stored].sum())
+    assert changed[True] > 0 and changed[False] > 0  # set flags cleared and clear flags set
+
+
+def test_her_refuses_a_goal_env_without_compute_terminated():
+    import gymnasium as gym
+
+    from sacfleet.replay_server.her import env_goal_functions
+
+    class RewardOnly(gym.Env):
+        observation_space = gym.spaces.Dict({"observation": gym.spaces.Box(-1, 1, (2,)),
+                                             "achieved_goal": gym.spaces.Box(-1, 1, (2,)),
+                                             "desired_goal": gym.spaces.Box(-1, 1, (2,))})
+        action_space = gym.spaces.Box(-1, 1, (2,))
+
+        def compute_reward(self, achieved, desired, info):
+            return np.zeros(np.shape(achieved)[:-1])
+
+    gym.register("test/RewardOnlyGoal-v0", entry_point=lambda: RewardOnly())
+    try:
+        with pytest.raises(ConfigError, match=r"test/RewardOnlyGoal-v0 has no compute_terminated\(achieved_goal"):
+            env_goal_functions(EnvConfig(id="test/RewardOnlyGoal-v0"))
+    finally:
+        del gym.registry["test/RewardOnlyGoal-v0"]
+    reward, terminated = env_goal_functions(GOAL_ENV)
+    assert not terminated(np.zeros((5, 2)), np.ones((5, 2)), None).any()
+
+
 def test_the_index_forgets_overwritten_episodes_finished_or_not():
-    tab = table(16, her=("future", 4, sum_distance_reward))
+    tab = table(16, her=("future", 4, sum_distance_reward, never))
     rng = np.random.default_rng(3)
     tab.insert(goal_batch(10, rng, episode=np.full(10, 7), steps=np.arange(10)))  # never finishes
     tab.insert(goal_batch(10, rng, episode=np.full(10, 8), steps=np.arange(10)))
@@ -257,9 +315,9 @@ def test_the_index_forgets_overwritten_episodes_finished_or_not():
 
 
 def test_final_goals_are_the_last_step_and_unfinished_episodes_keep_their_own_goal():
-    tab = table(1000, her=("final", 4, sum_distance_reward))
+    tab = table(1000, her=("final", 4, sum_distance_reward, never))
     insert_episodes(tab, [[20, 20], [20, 20]])
-    unfinished = table(1000, her=("final", 4, sum_distance_reward))
+    unfinished = table(1000, her=("final", 4, sum_distance_reward, never))
     insert_episodes(unfinished, [[20]], done_last=False)
     rows = sample_goals(tab, n=2000)
     assert np.all(rows[rows[:, 4] == 1, 3] == 20)  # every relabeled goal is the step-20 achieved goal
@@ -268,9 +326,9 @@ def test_final_goals_are_the_last_step_and_unfinished_episodes_keep_their_own_go
 
 
 def test_snapshot_and_restore_keep_the_episode_index():
-    tab = table(64, her=("future", 4, sum_distance_reward), seed=5)
+    tab = table(64, her=("future", 4, sum_distance_reward, never), seed=5)
     insert_episodes(tab, [[30, 30, 30], [25, 25, 25]], chunk=4)
-    restored = table(64, her=("future", 4, sum_distance_reward), seed=5)
+    restored = table(64, her=("future", 4, sum_distance_reward, never), seed=5)
     restored.restore(*snapshot_parts(tab))
     for _ in range(5):
         a, b = tab.sample(1, 128), restored.sample(1, 128)

@@ -83,6 +83,11 @@ class PointMassGoalEnv(gym.Env):
         distance = np.linalg.norm(np.asarray(achieved_goal) - np.asarray(desired_goal), axis=-1)
         return (distance <= self.tolerance).astype(np.float32) - 1.0
 
+    def compute_terminated(self, achieved_goal, desired_goal, info=None) -> np.ndarray:
+        """Whether reaching `desired_goal` ends the episode: never (gymnasium-robotics' GoalEnv
+        interface, which hindsight relabeling calls for each goal it draws)."""
+        return np.zeros(np.shape(achieved_goal)[:-1], dtype=bool)
+
     def _obs(self) -> dict:
         return {"observation": np.concatenate([self._pos, self._vel]), "achieved_goal": self._pos.copy(),
                 "desired_goal": self._goal.copy()}

@@ -1,6 +1,8 @@
 """Hindsight experience replay inside a shard: an index of which stored transitions form each episode,
 and the relabeling of sampled transitions with goals achieved later in their own episode, their
-rewards recomputed by the env's vectorized `compute_reward` (Andrychowicz et al., 2017).
+rewards recomputed by the env's vectorized `compute_reward` and their `terminated` flags by its
+`compute_terminated` (Andrychowicz et al., 2017; gymnasium-robotics' GoalEnv interface): a transition
+that ended its episode by reaching the old goal does not end it for a new one, and the other way round.
 
 Goals come only from the transition's own episode: an episode's transitions all reach one shard (an
 env actor inserts into one shard), and the ring overwrites an episode oldest first, so every goal
@@ -82,20 +84,21 @@ class EpisodeIndex:
         return ok, goals
 
 
-RewardFn = Callable[[np.ndarray, np.ndarray, object], np.ndarray]
+GoalFn = Callable[[np.ndarray, np.ndarray, object], np.ndarray]  # (achieved, desired, infos) -> per goal
 
 
 class HindsightRelabeler:
     """Relabels a sampled batch in place: each transition, with probability k/(k+1), gets a goal
-    achieved in its own episode as its desired goal (in obs and next_obs) and the reward the env
-    gives for that goal."""
+    achieved in its own episode as its desired goal (in obs and next_obs), and the reward and the
+    termination the env gives for that goal."""
 
-    def __init__(self, capacity: int, strategy: str, k: int, compute_reward: RewardFn, rng: np.random.Generator):
+    def __init__(self, capacity: int, strategy: str, k: int, compute_reward: GoalFn, compute_terminated: GoalFn,
+                 rng: np.random.Generator):
         if strategy not in STRATEGIES:
             raise ValueError(f"HER strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         self.index = EpisodeIndex(capacity)
         self.strategy, self.fraction = strategy, k / (k + 1)
-        self.compute_reward, self.rng = compute_reward, rng
+        self.compute_reward, self.compute_terminated, self.rng = compute_reward, compute_terminated, rng
         self.relabeled = 0  # transitions relabeled so far
         self.sampled = 0
 
@@ -121,17 +124,26 @@ class HindsightRelabeler:
             raise ValueError(f"compute_reward returned {reward.shape} values for {rows.size} goals "
                              f"(or non-finite ones); HER needs the env's vectorized compute_reward")
         data["reward"][rows] = reward
+        # GoalEnvs that never terminate (Fetch) answer one False for the whole batch.
+        terminated = np.asarray(self.compute_terminated(data[ACHIEVED][rows], goals, infos))
+        if terminated.shape not in ((), (rows.size,)):
+            raise ValueError(f"compute_terminated returned {terminated.shape} values for {rows.size} goals; HER needs "
+                             f"the env's vectorized compute_terminated")
+        data["terminated"][rows] = np.broadcast_to(terminated.astype(bool), (rows.size,))
         return rows
 
 
-def env_reward_function(env_cfg: EnvConfig) -> RewardFn:
-    """The env's own vectorized `compute_reward(achieved_goal, desired_goal, info)`."""
+def env_goal_functions(env_cfg: EnvConfig) -> tuple[GoalFn, GoalFn]:
+    """The env's own vectorized `compute_reward` and `compute_terminated(achieved_goal, desired_goal,
+    info)`, which relabeling needs to say what a new goal means for a stored transition."""
     from sacfleet.common.envs import make_env
 
     env = make_env(env_cfg)
-    compute = getattr(env.unwrapped, "compute_reward", None)
-    if compute is None:
+    functions = [getattr(env.unwrapped, name, None) for name in ("compute_reward", "compute_terminated")]
+    missing = [name for name, fn in zip(("compute_reward", "compute_terminated"), functions) if fn is None]
+    if missing:
         env.close()
-        raise ConfigError(f"replay.her: {env_cfg.id} has no compute_reward(achieved_goal, desired_goal, info), "
-                          f"which relabeling needs to recompute rewards; set replay.her=off")
-    return compute
+        raise ConfigError(f"replay.her: {env_cfg.id} has no {' or '.join(f'{name}(achieved_goal, desired_goal, info)' for name in missing)}, "
+                          f"which relabeling needs to recompute rewards and terminations for the goals it draws "
+                          f"(gymnasium-robotics' GoalEnv interface); set replay.her=off")
+    return functions[0], functions[1]

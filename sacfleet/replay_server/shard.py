@@ -15,7 +15,7 @@ import numpy as np
 from sacfleet.common.config import Config
 from sacfleet.common.process import ProcessIdentity, restarted_by_ray
 from sacfleet.common.transitions import TransitionSpec
-from sacfleet.replay_server.her import env_reward_function
+from sacfleet.replay_server.her import env_goal_functions
 from sacfleet.replay_server.rate_limiter import RateLimited, RateLimiter, Verdict
 from sacfleet.replay_server.storage import keep_freed_memory
 from sacfleet.replay_server.table import ReplayTable
@@ -25,16 +25,16 @@ SNAPSHOT_STALL_S = 60.0  # a snapshot with no call for this long was abandoned b
 
 
 def make_table(cfg: Config, spec: TransitionSpec, shard: int, insert_size: int, sample_size: int,
-               compute_reward=None) -> ReplayTable:
+               goal_functions=None) -> ReplayTable:
     """Shard `shard` of cfg.replay.num_shards: capacity and the sampling threshold are split evenly,
     and the limiter's error buffer is sized for the largest insert and sample requests. With
-    replay.her on, sampled goals are relabeled and rewards recomputed by `compute_reward` (by
-    default the env's own)."""
+    replay.her on, sampled goals are relabeled, and rewards and terminations recomputed by
+    `goal_functions` (compute_reward, compute_terminated; by default the env's own)."""
     shards = cfg.replay.num_shards
     min_size = math.ceil(max(cfg.train.learning_starts, cfg.learner.batch_size) / shards)
     her = None
     if cfg.replay.her != "off":
-        her = (cfg.replay.her, cfg.replay.her_k, compute_reward or env_reward_function(cfg.env))
+        her = (cfg.replay.her, cfg.replay.her_k, *(goal_functions or env_goal_functions(cfg.env)))
     limiter = RateLimiter.for_requests(cfg.replay.samples_per_insert, min_size, insert_size, sample_size,
                                        cfg.replay.error_buffer)
     return ReplayTable(

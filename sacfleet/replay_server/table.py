@@ -38,7 +38,8 @@ class ReplayTable:
                  priority_beta: float = 0.4, priority_eps: float = 1e-6, max_memory_fraction: float = 0.8,
                  her: tuple | None = None, n_step: int = 1, gamma: float = 0.99,
                  segment_slots: int = SEGMENT_SLOTS):
-        """`her`: (strategy, k, compute_reward) to relabel sampled goal-env transitions, or None.
+        """`her`: (strategy, k, compute_reward, compute_terminated) to relabel sampled goal-env transitions,
+        or None.
         `n_step` > 1: sampled transitions become n-step ones discounted by `gamma` (replay.n_step)."""
         if sampler not in ("uniform", "prioritized"):
             raise ValueError(f"sampler must be 'uniform' or 'prioritized', got {sampler!r}")
