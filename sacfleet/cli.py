@@ -20,8 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train an agent")
-    train.add_argument("--config", help="preset name (pointmass, pendulum, halfcheetah, ...) or a YAML file; "
-                                        "default pointmass (with --resume: the run's own config.yaml)")
+    train.add_argument("--config", help="preset name (pointmass, pendulum, halfcheetah, ...) or a YAML file, "
+                                        "optionally with +variant (hopper+fast: configs/variants/fast.yaml laid "
+                                        "over it); default pointmass (with --resume: the run's own config.yaml)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set learner.batch_size=512 (repeatable)")
     train.add_argument("--run-dir", type=Path, help="output directory; default runs/<config>-<time>")
@@ -51,6 +52,18 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--env", dest="env_id", metavar="ENV_ID",
                        help="env of the env and actors suites (default: the env suite's list; HalfCheetah-v5 "
                             "for actors)")
+    learning = bench.add_argument_group("the learning suite (`sacfleet bench learning`: training runs, hours; never "
+                                        "part of the default suites)")
+    learning.add_argument("--presets", type=lambda s: s.split(","), default=["hopper", "walker2d", "halfcheetah"],
+                          metavar="P,P,...", help="presets to train (default hopper,walker2d,halfcheetah)")
+    learning.add_argument("--variants", type=lambda s: s.split(","), default=["sac", "fast"], metavar="V,V,...",
+                          help="sac (the preset as it is) or a variant of configs/variants; the first is the "
+                               "baseline the others are compared with (default sac,fast)")
+    learning.add_argument("--seeds", type=_seed_list, default=(0, 1), metavar="S,S,...", help="seeds (default 0,1)")
+    learning.add_argument("--steps", type=int, default=100_000, help="env steps per run (default 100000)")
+    learning.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a config key of every run, e.g. learner.critic_hidden_sizes=[2048,2048]")
+    learning.add_argument("--inline", action="store_true", help="train in process, without Ray (deterministic)")
 
     chaos = sub.add_parser("chaos", help="a run during which a random fleet process is SIGKILLed every N seconds; "
                                          "checks that it finishes and counts every failure")
@@ -85,6 +98,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected seeds >= 0, got {text!r}")
+    return values
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -100,9 +123,12 @@ def _bench(args) -> int:
     from sacfleet.bench import SUITES, suite_module
     from sacfleet.bench.report import format_table, to_json, write_outputs
 
+    if "learning" in args.suites:
+        return _bench_learning(args)
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
-        print(f"sacfleet bench: unknown suite {unknown[0]!r}; choose from: {', '.join(SUITES)}", file=sys.stderr)
+        print(f"sacfleet bench: unknown suite {unknown[0]!r}; choose from: {', '.join(SUITES)}, learning",
+              file=sys.stderr)
         return EXIT_USAGE
     if args.seconds <= 0:
         print("sacfleet bench: --seconds must be > 0", file=sys.stderr)
@@ -138,6 +164,33 @@ def _bench(args) -> int:
     written = write_outputs(records, out_dir, header)
     echo(f"wrote {', '.join(str(p) for p in written)}"
          + ("" if any(p.suffix == ".png" for p in written) else " (no plots: matplotlib is not installed)"))
+    return 0
+
+
+def _bench_learning(args) -> int:
+    from sacfleet.bench import learning
+    from sacfleet.common.config import ConfigError
+
+    if args.suites != ["learning"]:
+        return _usage("learning trains for hours: run it on its own, not with other suites", "bench")
+    if args.steps < 1:
+        return _usage("learning: --steps must be >= 1", "bench")
+    out = args.out or Path("runs") / f"bench-learning-{time.strftime('%Y%m%d-%H%M%S')}"
+    log = sys.stderr if args.json else sys.stdout
+    try:
+        records = learning.run(args.presets, args.variants, args.seeds, args.steps, out, args.overrides,
+                               inline=args.inline, echo=lambda line: print(line, file=log, flush=True))
+    except ConfigError as exc:
+        print(f"sacfleet bench learning: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        from sacfleet.bench.report import to_json
+
+        print(to_json(records), flush=True)
+    else:
+        print((out / "table.md").read_text(), flush=True)
+    print(f"wrote {out / 'table.md'}, {out / 'records.json'}"
+          + (f", {out / 'curves.png'}" if (out / "curves.png").is_file() else ""), file=log, flush=True)
     return 0
 
 

@@ -201,3 +201,9 @@ def test_crossq_sets_its_published_settings_unless_told_otherwise():
     assert (cfg.learner.critic_hidden_sizes, cfg.learner.policy_delay, cfg.learner.adam_beta1) == ([64, 64], 1, 0.9)
     with pytest.raises(ConfigError, match="learner.critic: 'droq' is not allowed; choose one of: mlp, layernorm, crossq"):
         load_config("hopper", ["learner.critic=droq"])
+
+
+def test_crossq_with_symlog_critics_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="crossq cannot be combined with learner.symlog_q=true"):
+        load_config("pointmass", ["learner.critic=crossq"])  # the point-mass preset predicts symlog(Q)
+    assert load_config("pointmass", ["learner.critic=crossq", "learner.symlog_q=false"]).learner.critic == "crossq"

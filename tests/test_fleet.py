@@ -680,7 +680,7 @@ def test_a_crossq_fleet_run_acts_with_the_batch_renormalized_policy(tmp_path):
     running statistics included) into the numpy policy; the checkpoint holds no target critics; a resume
     carries the running statistics and their step counts on."""
     log = tmp_path / "weights.jsonl"
-    # Plain Q: with the preset's symlog_q, CrossQ's critics ran away within 3k steps (README, "Critics").
+    # Plain Q: crossq refuses the preset's symlog_q (test_critics).
     summary = run(tmp_path, "learner.critic=crossq", "learner.critic_hidden_sizes=[32, 32]", "learner.obs_norm=true",
                   "learner.symlog_q=false", "replay.n_step=3", parts=recording_env_actor(log))
     loads = [json.loads(line) for line in log.read_text().splitlines() if "version" in line]

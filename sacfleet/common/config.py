@@ -381,6 +381,12 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError("replay.her: relabeling cannot be combined with replay.sampler=prioritized (a stored "
                           "transition's TD error depends on the goal each sample draws for it); choose "
                           "replay.sampler=uniform or replay.her=off")
+    if config.learner.critic == "crossq" and config.learner.symlog_q:
+        raise ConfigError("learner.critic: crossq cannot be combined with learner.symlog_q=true: symlog(Q) "
+                          "regressed on its own bootstrapped targets barely contracts where |Q| is large (the "
+                          "backup's slope in symlog space tends to 1, not gamma), and CrossQ has no target critics "
+                          "to slow the critics chasing themselves; its Q values ran away within 3k steps on the "
+                          "point mass. Set learner.symlog_q=false or choose learner.critic=mlp or layernorm")
     if config.replay.her != "off" and config.replay.n_step > 1:
         raise ConfigError(f"replay.n_step: {config.replay.n_step} cannot be combined with replay.her (relabeling "
                           f"gives a sampled transition a new goal, and every reward of its n-step sum would have to "
@@ -428,6 +434,21 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def variant_names() -> list[str]:
+    """Override sets a preset can be loaded with, as `<preset>+<variant>` (configs/variants/*.yaml)."""
+    return sorted(p.stem for p in (PRESET_DIR / "variants").glob("*.yaml"))
+
+
+def _read_yaml(source: Path) -> dict:
+    try:
+        data = yaml.safe_load(source.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a config must be a mapping of sections")
+    return data
+
+
 def resolve_source(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.is_file():
@@ -440,16 +461,22 @@ def resolve_source(name_or_path: str) -> Path:
 
 
 def load_config(name_or_path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Load a preset name or YAML path (or the defaults), apply overrides, validate."""
+    """Load a preset name or YAML path (or the defaults), each `+variant` after it laid over it in turn
+    (e.g. hopper+fast), then the overrides; validate."""
     data: dict = {}
     if name_or_path:
-        source = resolve_source(name_or_path)
-        try:
-            data = yaml.safe_load(source.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: a config must be a mapping of sections")
+        base, *variants = [name_or_path] if Path(name_or_path).is_file() else name_or_path.split("+")
+        data = _read_yaml(resolve_source(base))
+        for variant in variants:
+            source = PRESET_DIR / "variants" / f"{variant}.yaml"
+            if not source.is_file():
+                raise ConfigError(f"config {name_or_path!r}: {variant!r} is not a variant; choose from: "
+                                  f"{', '.join(variant_names())}")
+            for section, body in _read_yaml(source).items():
+                if isinstance(body, dict) and isinstance(data.get(section), dict):
+                    data[section] = {**data[section], **body}
+                else:
+                    data[section] = body
     for assignment in overrides:
         set_key(data, assignment)
     return from_dict(data)
