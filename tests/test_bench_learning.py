@@ -21,7 +21,7 @@ def test_variants_load_over_their_preset_and_unknown_ones_are_named():
     assert cfg.env.id == "Hopper-v5" and cfg.learner.critic == "crossq"
     assert cfg.learner.critic_hidden_sizes == [256, 256] and cfg.learner.policy_delay == 3
     assert cfg.learner.batch_size == 256 and cfg.train.learning_starts == 10_000  # the preset's, kept
-    with pytest.raises(ConfigError, match="'slow' is not a variant; choose from: fast"):
+    with pytest.raises(ConfigError, match="'slow' is not a variant; choose from: fast, wide"):
         load_config("hopper+slow")
 
 
@@ -60,3 +60,49 @@ def test_bench_learning_refuses_bad_names_before_training(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
     with pytest.raises(ConfigError):
         learning.plan(["hopper"], ["sac"], [0], 1000, ["learner.critic=droq"])
+
+
+def test_killing_the_benchmark_stops_the_run_it_started(tmp_path):
+    """SIGKILL of `sacfleet bench learning` leaves no training process behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sacfleet.common.reaper import descendants
+
+    command = [sys.executable, "-m", "sacfleet", "bench", "learning", "--presets", "pointmass", "--variants", "sac",
+               "--seeds", "0", "--steps", "1000000", "--inline", "--out", str(tmp_path)]
+    for override in TINY:
+        command += ["--set", override]
+    bench = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        trainers = {}
+        while time.monotonic() < deadline and not trainers:
+            trainers = {pid for pid in descendants(bench.pid) if b"\0train\0" in _cmdline(pid)}
+            time.sleep(0.2)
+        assert trainers, "the benchmark started no training run"
+        while not (tmp_path / "pointmass-sac" / "s0" / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(bench.pid, signal.SIGKILL)
+        bench.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        alive = trainers
+        while alive and time.monotonic() < deadline:
+            alive = {pid for pid in alive if os.path.exists(f"/proc/{pid}") and
+                     open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"}
+            time.sleep(0.2)
+        assert not alive, f"training processes {sorted(alive)} outlived the benchmark"
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""

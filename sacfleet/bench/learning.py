@@ -3,9 +3,11 @@ variant (`sac`: the preset itself; else `<preset>+<variant>`) to a step budget o
 `sacfleet train` at a time, and writes a table (final eval, wall time, updates/s, each variant's mean
 against the first's) and the eval curves.
 
-A trial whose directory holds a finished run with the same config is read instead of rerun, so an
-interrupted benchmark continues where it stopped and more seeds can be added later; one with another
-config is refused rather than mixed in.
+A trial whose directory holds a finished run with the same config is read instead of rerun, and an
+unfinished fleet run is resumed from its last checkpoint, so an interrupted benchmark continues where it
+stopped (on a machine that lends 10-minute commands, the same command again) and more seeds can be
+added later; a run with another config is refused rather than mixed in. Killing the benchmark stops
+the run it started.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Callable, Sequence
 
 from sacfleet.bench import Record
 from sacfleet.common.config import ConfigError, load_config, to_dict
+from sacfleet.common.reaper import start_reaper
 
 BASELINE = "sac"  # the variant that is the preset as it is
 CURVE_POINTS = 5  # evaluations per run: every steps / CURVE_POINTS env steps
@@ -81,20 +84,31 @@ def run_trial(trial: Trial, out: Path, steps: int, extra: Sequence[str], inline:
                               f"give another --out or remove it")
         echo(f"{trial.label} seed {trial.seed}: finished before, read from {run_dir}")
         return json.loads(summary_path.read_text())
-    if run_dir.exists():
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"{run_dir} exists and is not a sacfleet run directory; give another --out")
-        echo(f"{trial.label} seed {trial.seed}: {run_dir} holds an unfinished run; starting it again")
-        shutil.rmtree(run_dir)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "sacfleet", "train", "--config", trial.config, "--run-dir", str(run_dir)]
     command += [arg for override in overrides for arg in ("--set", override)]
     if inline:
         command.append("--inline")
+    action = "training"
+    if run_dir.exists():
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"{run_dir} exists and is not a sacfleet run directory; give another --out")
+        differ = _config_differences(run_dir, expected)
+        if differ:
+            raise ConfigError(f"{run_dir} holds an unfinished run with other settings ({', '.join(differ[:6])}); "
+                              f"give another --out or remove it")
+        if not inline and (run_dir / "checkpoints" / "checkpoint.pt").is_file():
+            command = [sys.executable, "-m", "sacfleet", "train", "--resume", str(run_dir),
+                       "--set", f"train.total_env_steps={steps}"]
+            action = "resuming the unfinished run"
+        else:
+            echo(f"{trial.label} seed {trial.seed}: {run_dir} holds an unfinished run without a checkpoint; "
+                 f"starting it again")
+            shutil.rmtree(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = run_dir.with_suffix(".log")
-    echo(f"{trial.label} seed {trial.seed}: training to {steps:,} env steps ({log})")
+    echo(f"{trial.label} seed {trial.seed}: {action} to {steps:,} env steps ({log})")
     start = time.monotonic()
-    with open(log, "w") as handle:
+    with open(log, "a") as handle:
         code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT).returncode
     if code != 0 or not summary_path.is_file():
         echo(f"{trial.label} seed {trial.seed}: FAILED (exit {code}) after {time.monotonic() - start:.0f} s; see {log}")
@@ -193,6 +207,7 @@ def run(presets: Sequence[str], variants: Sequence[str], seeds: Sequence[int], s
         extra: Sequence[str] = (), inline: bool = False, echo: Callable[[str], None] = print) -> list[Record]:
     """Run (or read) every trial, then write table.md, records.json and curves.png under `out`."""
     trials = plan(presets, variants, seeds, steps, extra)
+    start_reaper()  # the runs started below carry its token: if this process is killed, they stop too
     echo(f"bench learning: {len(trials)} runs of {steps:,} env steps: {', '.join(presets)} x "
          f"{', '.join(variants)} x seeds {', '.join(map(str, seeds))}, one at a time, into {out}")
     results = []
