@@ -12,11 +12,16 @@
 #        tf32      HalfCheetah to 300k env steps, SEEDS (default "0 1"), float32 and tf32 (two runs at a time)
 #        e2e       bench e2e with the halfcheetah preset's 2 actors: updates/s as a fraction of the
 #                  learner suite's on the same GPU
+#        learning  bench learning: PRESETS (default hopper,walker2d,halfcheetah,humanoid) to 300k env
+#                  steps, plain SAC (mlp) against CrossQ at its published 2048-wide critics (fast+wide),
+#                  SEEDS (default 0). Runs longer than one command: repeat the same command; finished
+#                  runs are read and the unfinished one resumes from its checkpoint (each command
+#                  stops itself before 10 minutes). The table is in OUT/learning/table.md.
 set -euo pipefail
-phase=${1:?usage: scripts/gpu-targets.sh learner|fleet|tf32|e2e}
+phase=${1:?usage: scripts/gpu-targets.sh learner|fleet|tf32|e2e|learning}
 case $phase in
-  learner|fleet|tf32|e2e) ;;
-  *) echo "scripts/gpu-targets.sh: unknown phase $phase; choose one of: learner, fleet, tf32, e2e" >&2; exit 2 ;;
+  learner|fleet|tf32|e2e|learning) ;;
+  *) echo "scripts/gpu-targets.sh: unknown phase $phase; choose one of: learner, fleet, tf32, e2e, learning" >&2; exit 2 ;;
 esac
 out=${OUT:-runs/gpu-targets}
 mkdir -p "$out"
@@ -65,4 +70,10 @@ case $phase in
     done ;;
   e2e)
     python3 -m sacfleet bench e2e --actors 2 --seconds 4 --out "$out/e2e" | tee "$out/e2e.txt" ;;
+  learning)
+    # 300k steps with 60 s checkpoints: a command stopped by its timeout loses at most a minute.
+    timeout --signal=TERM 570 python3 -m sacfleet bench learning --presets "${PRESETS:-hopper,walker2d,halfcheetah,humanoid}" \
+      --variants sac,fast+wide --seeds "${SEEDS:-0}" --steps 300000 --set checkpoint.interval_s=60 \
+      --out "$out/learning" | tee -a "$out/learning.txt" || true
+    cat "$out/learning/table.md" 2>/dev/null || echo "no finished run yet: run this phase again" ;;
 esac
