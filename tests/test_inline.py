@@ -243,7 +243,7 @@ def test_resume_refuses_what_it_cannot_apply_and_leaves_the_run_unchanged(run, c
         "env.kwargs.dims=2": "another environment than sacfleet/PointMass-v0: obs_dim 2 there, 4 now",
         "learner.hidden_sizes=[64, 64]": "--resume cannot change learner.hidden_sizes ([32, 32] -> [64, 64])",
         "learner.symlog_q=false": "--resume cannot change learner.symlog_q",
-        "learner.critic=crossq": "--resume cannot change learner.critic",
+        "learner.critic=layernorm": "--resume cannot change learner.critic",
         "env.id=Pendulum-v1": "--resume cannot change env.id",
         "replay.capacity=5000": "--resume cannot change replay.capacity (100000 -> 5000) while restoring the replay",
     }

@@ -107,32 +107,36 @@ GOAL_CAPACITY, EPISODE = 100_000, 50
 
 
 def goal_layouts(seconds: float, capacity: int = GOAL_CAPACITY) -> dict[str, tuple[float, float]]:
-    """(insert, sample) transitions/s on a table of FetchReach's shapes: flat (one 16-wide obs), Dict
-    (each key its own field, concatenated for the learner), and Dict with HER `future`, k = 4."""
+    """(insert, sample) transitions/s on a table of FetchReach's shapes: flat (one 16-wide obs), flat with
+    3-step returns (replay.n_step), Dict (each key its own field, concatenated for the learner), and
+    Dict with HER `future`, k = 4."""
     from sacfleet.replay_server.rate_limiter import RateLimiter
     from sacfleet.replay_server.table import ReplayTable
 
     def reward(achieved, desired, info):
         return -(np.linalg.norm(achieved - desired, axis=-1) > 0.05).astype(np.float32)
 
+    def never_terminated(achieved, desired, info):  # Fetch's compute_terminated
+        return False
+
     figures = {}
-    for name, spec, her in (("flat", TransitionSpec(16, 4), None), ("dict", GOAL_SPEC, None),
-                            ("dict + her future", GOAL_SPEC, ("future", 4, reward))):
+    for name, spec, her, n_step in (("flat", TransitionSpec(16, 4), None, 1),
+                                    ("flat + n-step 3", TransitionSpec(16, 4), None, 3),
+                                    ("dict", GOAL_SPEC, None, 1),
+                                    ("dict + her future", GOAL_SPEC, ("future", 4, reward, never_terminated), 1)):
         limiter = RateLimiter(samples_per_insert=1.0, min_size_to_sample=1, error_buffer=1e15)
-        table = ReplayTable(spec, capacity, limiter, her=her)
+        table = ReplayTable(spec, capacity, limiter, her=her, n_step=n_step)
         rng = np.random.default_rng(0)
         chunk = spec.empty(CHUNK)
         for field, array in chunk.items():
             if array.dtype == np.float32:
                 array[...] = rng.standard_normal(array.shape)
         # 10 envs' 50-step episodes, interleaved step by step as an actor's chunks are.
-        if "episode" in chunk:
-            chunk["episode"][:] = np.arange(CHUNK) % 10 + 10 * (np.arange(CHUNK) // (10 * EPISODE))
+        chunk["episode"][:] = np.arange(CHUNK) % 10 + 10 * (np.arange(CHUNK) // (10 * EPISODE))
         chunk["truncated"][:] = (np.arange(CHUNK) // 10) % EPISODE == EPISODE - 1
 
         def insert() -> int:
-            if "episode" in chunk:  # new episode ids for each chunk's episodes
-                chunk["episode"] += 1000
+            chunk["episode"] += 1000  # new episode ids for each chunk's episodes
             return table.insert(chunk)
 
         inserts = _timed(insert, seconds)
