@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--devices", type=lambda s: s.split(","), default=None, metavar="cpu,cuda",
                        help="learner devices (default: cpu, and cuda when torch sees one)")
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
+    bench.add_argument("--compile", dest="compile_mode", choices=("auto", "on", "off"), default="auto",
+                       help="learner suite: learner.compile of the learners measured (default auto: on CUDA only)")
     bench.add_argument("--actors", type=_int_list, default=None, metavar="N,N,...",
                        help="actor counts of the actors and e2e suites (default 1,2,4,... up to the cores)")
     bench.add_argument("--env", dest="env_id", metavar="ENV_ID",
@@ -141,7 +143,7 @@ def _bench(args) -> int:
     def echo(line: str) -> None:
         print(line, file=log, flush=True)
 
-    options = {"seconds": args.seconds, "devices": args.devices, "echo": echo}
+    options = {"seconds": args.seconds, "devices": args.devices, "echo": echo, "compile_mode": args.compile_mode}
     if args.batch_sizes:
         options["batch_sizes"] = args.batch_sizes
     if args.actors:

@@ -321,7 +321,7 @@ CROSSQ_WIDE = {"critic": "crossq", "policy_delay": 3, "adam_beta1": 0.5, "critic
 
 
 def critic_mode_rates(device: torch.device, batch_size: int, seconds: float, k: int = BLOCK,
-                      rounds: int = 5) -> dict[str, float]:
+                      rounds: int = 5, compile_mode: str = "auto") -> dict[str, float]:
     """Updates/s in blocks of k of each learner.critic mode at the suite's shapes, the modes taking turns
     (and CrossQ with its published 2048-wide critics on CUDA, where it is meant to run)."""
     modes = dict(CRITIC_MODES)
@@ -329,7 +329,7 @@ def critic_mode_rates(device: torch.device, batch_size: int, seconds: float, k: 
         modes["crossq 2048"] = CROSSQ_WIDE
     blocks = {}
     for name, options in modes.items():
-        learner, _, block = _ours(device, batch_size, k, **options)
+        learner, _, block = _ours(device, batch_size, k, compile_mode=compile_mode, **options)
         blocks[name] = (learner, block)
     best = best_rates({name: (lambda learner=learner, block=block: learner.update_block(block))
                        for name, (learner, block) in blocks.items()}, device, seconds, rounds)
@@ -348,7 +348,8 @@ def default_devices() -> list[str]:
 
 
 def run(devices: list[str] | None = None, batch_sizes: tuple[int, ...] = BATCH_SIZES, seconds: float = 1.0,
-        echo: Callable[[str], None] = print, **_) -> list[Record]:
+        echo: Callable[[str], None] = print, compile_mode: str = "auto", **_) -> list[Record]:
+    """`compile_mode`: learner.compile for the learners measured (auto: compiled on CUDA only)."""
     records: list[Record] = []
     for name in devices or default_devices():
         device = torch.device(name)
@@ -356,15 +357,16 @@ def run(devices: list[str] | None = None, batch_sizes: tuple[int, ...] = BATCH_S
             raise RuntimeError("bench learner: --devices names cuda, but torch sees no CUDA device")
         for batch_size in batch_sizes:
             for precision in precisions(device):
-                fig = measure(device, batch_size, seconds, precision=precision)
+                fig = measure(device, batch_size, seconds, compile_mode=compile_mode, precision=precision)
                 echo(f"learner {fig.device} batch {batch_size} ({fig.precision}): sacfleet {fig.sacfleet:,.0f} "
                      f"updates/s, naive {fig.naive:,.0f} ({fig.speedup:.2f}x); {fig.flop_fraction:.2f} of the "
                      f"matmul FLOP rate; blocks of {BLOCK}: {fig.block:,.0f} updates/s, fed by the prefetcher "
                      f"{fig.fed:,.0f} ({fig.fed / fig.block:.2f} of blocks)")
                 records += _records(fig)
         batch_size = batch_sizes[0]
-        modes = critic_mode_rates(device, batch_size, seconds * len(CRITIC_MODES))
-        echo(f"learner {device.type} batch {batch_size}, blocks of {BLOCK}, by learner.critic: " + ", ".join(
+        modes = critic_mode_rates(device, batch_size, seconds * len(CRITIC_MODES), compile_mode=compile_mode)
+        compiled = " (compiled)" if resolve_compile(compile_mode, device) else ""
+        echo(f"learner {device.type} batch {batch_size}{compiled}, blocks of {BLOCK}, by learner.critic: " + ", ".join(
             f"{name} {value:,.0f} updates/s ({value / modes['mlp']:.2f}x mlp)" for name, value in modes.items()))
         common = dict(suite="learner", device=device.type, batch_size=batch_size)
         for name, value in modes.items():
