@@ -256,25 +256,9 @@ class _FakeGraph:
         self.run()
 
 
-def test_cuda_graph_step_warms_each_block_shape_then_replays_one_graph_per_shape(monkeypatch):
-    """CudaGraphStep's bookkeeping, on CPU with a fake CUDA graph: every shape runs once uncaptured
-    before its capture, each block's data is copied into its shape's static inputs, replays give
-    the step's results, and outputs are copies that the next replay does not overwrite."""
+def _install_fake_cuda(monkeypatch) -> None:
+    """torch.cuda's streams, synchronization and graphs replaced by CPU stand-ins (_FakeGraph)."""
     import contextlib
-
-    from sacfleet.learner import compiled
-
-    calls = []
-
-    def step(block):
-        calls.append(tuple(block.obs.shape))
-        out = (block.obs.sum(-1), block.reward.sum(-1, keepdim=True))
-        if _FakeGraph.capturing is not None:  # replays recompute into the same output tensors
-            def rerun(inputs=block, outputs=out):
-                outputs[0].copy_(inputs.obs.sum(-1))
-                outputs[1].copy_(inputs.reward.sum(-1, keepdim=True))
-            _FakeGraph.capturing.run = rerun
-        return out
 
     @contextlib.contextmanager
     def graph(g, capture_error_mode="global"):
@@ -289,13 +273,31 @@ def test_cuda_graph_step_warms_each_block_shape_then_replays_one_graph_per_shape
         def wait_stream(self, other):
             pass
 
-    cuda = torch.cuda
-    monkeypatch.setattr(cuda, "Stream", Stream)
-    monkeypatch.setattr(cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(cuda, "current_stream", Stream)
-    monkeypatch.setattr(cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(cuda, "CUDAGraph", _FakeGraph)
-    monkeypatch.setattr(cuda, "graph", graph)
+    for name, value in (("Stream", Stream), ("stream", lambda s: contextlib.nullcontext()),
+                        ("current_stream", Stream), ("synchronize", lambda: None), ("CUDAGraph", _FakeGraph),
+                        ("graph", graph)):
+        monkeypatch.setattr(torch.cuda, name, value)
+
+
+def test_cuda_graph_step_warms_each_block_shape_then_replays_one_graph_per_shape(monkeypatch):
+    """CudaGraphStep's bookkeeping, on CPU with a fake CUDA graph: every shape runs once uncaptured
+    before its capture, each block's data is copied into its shape's static inputs, replays give
+    the step's results, and outputs are copies that the next replay does not overwrite."""
+    from sacfleet.learner import compiled
+
+    calls = []
+
+    def step(block):
+        calls.append(tuple(block.obs.shape))
+        out = (block.obs.sum(-1), block.reward.sum(-1, keepdim=True))
+        if _FakeGraph.capturing is not None:  # replays recompute into the same output tensors
+            def rerun(inputs=block, outputs=out):
+                outputs[0].copy_(inputs.obs.sum(-1))
+                outputs[1].copy_(inputs.reward.sum(-1, keepdim=True))
+            _FakeGraph.capturing.run = rerun
+        return out
+
+    _install_fake_cuda(monkeypatch)
 
     def block(k, seed):
         g = torch.Generator().manual_seed(seed)
@@ -327,8 +329,6 @@ def test_cuda_graph_step_warms_each_block_shape_then_replays_one_graph_per_shape
 def test_cuda_graph_step_captures_one_graph_per_static_argument(monkeypatch):
     """The learner passes its place in the learner.policy_delay cycle as a static argument: each value
     is a capture of its own, and replays run the step that value selected."""
-    import contextlib
-
     from sacfleet.learner import compiled
 
     calls = []
@@ -342,23 +342,7 @@ def test_cuda_graph_step_captures_one_graph_per_static_argument(monkeypatch):
             _FakeGraph.capturing.run = rerun
         return out
 
-    @contextlib.contextmanager
-    def graph(g, capture_error_mode="global"):
-        _FakeGraph.capturing = g
-        try:
-            yield
-        finally:
-            _FakeGraph.capturing = None
-
-    class Stream:
-        def wait_stream(self, other):
-            pass
-
-    cuda = torch.cuda
-    for name, value in (("Stream", Stream), ("stream", lambda s: contextlib.nullcontext()),
-                        ("current_stream", Stream), ("synchronize", lambda: None), ("CUDAGraph", _FakeGraph),
-                        ("graph", graph)):
-        monkeypatch.setattr(cuda, name, value)
+    _install_fake_cuda(monkeypatch)
 
     def block(seed):
         g = torch.Generator().manual_seed(seed)
