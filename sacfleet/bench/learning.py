@@ -177,6 +177,7 @@ def plot_curves(results: Sequence[Result], path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         return False
     presets = list(dict.fromkeys(r.trial.preset for r in results))
@@ -193,6 +194,7 @@ def plot_curves(results: Sequence[Result], path: Path) -> bool:
                                                             if x.trial.variant == r.trial.variant) else None
             ax.plot([p[0] for p in curve], [p[2] for p in curve], color=colour, marker="o", label=label)
         ax.set_title(preset)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
         ax.set_xlabel("env steps")
         ax.set_ylabel("eval return")
         ax.grid(alpha=0.3)
