@@ -489,6 +489,7 @@ def test_env_actors_ask_for_weights_at_most_every_20_ms(monkeypatch):
     monkeypatch.setattr(env_actor, "decode_weights", lambda payload: ({}, 1))
     source = ray.remote(CountingWeights).options(num_cpus=0.01).remote()
     try:
+        assert ray.get(source.count.remote(), timeout=60) == 0  # started: the window below times polls only
         puller = env_actor.WeightPuller(source, env_actor.WEIGHT_POLL_MIN_S)
         got, start = [], time.monotonic()
         while time.monotonic() - start < 0.5:  # a sync point every 0.5 ms, as a fast actor has
