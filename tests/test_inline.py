@@ -93,6 +93,17 @@ def test_cli_eval_reads_a_checkpoint(run, capsys):
     assert f"{summary['eval']['return_mean']:.2f}" in out  # same policy, same seeds as the final eval
 
 
+def test_cli_eval_names_a_file_that_is_not_a_checkpoint_and_one_cut_short(run, tmp_path, capsys):
+    run_dir, _ = run
+    assert main(["eval", "--checkpoint", "/etc/passwd"]) == 2
+    assert "/etc/passwd is not a sacfleet checkpoint (not a file torch.save wrote)" in capsys.readouterr().err
+    whole = (run_dir / "checkpoints" / "checkpoint.pt").read_bytes()
+    cut = tmp_path / "checkpoint.pt"
+    cut.write_bytes(whole[:len(whole) // 2])
+    assert main(["eval", "--checkpoint", str(cut)]) == 2
+    assert f"checkpoint {cut} is damaged (cut short or corrupted)" in capsys.readouterr().err
+
+
 def test_the_best_evaluated_policy_is_kept_and_sacfleet_eval_best_reads_it(run, capsys):
     run_dir, summary = run
     curve = summary["eval"]["curve"]

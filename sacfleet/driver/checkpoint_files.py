@@ -19,6 +19,7 @@ from sacfleet.replay_server.snapshot_files import SnapshotFileError, remove_unli
 
 CHECKPOINT_VERSION = 2  # 2: replay snapshots in segments listed by a manifest (1: one file per shard)
 READABLE_VERSIONS = (1, 2)  # a version-1 checkpoint resumes with its learner state and an empty replay
+ZIP_MAGIC = b"PK\x03\x04"  # how every file torch.save writes begins
 
 
 class CheckpointError(RunRefused):
@@ -38,9 +39,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
+        with open(path, "rb") as handle:
+            magic = handle.read(len(ZIP_MAGIC))
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    if magic != ZIP_MAGIC:  # torch.save writes a zip archive; this is some other file
+        raise CheckpointError(f"{path} is not a sacfleet checkpoint (not a file torch.save wrote)")
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+        raise CheckpointError(f"checkpoint {path} is damaged (cut short or corrupted): {exc}") from None
     if not isinstance(state, dict) or state.get("version") not in READABLE_VERSIONS:
         versions = " or ".join(map(str, READABLE_VERSIONS))
         raise CheckpointError(f"{path} is not a sacfleet checkpoint of version {versions}")
