@@ -257,6 +257,14 @@ def test_resume_refuses_a_finished_run_and_a_missing_one(tmp_path, ray_tmp):
     assert proc.returncode == 2 and "no config.yaml there" in output
 
 
+def test_a_replay_too_big_for_the_machine_is_refused_before_ray_starts(tmp_path, ray_tmp):
+    proc = sacfleet("train", "--config", "pointmass", "--set", "replay.capacity=100000000000",
+                    "--run-dir", str(tmp_path / "run"), ray_tmp=ray_tmp)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "replay.capacity=100,000,000,000 needs" in output, output
+    assert "Started a local Ray instance" not in output and not list(Path(ray_tmp).iterdir())
+
+
 def test_health_warns_of_a_stuck_learner_and_of_stuck_actors_as_it_happens(tmp_path, ray_tmp):
     """SIGSTOP the learner, then the env actors, as a hung process would: the driver keeps watching
     and names each stall within health.starved_seconds; after SIGCONT the run finishes."""

@@ -26,7 +26,8 @@ from sacfleet.common.config import Config, save_config, to_dict
 from sacfleet.common.envs import EnvInfo, check_env_config, describe_env
 from sacfleet.driver.checkpoint_files import BestPolicy, kept_checkpoint_note
 from sacfleet.driver.checkpointing import CheckpointSkipped, FleetCheckpointer
-from sacfleet.driver.errors import FleetDiverged, FleetError
+from sacfleet.common.transitions import TransitionSpec
+from sacfleet.driver.errors import FleetDiverged, FleetError, RunRefused
 from sacfleet.driver.fleet import Fleet, FleetParts, connect
 from sacfleet.driver.placement import Resources, cluster_nodes, describe, plan_fleet
 from sacfleet.driver.recovery import FleetRecovery
@@ -36,6 +37,7 @@ from sacfleet.driver.run_dir import check_run_dir, echo_flush
 from sacfleet.driver.scaling import Scaler
 from sacfleet.driver.schedule import RunSchedule
 from sacfleet.driver.supervisor import FleetSupervisor
+from sacfleet.replay_server.storage import ReplayMemoryError, check_fits
 
 __all__ = ["FleetError", "Resources", "connect", "plan_fleet", "train_fleet"]
 
@@ -187,6 +189,12 @@ def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resum
     check_env_config(cfg, env_info)
     # Everything a resume needs is checked before the run directory changes.
     point = load_resume(run_dir, cfg, env_info) if resume else None
+    if address is None:  # every shard will be on this machine: refuse a replay that cannot fit before Ray starts
+        try:
+            check_fits(TransitionSpec.for_env(env_info), cfg.replay.capacity, cfg.replay.sampler == "prioritized",
+                       cfg.replay.max_memory_fraction)
+        except ReplayMemoryError as exc:
+            raise RunRefused(str(exc)) from None
     if not resume:
         check_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
