@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
                             "e.g. raise train.total_env_steps)")
     train.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray; default all of this machine's")
     train.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with the embedded Ray")
+    train.add_argument("--reachable", action="store_true",
+                       help="let the embedded Ray (and its dashboard) listen on this machine's network address, "
+                            "as Ray does by default; without it every port is on 127.0.0.1 only")
 
     bench = sub.add_parser("bench", help=f"throughput benchmarks: {', '.join(SUITES)}")
     bench.add_argument("suites", nargs="*", metavar="SUITE", help=f"suites to run (default: all): {', '.join(SUITES)}")
@@ -218,17 +221,20 @@ def _train(args) -> int:
 
     try:
         if args.inline:
-            if args.address:
-                return _usage("--inline runs without Ray; it cannot be combined with --address")
+            if args.address or args.reachable:
+                return _usage("--inline runs without Ray; it cannot be combined with --address or --reachable")
             train_inline(cfg, run_dir)
             return 0
         if args.address:
+            if args.reachable:
+                return _usage("--reachable is for the embedded Ray; a cluster joined with --address keeps its own "
+                              "addresses")
             _prefer_token_auth()
         from sacfleet.driver.train_fleet import train_fleet
 
         signal.signal(signal.SIGTERM, _terminate_gracefully)
         train_fleet(cfg, run_dir, address=args.address, resume=args.resume is not None,
-                    num_cpus=args.num_cpus, dashboard=args.dashboard)
+                    num_cpus=args.num_cpus, dashboard=args.dashboard, reachable=args.reachable)
     except RunFailed as exc:
         print(f"sacfleet train: the run failed: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -1,11 +1,13 @@
 """`sacfleet train` as users run it, in a child process with its own embedded Ray: an end-to-end
 learning run, Ctrl-C then --resume, and no Ray process left behind."""
 
+import ipaddress
 import json
 import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +41,34 @@ def pids_of(marker: str, title: str = "") -> list[tuple[int, str]]:
         except OSError:  # gone, or not ours
             continue
     return found
+
+
+def listening_addresses(pids: list[int]) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN state that one of `pids` holds open."""
+    listening = {}  # socket inode -> (address, port)
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] != "0A":  # TCP_LISTEN
+                continue
+            address, port = fields[1].split(":")
+            raw = bytes.fromhex(address)  # the kernel prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            listening[int(fields[9])] = (socket.inet_ntop(family, raw), int(port, 16))
+    found = []
+    for pid in pids:
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:  # gone
+            continue
+        found += [listening[int(link[8:-1])] for link in links
+                  if link.startswith("socket:[") and int(link[8:-1]) in listening]
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return (ip.ipv4_mapped or ip).is_loopback
 
 
 class Lines:
@@ -223,27 +253,34 @@ def test_ctrl_c_then_resume_continues_the_run(tmp_path, ray_tmp):
     assert no_ray_left(ray_tmp) == []
 
 
-def test_driver_killed_with_sigkill_leaves_no_process_behind(tmp_path, ray_tmp):
+def test_an_embedded_run_listens_on_loopback_only_and_sigkill_of_its_driver_leaves_no_process_behind(
+        tmp_path, ray_tmp):
     proc = sacfleet("train", "--config", "pointmass", "--set", "train.total_env_steps=100000",
                     "--set", "learner.hidden_sizes=[32, 32]", "--set", "train.log_interval=500",
                     "--num-cpus", "2", "--run-dir", str(tmp_path / "run"), ray_tmp=ray_tmp)
     lines = Lines(proc)
     lines.wait_for(lambda line: line.startswith("steps") and "updates         0 " not in line, timeout=180)
-    kinds = {process_kind(cmdline.split()) for _, cmdline in pids_of(f"RAY_TMPDIR={ray_tmp}")}
+    processes = pids_of(f"RAY_TMPDIR={ray_tmp}")
+    kinds = {process_kind(cmdline.split()) for _, cmdline in processes}
     assert {"ray::LearnerService", "ray::ReplayShard", "ray::EnvActor", "raylet", "gcs_server"} <= kinds, kinds
+    # The driver, the GCS, the raylet and every actor serve gRPC: all of it on 127.0.0.1.
+    listening = listening_addresses([proc.pid] + [pid for pid, _ in processes])
+    assert len(listening) >= 5 and not [a for a in listening if not is_loopback(a[0])], listening
     os.kill(proc.pid, signal.SIGKILL)  # the driver alone, as the OOM killer or `kill -9` would
     proc.wait(timeout=10)
     assert no_ray_left(ray_tmp, timeout=10) == []
 
 
-def test_sigterm_to_the_driver_stops_the_run_gracefully(tmp_path, ray_tmp):
+def test_sigterm_to_the_driver_stops_the_run_gracefully_and_reachable_opens_the_network(tmp_path, ray_tmp):
     # Ray's core worker installs its own SIGTERM handler (log and exit 15); the CLI's must win.
     proc = sacfleet("train", "--config", "pointmass", "--set", "train.total_env_steps=100000",
                     "--set", "learner.hidden_sizes=[32, 32]", "--set", "train.log_interval=500",
                     "--set", "eval.final_episodes=2", "--num-cpus", "2", "--run-dir", str(tmp_path / "run"),
-                    ray_tmp=ray_tmp)
+                    "--reachable", ray_tmp=ray_tmp)
     lines = Lines(proc)
     lines.wait_for(lambda line: line.startswith("steps") and "updates         0 " not in line, timeout=180)
+    listening = listening_addresses([proc.pid] + [pid for pid, _ in pids_of(f"RAY_TMPDIR={ray_tmp}")])
+    assert [a for a in listening if not is_loopback(a[0])], listening  # Ray's own default: the network
     proc.send_signal(signal.SIGTERM)  # as a scheduler stops a job
     assert proc.wait(timeout=300) == 0, lines.rest()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,10 +38,11 @@ START_TIMEOUT_S = 600.0  # a part not started by then fails the run
 WAIT_NOTE_S = 30.0  # how often a start that waits on Ray's placement says so
 
 
-def connect(address: str | None, num_cpus: int | None, dashboard: bool) -> bool:
+def connect(address: str | None, num_cpus: int | None, dashboard: bool, reachable: bool = False) -> bool:
     """Start an embedded Ray sized to the machine, or join `address`. Returns whether this process
     must call ray.shutdown() (False when Ray was already initialised by the caller, e.g. tests).
-    An embedded Ray is watched by a reaper, so none of its processes outlives this one."""
+    An embedded Ray is watched by a reaper, so none of its processes outlives this one, and it listens
+    on loopback only unless `reachable`: a run on one machine needs no port open to the network."""
     if ray.is_initialized():
         return False
     on_sigterm = signal.getsignal(signal.SIGTERM)
@@ -48,12 +50,40 @@ def connect(address: str | None, num_cpus: int | None, dashboard: bool) -> bool:
         ray.init(address=address, include_dashboard=None if dashboard else False)
     else:
         start_reaper()
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard)
+        with _loopback_only(not reachable):
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
+                     **({"dashboard_host": "0.0.0.0"} if reachable else {}))
     if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
         # Ray's core worker replaces the process's SIGTERM handler with one that logs and exits; the
         # caller's (the CLI's graceful stop) is put back.
         signal.signal(signal.SIGTERM, on_sigterm)
     return True
+
+
+@contextmanager
+def _loopback_only(enabled: bool):
+    """Ray binds its servers (GCS, raylet, workers, agents) to the node's address, which it takes to be
+    the machine's network address, and `ray.init(_node_ip_address="127.0.0.1")` is turned back into that
+    address. Only its single-machine mode, the default on macOS and Windows, takes loopback: switched
+    on here for the processes ray.init starts (they read the variable) and for this one (whose
+    constant was read at import), then put back, so that a later `connect(address)` is unaffected."""
+    if not enabled:
+        yield
+        return
+    from ray._private import ray_constants
+
+    before_env = os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+        if before_env is None:
+            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = before_env
 
 
 # ------------------------------------------------------------------------------------- the fleet

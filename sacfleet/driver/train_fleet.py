@@ -176,12 +176,13 @@ class FleetRun:
 # ------------------------------------------------------------------------------------ train
 
 def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resume: bool = False,
-                num_cpus: int | None = None, dashboard: bool = False, echo: Callable[[str], None] | None = None,
-                parts: FleetParts = FleetParts()) -> dict:
+                num_cpus: int | None = None, dashboard: bool = False, reachable: bool = False,
+                echo: Callable[[str], None] | None = None, parts: FleetParts = FleetParts()) -> dict:
     """Train with the Ray fleet; returns the summary (also written to run_dir/summary.json). Raises
     FleetError naming the failed component, after saving the learner's state when it is alive
     (FleetDiverged when the learner diverged: then summary.json says so and the last good checkpoint
-    is kept). `parts`: the classes the fleet's Ray actors run (fleet.FleetParts)."""
+    is kept). `reachable`: an embedded Ray listens on the network, not only on loopback. `parts`: the
+    classes the fleet's Ray actors run (fleet.FleetParts)."""
     start = time.monotonic()
     echo = echo or echo_flush
     run_dir = Path(run_dir)
@@ -200,7 +201,7 @@ def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resum
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
 
-    started_ray = connect(address, num_cpus, dashboard)
+    started_ray = connect(address, num_cpus, dashboard, reachable)
     fleet = run = None
     try:
         res, placement = plan_fleet(cfg, cluster_nodes())
