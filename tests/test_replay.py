@@ -5,7 +5,7 @@ import pytest
 
 from sacfleet.common.codec import CodecError
 from sacfleet.common.transitions import InvalidTransitions, TransitionSpec
-from sacfleet.driver.checkpoint_files import load_checkpoint, write_run_checkpoint
+from sacfleet.driver.checkpoint_files import CheckpointSets, load_checkpoint
 from sacfleet.replay_server import (RateLimited, RateLimiter, RateLimiterTimeout, ReplayMemoryError, ReplayTable,
                                     RingStorage, estimate_bytes, wait_until_allowed)
 from sacfleet.replay_server.snapshot_files import SnapshotWriter, entry_files, read_shard
@@ -321,7 +321,8 @@ def test_snapshot_writer_writes_changed_segments_and_commits_sets_whole(tmp_path
     writer.next_generation()
     first = writer.write_shard(0, table.begin_snapshot(), table.snapshot_segment)
     assert [ref["file"] for ref in first["segments"]] == [f"replay/shard0/seg{j:05d}-g1.msgpack" for j in range(3)]
-    write_run_checkpoint(tmp_path, {"updates": 1}, {}, writer.manifest())
+    sets = CheckpointSets(tmp_path, keep=1)
+    sets.commit({"updates": 1}, {}, writer.manifest())
 
     table.insert(chunk(10, 1))  # slot 10: only segment 2 changes
     writer.next_generation()
@@ -330,7 +331,7 @@ def test_snapshot_writer_writes_changed_segments_and_commits_sets_whole(tmp_path
     assert second["segments"][2]["file"] == "replay/shard0/seg00002-g2.msgpack" and second["inserts"] == 11
     # Until the new set is committed, every file of the committed one is still there.
     assert all((tmp_path / ref["file"]).is_file() for ref in entry_files(first))
-    write_run_checkpoint(tmp_path, {"updates": 2}, {}, writer.manifest())
+    sets.commit({"updates": 2}, {}, writer.manifest())
     on_disk = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "replay").rglob("*.msgpack"))
     assert on_disk == sorted(ref["file"] for ref in entry_files(second))
 

@@ -170,6 +170,8 @@ class CheckpointConfig:
                         "what changed since the last)")
     best: bool = _key(True, doc="keep the best-evaluated policy as checkpoints/best.pt (sacfleet eval --best); "
                       "a policy only, not a point to resume from")
+    keep: int = _key(2, ge=1, doc="checkpoint sets kept (checkpoint.pt, checkpoint.1.pt, ...): a resume or a "
+                     "recovery uses the newest that reads back whole")
 
 
 @dataclass

@@ -5,16 +5,17 @@ shards filled back from the newest snapshots (on resume, and when a shard is rec
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Sequence
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from sacfleet.common.config import Config
 from sacfleet.driver.calls import CALL_TIMEOUT
-from sacfleet.driver.checkpoint_files import write_run_checkpoint
+from sacfleet.driver.checkpoint_files import CheckpointSets
 from sacfleet.driver.errors import FleetDiverged, FleetError, ray_cause
 from sacfleet.learner.sac import LearnerDiverged
-from sacfleet.replay_server.snapshot_files import SnapshotFileError, SnapshotWriter, read_shard
+from sacfleet.replay_server.snapshot_files import SnapshotFileError, SnapshotWriter, read_shard, verify
 
 
 class CheckpointSkipped(FleetError):
@@ -23,12 +24,16 @@ class CheckpointSkipped(FleetError):
 
 
 class FleetCheckpointer:
-    """`manifest` and `learner_state`: the committed set a resumed session starts from (or None)."""
+    """`manifest` and `learner_state`: the committed set a resumed session starts from (or None);
+    `kept_replay`: the replay manifests of the sets kept beside it, newest first (it included);
+    `damaged`: the files of newer sets the resume skipped (checkpoint_files.CheckpointSets)."""
 
-    def __init__(self, cfg: Config, directory: Path, manifest: dict | None = None, learner_state: dict | None = None):
+    def __init__(self, cfg: Config, directory: Path, manifest: dict | None = None, learner_state: dict | None = None,
+                 kept_replay: Sequence[dict | None] = (), damaged: Sequence[Path] = ()):
         self.cfg = cfg
         self.directory = Path(directory)
         self.writer = SnapshotWriter(self.directory, cfg.replay.num_shards, manifest)
+        self.sets = CheckpointSets(self.directory, cfg.checkpoint.keep, kept_replay or [manifest], damaged)
         self.learner_state = learner_state  # of the newest committed set: what a recovered learner restarts from
         self.committed: tuple[dict, dict, dict | None] | None = None  # (state, extra, manifest) of that set
 
@@ -76,7 +81,7 @@ class FleetCheckpointer:
 
     def commit(self, state: dict, extra: dict) -> None:
         manifest = self.writer.manifest() if self.cfg.checkpoint.replay else None
-        write_run_checkpoint(self.directory, state, extra, manifest)
+        self.sets.commit(state, extra, manifest)
         self.learner_state, self.committed = state, (state, extra, manifest)
 
     def amend(self, **extra) -> None:
@@ -84,17 +89,20 @@ class FleetCheckpointer:
         if self.committed is not None:
             state, old, manifest = self.committed
             self.committed = (state, {**old, **extra}, manifest)
-            write_run_checkpoint(self.directory, state, self.committed[1], manifest)
+            self.sets.amend(state, self.committed[1], manifest)
 
     # -- filling shards
 
-    def restore_shard(self, index: int, handle, timeout: float = CALL_TIMEOUT) -> dict:
-        """Fill shard `index` (empty, or restarted after a crash) from its newest snapshot, one
-        segment per call, and let it serve; returns its statistics."""
+    def restore_shard(self, index: int, handle, timeout: float = CALL_TIMEOUT,
+                      echo: Callable[[str], None] | None = None) -> dict:
+        """Fill shard `index` (empty, or restarted after a crash) from its newest snapshot whose files
+        read back whole (an older kept set's when the newest's do not: `echo` says so), one segment per
+        call, and let it serve; returns its statistics."""
         entry = self.writer.entries[index]
         try:
             if entry is None:
                 return ray.get(handle.serve_empty.remote(), timeout=timeout)
+            entry = self._readable_entry(index, entry, echo)
             header, segments = read_shard(self.directory, entry)
             ray.get(handle.restore_begin.remote(header), timeout=timeout)
             for payload in segments:
@@ -102,3 +110,21 @@ class FleetCheckpointer:
             return ray.get(handle.restore_end.remote(), timeout=timeout)
         except (RayTaskError, SnapshotFileError) as exc:
             raise FleetError(f"cannot restore replay shard {index} from its snapshot: {ray_cause(exc)}") from None
+
+    def _readable_entry(self, index: int, newest: dict, echo: Callable[[str], None] | None) -> dict:
+        """The newest of shard `index`'s kept snapshots whose files all read back (checked before the
+        shard sees any of it); the next increment then builds on that one."""
+        failures = []
+        for entry in [newest, *self.sets.older_entries(index)]:
+            try:
+                verify(self.directory, {"shards": [entry]})
+            except SnapshotFileError as exc:
+                failures.append(str(exc))
+                continue
+            if failures:
+                self.writer.restored(index, entry)
+                if echo:
+                    echo(f"replay shard {index}: its newest snapshot does not read back ({failures[0]}); "
+                         f"restoring an older one, of {entry['inserts']:,} inserts")
+            return entry
+        raise SnapshotFileError("; ".join(failures))

@@ -71,7 +71,7 @@ class FleetRecovery:
         source = (f"from its snapshot of {entry['inserts']:,} inserts" if entry else "empty (no snapshot yet)"
                   if self.cfg.checkpoint.replay else "empty (checkpoint.replay=false keeps no snapshots)")
         self.echo(f"{what} failed ({cause}); recovering it ({self._budget()}) {source}")
-        stats = self.checkpointer.restore_shard(index, handle)
+        stats = self.checkpointer.restore_shard(index, handle, echo=self.echo)
         event = Recovery(what, cause, env_steps, self.clock() - t0,
                          lost_transitions=max(0, last_inserts - stats["inserts"]), incident=self.incidents)
         self._record(event)

@@ -1,6 +1,6 @@
-"""What a resumed run continues from: its directory's last checkpoint, checked against the resumed
-config and environment before anything in the directory changes. A changed key is either applied
-or refused with the reason; none is ignored."""
+"""What a resumed run continues from: its directory's newest checkpoint set that reads back whole,
+checked against the resumed config and environment before anything in the directory changes. A
+changed key is either applied or refused with the reason; none is ignored."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 
 from sacfleet.common.config import Config, to_dict
 from sacfleet.common.envs import EnvInfo
-from sacfleet.driver.checkpoint_files import CheckpointError, load_checkpoint, replay_manifest
+from sacfleet.driver.checkpoint_files import (CheckpointError, check_replay_files, kept_files, newest_checkpoint,
+                                              read_checkpoint_file, replay_manifest)
 
 # Keys a resumed run cannot change, and why.
 FIXED_KEYS = {
@@ -47,6 +48,10 @@ class ResumePoint:
     lags: list = field(default_factory=list)
     replay: dict | None = None  # the checkpoint set's replay manifest, its files checked
     applied: list[str] = field(default_factory=list)  # 'key old -> new' for each key the resume changes
+    path: Path | None = None  # the set's file
+    skipped: str = ""  # which newer sets did not read back, and why ("" when the newest did)
+    damaged: list[Path] = field(default_factory=list)  # their files
+    kept_replay: list = field(default_factory=list)  # replay manifests of this set and the older kept ones
 
 
 def _flat(config: dict) -> dict[str, object]:
@@ -56,8 +61,9 @@ def _flat(config: dict) -> dict[str, object]:
 def load_resume(run_dir: Path, cfg: Config, env_info: EnvInfo) -> ResumePoint:
     """Read and check the checkpoint in `run_dir` for a session with `cfg` on `env_info`; raises
     CheckpointError naming what does not fit. Reads only: the caller writes config.yaml after."""
-    state = load_checkpoint(run_dir)
     checkpoint_dir = Path(run_dir) / "checkpoints"
+    found = newest_checkpoint(checkpoint_dir, check_replay_files if cfg.checkpoint.replay else None)
+    state = found.state
     before, now = _flat(state.get("config", {})), _flat(to_dict(cfg))
     changed = {key: (before[key], now[key]) for key in now if key in before and before[key] != now[key]}
     for key, why in FIXED_KEYS.items():
@@ -89,7 +95,22 @@ def load_resume(run_dir: Path, cfg: Config, env_info: EnvInfo) -> ResumePoint:
                        wall_seconds=float(prior.get("wall_seconds", 0.0)), evals=list(prior.get("evals", [])),
                        restarts=int(prior.get("restarts", 0)), lags=list(prior.get("lags", [])),
                        recoveries=list(prior.get("recoveries", [])),
-                       replay=replay, applied=applied)
+                       replay=replay, applied=applied, path=found.path, skipped=found.note(),
+                       damaged=[path for path, _ in found.skipped],
+                       kept_replay=[replay, *_older_replay(checkpoint_dir, found.path)] if replay else [])
+
+
+def _older_replay(directory: Path, chosen: Path) -> list:
+    """The replay manifests of the kept sets older than `chosen`, whose files must stay while they are
+    kept (an unreadable one lists none)."""
+    older = kept_files(directory)
+    manifests = []
+    for path in older[older.index(chosen) + 1:]:
+        try:
+            manifests.append(read_checkpoint_file(path).get("replay"))
+        except CheckpointError:
+            manifests.append(None)
+    return manifests
 
 
 def _check_env(saved: dict, env_info: EnvInfo, env_id: str) -> None:

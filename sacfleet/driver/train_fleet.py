@@ -24,7 +24,7 @@ import ray
 
 from sacfleet.common.config import Config, save_config, to_dict
 from sacfleet.common.envs import EnvInfo, check_env_config, describe_env
-from sacfleet.driver.checkpoint_files import BestPolicy, kept_checkpoint_note
+from sacfleet.driver.checkpoint_files import DAMAGED_SUFFIX, BestPolicy, kept_checkpoint_note
 from sacfleet.driver.checkpointing import CheckpointSkipped, FleetCheckpointer
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.driver.errors import FleetDiverged, FleetError, RunRefused
@@ -214,10 +214,13 @@ def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resum
         if point:
             echo(f"resuming at {point.env_steps:,} env steps, {point.learner_state['updates']:,} updates"
                  f"{', replay restored from snapshots' if point.replay else ', replay empty (no snapshots)'}")
+            if point.skipped:
+                echo(f"resume: {point.skipped}; the skipped files are set aside as NAME{DAMAGED_SUFFIX}")
             if point.applied:
                 echo(f"resume applies: {'; '.join(point.applied)}")
         learner_state = point.learner_state if point else None
-        checkpointer = FleetCheckpointer(cfg, run_dir / "checkpoints", point.replay if point else None, learner_state)
+        checkpointer = FleetCheckpointer(cfg, run_dir / "checkpoints", point.replay if point else None, learner_state,
+                                         point.kept_replay if point else (), point.damaged if point else ())
         fleet = Fleet(cfg, env_info, res, placement, checkpointer, learner_state, point.session if point else 0, echo,
                       parts)
         run = FleetRun(cfg, run_dir, fleet, env_info, res, point, checkpointer, echo, start)

@@ -24,7 +24,7 @@ from sacfleet.actors.rollout import Rollout
 from sacfleet.common.config import Config, save_config, to_dict
 from sacfleet.common.envs import EnvInfo, check_env_config, describe_env
 from sacfleet.common.transitions import TransitionSpec
-from sacfleet.driver.checkpoint_files import BestPolicy, kept_checkpoint_note, write_run_checkpoint
+from sacfleet.driver.checkpoint_files import BestPolicy, CheckpointSets, kept_checkpoint_note
 from sacfleet.driver.errors import RunFailed, RunRefused
 from sacfleet.driver.report import INTERRUPTED, Point, Reporter, her_values, replay_ratio, replay_section
 from sacfleet.driver.run_dir import check_run_dir, echo_flush
@@ -95,6 +95,7 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
     prioritized = cfg.replay.sampler == "prioritized"
     schedule = RunSchedule(cfg)
     snapshots = SnapshotWriter(run_dir / "checkpoints", len(tables))
+    sets = CheckpointSets(run_dir / "checkpoints", cfg.checkpoint.keep)
     best = BestPolicy(cfg, run_dir / "checkpoints", env_info.to_dict())
     published: tuple = ({}, -1)  # the newest published weights and their version
 
@@ -147,7 +148,7 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
                 reporter.progress(point(), {**learner.metrics.read(), "replay/size": sum(s["size"] for s in stats),
                                             "replay/samples_per_insert": replay_ratio(stats), **her_values(stats)})
             if schedule.checkpoint(learner.updates, timers.wall):
-                _checkpoint(cfg, run_dir, learner, tables, snapshots, env_steps, env_info)
+                _checkpoint(cfg, sets, learner, tables, snapshots, env_steps, env_info)
         learner.check_finite()
     except KeyboardInterrupt:
         stop_reason = INTERRUPTED
@@ -160,7 +161,7 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
     echo(f"stopping ({stop_reason}): checkpoint, final evaluation and summary")
 
     # The learner's state is saved before the final evaluation, which could fail or be interrupted.
-    _checkpoint(cfg, run_dir, learner, tables, snapshots, env_steps, env_info)
+    _checkpoint(cfg, sets, learner, tables, snapshots, env_steps, env_info)
     final = _evaluate(cfg, learner, reporter, timers, env_steps, cfg.eval.final_episodes, best)
     wall = timers.wall
     sections = {
@@ -189,7 +190,8 @@ def _evaluate(cfg: Config, learner: SACLearner, reporter: Reporter, timers: Time
     return {"returns": returns.tolist(), "mean": mean, "std": std, "success_rate": success_rate}
 
 
-def _checkpoint(cfg, run_dir, learner, tables, snapshots: SnapshotWriter, env_steps: int, env_info: EnvInfo) -> None:
+def _checkpoint(cfg, sets: CheckpointSets, learner, tables, snapshots: SnapshotWriter, env_steps: int,
+                env_info: EnvInfo) -> None:
     # state_dict() refuses a diverged learner's state, so the last good checkpoint stays in place.
     state = learner.state_dict()
     if cfg.checkpoint.replay:
@@ -201,6 +203,5 @@ def _checkpoint(cfg, run_dir, learner, tables, snapshots: SnapshotWriter, env_st
             except BaseException:
                 table.mark_dirty(start["dirty"])
                 raise
-    write_run_checkpoint(Path(run_dir) / "checkpoints", state,
-                         {"env_steps": env_steps, "config": to_dict(cfg), "env_info": env_info.to_dict()},
-                         snapshots.manifest() if cfg.checkpoint.replay else None)
+    sets.commit(state, {"env_steps": env_steps, "config": to_dict(cfg), "env_info": env_info.to_dict()},
+                snapshots.manifest() if cfg.checkpoint.replay else None)

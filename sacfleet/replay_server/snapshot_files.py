@@ -1,13 +1,13 @@
 """Replay snapshots on disk, as part of a checkpoint set: per shard a header file and one file per
 segment, written incrementally (only segments changed since the last snapshot) and listed, with their
-sizes and CRC-32s, in a manifest that checkpoint.pt carries. Files are named by the generation that
-wrote them, so a new set never overwrites a file the committed one still needs."""
+sizes and CRC-32s, in a manifest that the set's checkpoint file carries. Files are named by the
+generation that wrote them, so a new set never overwrites a file a kept one still needs."""
 
 from __future__ import annotations
 
 import zlib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from sacfleet.common.io import atomic_write_bytes
 
@@ -95,11 +95,12 @@ class SnapshotWriter:
         return {"generation": self.generation, "shards": list(self.entries)}
 
 
-def remove_unlisted(directory: Path, manifest: dict | None) -> None:
-    """Delete replay snapshot files the committed set does not list (earlier increments, and the
-    single-file snapshots of checkpoint version 1)."""
+def remove_unlisted(directory: Path, manifests: Sequence[dict | None]) -> None:
+    """Delete replay snapshot files none of the kept sets' `manifests` lists (increments no kept set
+    needs, and the single-file snapshots of checkpoint version 1)."""
     directory = Path(directory)
-    keep = {ref["file"] for entry in (manifest or {"shards": []})["shards"] if entry for ref in entry_files(entry)}
+    keep = {ref["file"] for manifest in manifests if manifest for entry in manifest["shards"] if entry
+            for ref in entry_files(entry)}
     for path in list((directory / REPLAY_DIR).glob("shard*/*.msgpack")) + list(directory.glob("replay_shard*.msgpack")):
         if path.relative_to(directory).as_posix() not in keep:
             path.unlink(missing_ok=True)
