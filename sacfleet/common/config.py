@@ -172,6 +172,8 @@ class CheckpointConfig:
                       "a policy only, not a point to resume from")
     keep: int = _key(2, ge=1, doc="checkpoint sets kept (checkpoint.pt, checkpoint.1.pt, ...): a resume or a "
                      "recovery uses the newest that reads back whole")
+    max_write_failures: int = _key(3, ge=1, doc="checkpoint sets in a row that may fail to be written (a full "
+                                   "disk) before the run stops; each is reported and retried at the next checkpoint")
 
 
 @dataclass

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import warnings
 from collections import deque
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 
 class EpisodeStats:
@@ -49,9 +50,15 @@ class EpisodeStats:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    """metrics.jsonl and TensorBoard events. A write that fails (a full disk) is reported once through
+    `on_error` and the record dropped; training goes on, and later records are written once the disk
+    takes them again (TensorBoard's writer does not recover: its events stop)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, on_error: Callable[[str], None] | None = None):
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.on_error = on_error or (lambda message: warnings.warn(message, stacklevel=3))
+        self.failed: set[str] = set()  # what has been reported
         self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         self._tb = None
         if tensorboard:
@@ -60,17 +67,58 @@ class MetricsLogger:
             except ImportError as exc:  # tensorboard is a core dependency, but the learner must run without it
                 warnings.warn(f"TensorBoard events disabled: {exc}", stacklevel=2)
             else:
+                _quiet_tensorboard_write_errors()
                 self._tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def log(self, env_steps: int, wall_seconds: float, values: Mapping[str, float]) -> None:
         clean = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
         record = {"env_steps": int(env_steps), "wall_seconds": round(wall_seconds, 3), **clean}
-        self._jsonl.write(json.dumps(record) + "\n")
+        try:
+            self._jsonl.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            self._failed("metrics.jsonl", exc)
         if self._tb is not None:
-            for key, value in clean.items():
-                self._tb.add_scalar(key, value, env_steps, walltime=None)
+            try:
+                for key, value in clean.items():
+                    self._tb.add_scalar(key, value, env_steps, walltime=None)
+            except OSError as exc:
+                self._failed("tensorboard", exc)
+                self._tb = None
+
+    def _failed(self, what: str, exc: OSError) -> None:
+        if what not in self.failed:
+            self.failed.add(what)
+            stop = "TensorBoard events stop here" if what == "tensorboard" else "records are dropped until it is"
+            self.on_error(f"cannot write {what}: {exc.strerror or exc}; training goes on, {stop} (reported once)")
 
     def close(self) -> None:
-        self._jsonl.close()
+        try:
+            self._jsonl.close()
+        except OSError as exc:
+            self._failed("metrics.jsonl", exc)
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except OSError as exc:
+                self._failed("tensorboard", exc)
+
+
+_quieted = False
+
+
+def _quiet_tensorboard_write_errors() -> None:
+    """TensorBoard writes events on a thread that, on a failed write, keeps the error for the next
+    add_scalar (where MetricsLogger reports it once) and also lets it escape the thread, which prints a
+    traceback; that second report is dropped here, and only for that thread and OSErrors."""
+    global _quieted
+    if _quieted:
+        return
+    _quieted = True
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+            return
+        previous(args)
+
+    threading.excepthook = hook

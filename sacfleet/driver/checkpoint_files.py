@@ -194,12 +194,15 @@ class CheckpointSets:
         self.replays: list[dict | None] = list(kept_replay)[:self.keep]  # of the kept sets, newest first
 
     def commit(self, learner_state: dict, extra: dict[str, Any], replay: dict | None = None) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Raises OSError (common.io.WriteFailed) when the set's file cannot be written; nothing kept moved."""
+        # Staged first, so that a write that fails (a full disk) leaves the kept sets where they were.
+        staged = self.directory / f".{CHECKPOINT_FILE}.staged"
+        save_checkpoint(staged, learner_state, {**extra, "replay": replay})
         for path in reversed(kept_files(self.directory)):
             age = _age(path)
             if age + 1 < self.keep:
                 os.replace(path, self.directory / set_file(age + 1))
-        save_checkpoint(self.directory / CHECKPOINT_FILE, learner_state, {**extra, "replay": replay})
+        os.replace(staged, self.directory / CHECKPOINT_FILE)
         for path in kept_files(self.directory):
             if _age(path) >= self.keep:
                 path.unlink(missing_ok=True)
@@ -215,6 +218,30 @@ class CheckpointSets:
         in-place recovery falls back on when the newest snapshot's files do not read back."""
         return [replay["shards"][shard] for replay in self.replays[1:]
                 if replay and shard < len(replay["shards"]) and replay["shards"][shard]]
+
+
+class WriteFailures:
+    """Checkpoint sets in a row that could not be written (a full or failing disk). Each is reported
+    with what it needed and why; the previous set stays the newest and training goes on, the next
+    checkpoint retrying; at `limit` in a row the caller stops the run."""
+
+    def __init__(self, limit: int, directory: Path, echo: Callable[[str], None]):
+        self.limit, self.directory, self.echo = limit, Path(directory), echo
+        self.count = 0
+
+    def attempt(self, commit: Callable[[], None], what: str = "checkpoint") -> str | None:
+        """Run `commit`; returns why the run must stop, when this failure is the limit's."""
+        try:
+            commit()
+        except OSError as exc:
+            self.count += 1
+            self.echo(f"{what} not written ({self.count} in a row; checkpoint.max_write_failures={self.limit}): "
+                      f"{exc}; {kept_checkpoint_note(self.directory)}")
+            if self.count >= self.limit:
+                return f"checkpoints could not be written {self.count} times in a row: {exc}"
+            return None
+        self.count = 0
+        return None
 
 
 def check_replay_files(directory: Path, state: dict) -> None:

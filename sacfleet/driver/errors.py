@@ -8,6 +8,11 @@ class RunFailed(RuntimeError):
     """A run stopped before its end because something failed; the message names what and why."""
 
 
+class RunStopped(RunFailed):
+    """A run stopped early but in order (its final evaluation and summary written where possible)
+    because something it needs kept failing, e.g. writing checkpoints to a full disk."""
+
+
 class RunRefused(RuntimeError):
     """A run or command did not start because what it was given does not hold: its run directory, its
     checkpoint, the memory its replay would need; the message names the file or key. (A config key's

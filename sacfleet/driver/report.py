@@ -64,7 +64,7 @@ class Reporter:
     def __init__(self, cfg: Config, run_dir: Path, echo: Callable[[str], None], *, act_dim: int, fleet: bool,
                  start: Point, evals: Sequence | None = None):
         self.cfg, self.run_dir, self.echo = cfg, Path(run_dir), echo
-        self.metrics = MetricsLogger(run_dir)
+        self.metrics = MetricsLogger(run_dir, on_error=echo)
         self.episodes = EpisodeStats()
         self.health = HealthMonitor(RunFacts.from_config(cfg, act_dim, fleet), cfg.health)
         self.last = start
@@ -153,11 +153,12 @@ class Reporter:
         self.close()
 
     def finish(self, *, mode: str, stop_reason: str, now: Point, final: Mapping, sections: Mapping,
-               stage_seconds: Mapping[str, float], best: BestPolicy | None = None) -> dict:
+               stage_seconds: Mapping[str, float], best: BestPolicy | None = None, failed: bool = False) -> dict:
         """A run's end: summary.json, the common part (counters, why it stopped, the final evaluation
         `final`: {"returns", "mean", "std", "success_rate"} and, from a fleet, the policy "version" it
         evaluated; the best evaluation, and `best`: the policy checkpoint.best kept) followed by the
-        trainer's and its components' `sections`; then the plots and the `done` line. Returns the summary."""
+        trainer's and its components' `sections`; then the plots and the `done` line. Returns the summary.
+        `failed`: the run stopped early because something kept failing (the stop reason says what)."""
         self.close()
         evaluation = {"return_mean": final["mean"], "return_std": final["std"], "episodes": len(final["returns"]),
                       "success_rate": final.get("success_rate")}
@@ -166,10 +167,14 @@ class Reporter:
         evaluation.update(self.best_evaluation(final["mean"], best))
         summary = self.write_summary({
             "env_steps": now.env_steps, "updates": now.updates, "wall_seconds": round(now.wall, 2),
-            "stop_reason": stop_reason, "interrupted": stop_reason == INTERRUPTED, "mode": mode,
+            "stop_reason": stop_reason, "interrupted": stop_reason == INTERRUPTED, "failed": failed, "mode": mode,
             "eval": {**evaluation, "curve": self.evals}, **sections, "config": to_dict(self.cfg),
             "python": sys.version.split()[0], "torch": torch.__version__})
-        plots = write_plots(self.run_dir, self.evals, stage_seconds, self.cfg.env.id)
+        try:
+            plots = write_plots(self.run_dir, self.evals, stage_seconds, self.cfg.env.id)
+        except OSError as exc:
+            self.echo(f"plots not written: {exc.strerror or exc}")
+            plots = []
         self.echo(done_line(summary, self.run_dir / "summary.json", plots))
         return summary
 
@@ -186,9 +191,13 @@ class Reporter:
                 "final_below_best": final_mean < self.health.collapse_limit(mean)}
 
     def write_summary(self, summary: dict) -> dict:
-        """summary.json: the trainer's `summary` with the health section added."""
+        """summary.json: the trainer's `summary` with the health section added. A summary that cannot be
+        written (a full disk) is still returned, with `summary_not_written` saying why."""
         summary = {**summary, "health": self.health.summary()}
-        atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+        try:
+            atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+        except OSError as exc:
+            summary["summary_not_written"] = str(exc)
         return summary
 
     def failure_summary(self, now: Point, reason: str, mode: str) -> dict:
@@ -213,6 +222,8 @@ def done_line(summary: Mapping, path: Path, plots: Sequence[Path]) -> str:
     recovered = (f"; recovered {recovery['recoveries']} processes from {recovery['failures']} failures"
                  if recovery["recoveries"] != recovery["failures"] else
                  f"; recovered from {recovery['failures']} failures" if recovery["failures"] else "")
+    where = (f"summary NOT written ({summary['summary_not_written']})" if "summary_not_written" in summary
+             else f"summary {path}")
     below = ""
     if final.get("final_below_best"):
         best = final["best"]
@@ -224,5 +235,5 @@ def done_line(summary: Mapping, path: Path, plots: Sequence[Path]) -> str:
             f"replay ratio {replay['samples_per_insert']:.1f} of {replay['samples_per_insert_target']:g}); eval return "
             f"{final['return_mean']:.1f} +- {final['return_std']:.1f} over {final['episodes']} episodes"
             f"{success_note(final['success_rate'])}{below}; health {health['status']}{warnings}{recovered}; "
-            f"summary {path}"
+            f"{where}"
             f"{'; plots ' + ', '.join(p.name for p in plots) if plots else ''}")

@@ -125,8 +125,11 @@ class Scaler:
         except ScaleRefused as exc:
             message, ok = str(exc), False
             self.echo(f"scale request for {target} env actors refused: {message}")
-        atomic_write_bytes(self.run_dir / REPLY, json.dumps({"id": request_id, "ok": ok, "message": message,
-                                                             "from": before, "to": self.actors}).encode())
+        try:
+            atomic_write_bytes(self.run_dir / REPLY, json.dumps({"id": request_id, "ok": ok, "message": message,
+                                                                 "from": before, "to": self.actors}).encode())
+        except OSError as exc:  # a full disk: `sacfleet scale` times out, the run goes on
+            self.echo(f"scale request {request_id}: the reply could not be written: {exc}")
 
     def scale(self, target: int) -> str:
         cfg, fleet = self.fleet.cfg, self.fleet

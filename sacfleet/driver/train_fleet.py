@@ -24,10 +24,10 @@ import ray
 
 from sacfleet.common.config import Config, save_config, to_dict
 from sacfleet.common.envs import EnvInfo, check_env_config, describe_env
-from sacfleet.driver.checkpoint_files import DAMAGED_SUFFIX, BestPolicy, kept_checkpoint_note
+from sacfleet.driver.checkpoint_files import DAMAGED_SUFFIX, BestPolicy, WriteFailures, kept_checkpoint_note
 from sacfleet.driver.checkpointing import CheckpointSkipped, FleetCheckpointer
 from sacfleet.common.transitions import TransitionSpec
-from sacfleet.driver.errors import FleetDiverged, FleetError, RunRefused
+from sacfleet.driver.errors import FleetDiverged, FleetError, RunRefused, RunStopped
 from sacfleet.driver.fleet import Fleet, FleetParts, connect
 from sacfleet.driver.placement import Resources, cluster_nodes, describe, plan_fleet
 from sacfleet.driver.recovery import FleetRecovery
@@ -73,6 +73,8 @@ class FleetRun:
         self.best = BestPolicy(cfg, Path(run_dir) / "checkpoints", env_info.to_dict())
         self.placement: list[dict] = []  # each node and the parts running there, as the fleet started
         self.reported_lost_updates = 0
+        self.write_failures = WriteFailures(cfg.checkpoint.max_write_failures, Path(run_dir) / "checkpoints", echo)
+        self.failed: str | None = None  # why the run stopped early, in order
 
     @property
     def wall(self) -> float:
@@ -139,7 +141,10 @@ class FleetRun:
             return None
         mean, std = self.reporter.evaluation(*self.eval_at, result["returns"], result.get("success_rate"))
         if "weights" in result:
-            self.best.offer(result.pop("weights"), result["version"], mean, self.eval_at[0])
+            try:
+                self.best.offer(result.pop("weights"), result["version"], mean, self.eval_at[0])
+            except OSError as exc:  # a full disk: the run goes on without it
+                self.echo(f"best policy not kept: {exc}")
         return {**result, "mean": mean, "std": std}
 
     def checkpoint(self, on_failure: bool = False) -> None:
@@ -227,7 +232,7 @@ def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resum
         run.placement = fleet.where()
         echo(f"placement: {describe(run.placement)}")
         try:
-            return _supervise(run)
+            summary = _supervise(run)
         except FleetDiverged as exc:
             # Stop at once: nothing diverged was published or saved; say so where the run's outputs are.
             run.reporter.diverged(run.point(), exc.update, exc.what, str(exc), mode="fleet")
@@ -235,6 +240,9 @@ def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resum
             raise FleetDiverged(exc.update, exc.what, f"{exc}; {note}") from None
         except FleetError as exc:
             raise FleetError(f"{exc}; {run.save_on_failure()}") from None
+        if summary.get("failed"):  # stopped in order (final evaluation, summary), but not at its end
+            raise RunStopped(f"{summary['stop_reason']}; {kept_checkpoint_note(run_dir / 'checkpoints')}")
+        return summary
     finally:
         if run is not None:
             run.scaler.close()
@@ -263,9 +271,13 @@ def _supervise(run: FleetRun) -> dict:
                 run.log_progress()
             if schedule.checkpoint(sup.updates, run.wall):
                 try:
-                    run.checkpoint()
+                    cause = run.write_failures.attempt(run.checkpoint)
                 except CheckpointSkipped as exc:  # the next poll recovers the component
                     run.echo(str(exc))
+                else:
+                    if cause:
+                        stop_reason = run.failed = cause
+                        break
             if run.env_steps >= cfg.train.total_env_steps:
                 break
             if cfg.train.max_wall_seconds and run.wall - run.wall_before > cfg.train.max_wall_seconds:
@@ -284,11 +296,13 @@ def _finish(run: FleetRun, stop_reason: str, restored: int) -> dict:
     final_status = sup.stop_learner()
     run.log_progress()
     # The learner's state first: the evaluations after it may fail, hang or be interrupted.
-    run.checkpoint()
+    run.write_failures.attempt(run.checkpoint, "final checkpoint")
+    saved = run.write_failures.count == 0
     run.collect_eval(wait=True)  # a periodic evaluation still running
     run.start_eval(cfg.eval.final_episodes)
     final = run.collect_eval(wait=True)
-    run.checkpointer.amend(fleet=run.fleet_totals())  # the checkpoint's curve gets the final evaluation
+    if saved:  # the checkpoint's curve gets the final evaluation
+        run.write_failures.attempt(lambda: run.checkpointer.amend(fleet=run.fleet_totals()), "final checkpoint")
 
     session_wall = run.wall - run.wall_before
     start, lags = run.session_start, run.lags
@@ -318,4 +332,5 @@ def _finish(run: FleetRun, stop_reason: str, restored: int) -> dict:
         "ray": ray.__version__,
     }
     return run.reporter.finish(mode="fleet", stop_reason=stop_reason, now=run.point(), final=final,
-                               sections=sections, stage_seconds=stages, best=run.best)
+                               sections=sections, stage_seconds=stages, best=run.best,
+                               failed=run.failed is not None)

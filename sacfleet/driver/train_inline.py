@@ -24,8 +24,8 @@ from sacfleet.actors.rollout import Rollout
 from sacfleet.common.config import Config, save_config, to_dict
 from sacfleet.common.envs import EnvInfo, check_env_config, describe_env
 from sacfleet.common.transitions import TransitionSpec
-from sacfleet.driver.checkpoint_files import BestPolicy, CheckpointSets, kept_checkpoint_note
-from sacfleet.driver.errors import RunFailed, RunRefused
+from sacfleet.driver.checkpoint_files import BestPolicy, CheckpointSets, WriteFailures, kept_checkpoint_note
+from sacfleet.driver.errors import RunFailed, RunRefused, RunStopped
 from sacfleet.driver.report import INTERRUPTED, Point, Reporter, her_values, replay_ratio, replay_section
 from sacfleet.driver.run_dir import check_run_dir, echo_flush
 from sacfleet.driver.schedule import RunSchedule
@@ -96,6 +96,9 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
     schedule = RunSchedule(cfg)
     snapshots = SnapshotWriter(run_dir / "checkpoints", len(tables))
     sets = CheckpointSets(run_dir / "checkpoints", cfg.checkpoint.keep)
+    write_failures = WriteFailures(cfg.checkpoint.max_write_failures, run_dir / "checkpoints", echo)
+    save = lambda: _checkpoint(cfg, sets, learner, tables, snapshots, env_steps, env_info)  # noqa: E731
+    failed = None  # why the run stopped early, in order
     best = BestPolicy(cfg, run_dir / "checkpoints", env_info.to_dict())
     published: tuple = ({}, -1)  # the newest published weights and their version
 
@@ -147,8 +150,9 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
                 stats = [t.stats() for t in tables]
                 reporter.progress(point(), {**learner.metrics.read(), "replay/size": sum(s["size"] for s in stats),
                                             "replay/samples_per_insert": replay_ratio(stats), **her_values(stats)})
-            if schedule.checkpoint(learner.updates, timers.wall):
-                _checkpoint(cfg, sets, learner, tables, snapshots, env_steps, env_info)
+            if schedule.checkpoint(learner.updates, timers.wall) and (failed := write_failures.attempt(save)):
+                stop_reason = failed
+                break
         learner.check_finite()
     except KeyboardInterrupt:
         stop_reason = INTERRUPTED
@@ -161,7 +165,7 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
     echo(f"stopping ({stop_reason}): checkpoint, final evaluation and summary")
 
     # The learner's state is saved before the final evaluation, which could fail or be interrupted.
-    _checkpoint(cfg, sets, learner, tables, snapshots, env_steps, env_info)
+    write_failures.attempt(save, "final checkpoint")
     final = _evaluate(cfg, learner, reporter, timers, env_steps, cfg.eval.final_episodes, best)
     wall = timers.wall
     sections = {
@@ -170,9 +174,12 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
                        "seconds_eval": round(timers.eval, 2)},
         "replay": replay_section([t.stats() for t in tables], cfg.replay.samples_per_insert),
     }
-    return reporter.finish(mode="inline", stop_reason=stop_reason, now=point(), final=final, sections=sections,
-                           best=best,
-                           stage_seconds={"env": timers.env, "replay and update": timers.update, "eval": timers.eval})
+    summary = reporter.finish(mode="inline", stop_reason=stop_reason, now=point(), final=final, sections=sections,
+                              best=best, failed=failed is not None,
+                              stage_seconds={"env": timers.env, "replay and update": timers.update, "eval": timers.eval})
+    if failed:
+        raise RunStopped(f"{failed}; {kept_checkpoint_note(run_dir / 'checkpoints')}")
+    return summary
 
 
 def _evaluate(cfg: Config, learner: SACLearner, reporter: Reporter, timers: Timers, env_steps: int,
@@ -186,7 +193,10 @@ def _evaluate(cfg: Config, learner: SACLearner, reporter: Reporter, timers: Time
     returns, success_rate = evaluate(policy, cfg.env, episodes, cfg.eval.seed)
     timers.eval += time.monotonic() - t0
     mean, std = reporter.evaluation(env_steps, timers.wall, returns.tolist(), success_rate)
-    best.offer(policy.state_dict(), learner.updates, mean, env_steps)
+    try:
+        best.offer(policy.state_dict(), learner.updates, mean, env_steps)
+    except OSError as exc:  # a full disk: the run goes on without it
+        reporter.echo(f"best policy not kept: {exc}")
     return {"returns": returns.tolist(), "mean": mean, "std": std, "success_rate": success_rate}
 
 
