@@ -218,8 +218,9 @@ def test_env_actor_killed_with_sigkill_is_counted_and_reported(tmp_path):
     assert wait_for_released_resources()
 
 
-def kill_when(name: str, ready, timeout: float = 120.0) -> tuple[threading.Thread, list[int]]:
-    """A thread that SIGKILLs one `ray::<name>` process once `ready()`; the pid killed lands in the list."""
+def kill_when(name: str, ready, timeout: float = 120.0, how: int = signal.SIGKILL) -> tuple[threading.Thread, list[int]]:
+    """A thread that SIGKILLs (or stops, with `how`=SIGSTOP) one `ray::<name>` process once `ready()`;
+    the pid signalled lands in the list."""
     killed: list[int] = []
 
     def kill():
@@ -228,7 +229,7 @@ def kill_when(name: str, ready, timeout: float = 120.0) -> tuple[threading.Threa
             time.sleep(0.1)
         pids = _ray_worker_pids(name)
         if pids:
-            os.kill(pids[0], signal.SIGKILL)
+            os.kill(pids[0], how)
             killed.append(pids[0])
 
     thread = threading.Thread(target=kill)
@@ -242,20 +243,31 @@ def learning_with_a_checkpoint(run_dir, lines):
         line.startswith("steps") and "updates         0" not in line for line in lines[1:])
 
 
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
 @pytest.mark.parametrize("component, process", [("replay shard 0", "ReplayShard"), ("learner", "LearnerService")])
-def test_a_killed_shard_or_learner_is_recovered_in_place_and_the_run_finishes(tmp_path, component, process):
+def test_a_killed_or_hung_shard_or_learner_is_recovered_in_place_and_the_run_finishes(tmp_path, component, process,
+                                                                                        how):
+    """SIGKILL, or SIGSTOP as a process stuck in a syscall or a deadlock would look: a stopped one is
+    found silent after train.hang_timeout_s, killed, and recovered like a dead one."""
     lines = []
     run_dir = tmp_path / "run"
-    cfg = load_config("pointmass", [*SHORT, "actors.num=2", "train.total_env_steps=5000", "checkpoint.interval=150"])
-    thread, killed = kill_when(process, lambda: learning_with_a_checkpoint(run_dir, lines))
+    cfg = load_config("pointmass", [*SHORT, "actors.num=2", "train.total_env_steps=5000", "checkpoint.interval=150",
+                                    "train.hang_timeout_s=5"])
+    thread, killed = kill_when(process, lambda: learning_with_a_checkpoint(run_dir, lines), how=how)
     summary = train_fleet(cfg, run_dir, echo=lines.append)
     thread.join()
     assert killed, f"no {process} process was found to kill"
     recovery = summary["recovery"]
     assert recovery["failures"] == 1 and summary["actors"]["restarts"] == 0, lines
     [event] = recovery["events"]
-    assert event["component"] == component and "process died" in event["cause"]
-    assert [line for line in lines if line.startswith(f"{component} failed (process died")], lines
+    if how == signal.SIGSTOP:
+        assert event["component"] == component and event["hung"] and recovery["hung"] == 1, event
+        assert event["cause"] == "hung: no answer to a status call within 5 s"
+        assert [line for line in lines if line.startswith(f"{component} hung (no answer to a status call within "
+                                                          f"5 s; killed it); recovering it")], lines
+    else:
+        assert event["component"] == component and "process died" in event["cause"] and not event["hung"]
+        assert [line for line in lines if line.startswith(f"{component} failed (process died")], lines
     assert [line for line in lines if line.startswith(f"{component} recovered in")], lines
     assert killed[0] not in _ray_worker_pids(process)
     # The run ends as planned, and its counters add up: what the shards hold is what was collected

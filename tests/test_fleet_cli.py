@@ -130,7 +130,8 @@ def test_end_to_end_fleet_learns_the_point_mass(tmp_path, ray_tmp):
     assert summary["mode"] == "fleet" and summary["env_steps"] >= 12_000
     assert summary["eval"]["return_mean"] >= -100, output  # issue 3 asks -450; `make run` must reach -100
     assert summary["replay"]["samples_per_insert"] == pytest.approx(256, rel=0.1)
-    assert summary["actors"] == {"num": 2, "initial": 2, "envs_per_actor": 1, "restarts": 0, "scaling": []}
+    assert summary["actors"] == {"num": 2, "initial": 2, "envs_per_actor": 1, "restarts": 0, "hung": 0,
+                                 "scaling": []}
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     names = set().union(*records)
     assert {"rollout/ep_rew_mean", "rollout/ep_len_mean", "eval/mean_reward", "train/actor_loss",

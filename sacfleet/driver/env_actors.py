@@ -1,6 +1,7 @@
 """The fleet's env actors seen from the driver: a pool of slots whose actors are started, watched and
-restarted when they fail (counted against actors.max_restarts), whose statistics are collected, and
-which are stopped at the end of a run or retired by a scale-down, their work kept in the run's totals."""
+restarted when they fail or hang (counted against actors.max_restarts), whose statistics are
+collected, and which are stopped at the end of a run or retired by a scale-down, their work kept in
+the run's totals."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Callable, Iterator
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from sacfleet.driver.calls import CALL_ERRORS, RESTART_TIMEOUT
+from sacfleet.driver.calls import CALL_ERRORS, RESTART_TIMEOUT, kill_for_restart
 from sacfleet.driver.errors import FleetError, ray_cause
 
 
@@ -28,6 +29,10 @@ class ActorSlot:
     old_pid: int | None = None
     ping_ref: object = None
     stats_ref: object = None
+    stats_sent: float = 0.0  # when stats_ref was asked
+    steps: int = -1  # env steps of the current process, as its statistics last said
+    stepped_at: float | None = None  # when they last grew (or the actor was held back by replay)
+    hung: int = 0  # restarts that were of a hung process
     last_error: str = ""
     insert_blocked_seconds: float = 0.0
     seconds: dict = field(default_factory=dict)  # stage seconds of the current process
@@ -46,9 +51,11 @@ class EnvActorPool:
     `take_episodes()`."""
 
     def __init__(self, new_actor: Callable[[int], object], stream: Callable[[int, int], int], max_restarts: int,
-                 echo: Callable[[str], None], clock: Callable[[], float] = time.monotonic):
+                 echo: Callable[[str], None], clock: Callable[[], float] = time.monotonic,
+                 hang_timeout: float = 30.0):
         self.new_actor, self.stream, self.max_restarts, self.echo, self.clock = (new_actor, stream, max_restarts,
                                                                                  echo, clock)
+        self.hang_timeout = hang_timeout
         self.slots: list[ActorSlot] = []
         self.stopping = False
         self.restarts_before = 0  # of retired actors, and of a resumed run's earlier sessions
@@ -106,14 +113,25 @@ class EnvActorPool:
     def restarts(self) -> int:
         return self.restarts_before + sum(slot.restarts for slot in self.slots)
 
+    @property
+    def hung(self) -> int:
+        return sum(slot.hung for slot in self.slots)
+
     def supervise(self) -> None:
-        """Restart each actor whose run() ended (its process died, or it raised), and finish restarts
-        under way. Past actors.max_restarts, or a restart that does not come back, stops the run."""
+        """Restart each actor whose run() ended (its process died, or it raised), or that hangs (it
+        leaves a statistics call unanswered, or takes no env step while not held back by replay, for
+        train.hang_timeout_s: killed first), and finish restarts under way. Past actors.max_restarts,
+        or a restart that does not come back, stops the run."""
         if self.stopping:  # actors return from run() on purpose now
             return
         for slot in self.slots:
             if slot.restarting_since is not None:
                 self._finish_restart(slot)
+                continue
+            hang = self._hang(slot)
+            if hang:
+                kill_for_restart(slot.handle)
+                self._failed(slot, f"hung: {hang}", None, hung=True)
                 continue
             ready, _ = ray.wait([slot.run_ref], timeout=0)
             if not ready:
@@ -126,18 +144,34 @@ class EnvActorPool:
                 error = ray_cause(exc)
                 if isinstance(exc, RayTaskError):  # the process is alive with broken state
                     pid = getattr(exc, "pid", None)
-            slot.restarts += 1
-            slot.last_error = error
-            slot.fold_seconds()
-            if slot.restarts > self.max_restarts:
-                raise FleetError(f"env actor {slot.index} failed {slot.restarts} times (actors.max_restarts="
-                                 f"{self.max_restarts}); last error: {error}")
-            self.echo(f"env actor {slot.index} failed ({error}); restarting it ({slot.restarts}/{self.max_restarts})")
             if pid is not None:  # replace the process
                 ray.kill(slot.handle, no_restart=False)
-            # The new process is the one that answers with another pid than the failed one; it gets
-            # an env-seed stream of its own (stream counts restarts).
-            slot.restarting_since, slot.old_pid, slot.ping_ref = self.clock(), pid or slot.pid, None
+            self._failed(slot, error, pid)
+
+    def _hang(self, slot: ActorSlot) -> str | None:
+        """Why the slot's process counts as hung, if it does. An answer that has come counts however late
+        it is taken: the driver itself may have been busy (a recovery, a checkpoint)."""
+        limit = self.hang_timeout
+        if (slot.stats_ref is not None and self.clock() - slot.stats_sent > limit
+                and not ray.wait([slot.stats_ref], timeout=0)[0]):
+            return f"no answer to a statistics call within {limit:g} s"
+        return None
+
+    def _failed(self, slot: ActorSlot, error: str, pid: int | None, hung: bool = False) -> None:
+        """Count the failure and have the slot wait for its new process."""
+        slot.restarts += 1
+        slot.hung += hung
+        slot.last_error = error
+        slot.fold_seconds()
+        if slot.restarts > self.max_restarts:
+            raise FleetError(f"env actor {slot.index} failed {slot.restarts} times (actors.max_restarts="
+                             f"{self.max_restarts}); last error: {error}")
+        what = f"hung ({error.removeprefix('hung: ')}; killed it)" if hung else f"failed ({error})"
+        self.echo(f"env actor {slot.index} {what}; restarting it ({slot.restarts}/{self.max_restarts})")
+        # The new process is the one that answers with another pid than the failed one; it gets
+        # an env-seed stream of its own (stream counts restarts).
+        slot.restarting_since, slot.old_pid, slot.ping_ref = self.clock(), pid or slot.pid, None
+        slot.stats_ref, slot.steps, slot.stepped_at = None, -1, None
 
     def _finish_restart(self, slot: ActorSlot) -> None:
         if slot.ping_ref is None:
@@ -170,9 +204,21 @@ class EnvActorPool:
                     self._take_stats(slot, stats)
                     slot.pid = stats.get("pid")
                     slot.insert_blocked_seconds = stats["insert_blocked_seconds"]
+                    if stats["steps"] != slot.steps or stats["insert_blocked_seconds"] > 0:
+                        slot.steps, slot.stepped_at = stats["steps"], self.clock()
+                    elif (not self.stopping and slot.stepped_at is not None
+                          and self.clock() - slot.stepped_at > self.hang_timeout):
+                        # Fresh statistics, the same steps: it answers, but its env loop is stuck.
+                        kill_for_restart(slot.handle)
+                        self._failed(slot, f"hung: no env step for {self.hang_timeout:g} s while not held back "
+                                           f"by replay", None, hung=True)
+                        continue
                 except (RayActorError, RayTaskError):
                     pass
-            slot.stats_ref = None if slot.restarting_since is not None else slot.handle.stats.remote()
+            if slot.restarting_since is None:
+                slot.stats_ref, slot.stats_sent = slot.handle.stats.remote(), self.clock()
+            else:
+                slot.stats_ref = None
 
     def _take_stats(self, slot: ActorSlot, stats: dict) -> None:
         self.episodes.extend(stats["episodes"])

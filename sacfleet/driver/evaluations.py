@@ -1,6 +1,7 @@
 """Evaluations on the fleet's eval actor, seen from the driver: started on schedule, collected when
-done, and run again when the actor's process dies during one. The actor holds no state, so Ray's
-restart is the whole recovery; each death is counted once, also one between evaluations."""
+done, and run again when the actor's process dies or hangs (then it is killed) during one. The actor
+holds no state, so Ray's restart is the whole recovery; each failure is counted once, also one
+between evaluations."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Callable
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from sacfleet.driver.calls import RESTART_TIMEOUT, Lost, PendingCalls
+from sacfleet.driver.calls import RESTART_TIMEOUT, Hung, Lost, PendingCalls, kill_for_restart
 from sacfleet.driver.errors import FleetError, ray_cause
 
 EVAL_TIMEOUT = 1800.0  # longest wait for an evaluation (Humanoid's 100 final episodes fit)
@@ -31,23 +32,27 @@ class Evaluations:
         self.down_since = 0.0
 
     def watch(self) -> None:
-        """Count an eval actor that died between evaluations: Ray restarts it without a word, so the
-        driver compares its pid. A death during an evaluation is handled by result()."""
-        if self.ref is not None:
-            return  # its one thread runs evaluate(); a pid call would wait behind it
-        answer = self.calls.answer("evaluator", "eval actor", self.evaluator.pid.remote)
-        if isinstance(answer, Lost):
-            self._lost(answer.cause, evaluating=False)
+        """Count an eval actor that died between evaluations (Ray restarts it without a word, so the
+        driver compares its pid), and kill one that hangs, evaluating or not (its pid is answered on a
+        second thread). A death during an evaluation is handled by result()."""
+        answer = self.calls.answer("evaluator", self.evaluator.pid.remote)
+        if isinstance(answer, Hung):
+            self._lost(answer.cause, evaluating=self.ref is not None, hung=True)
+            kill_for_restart(self.evaluator)
+        elif isinstance(answer, Lost):
+            if self.ref is None:  # during an evaluation, result() sees it too and asks again
+                self._lost(answer.cause, evaluating=False)
         elif answer is not None:
             if not self.down and self.pid is not None and answer != self.pid:
                 self.recovery.evaluator("process died: Ray restarted it", self.env_steps(), evaluating=False)
             self.pid, self.down = answer, False
 
-    def _lost(self, cause: str, evaluating: bool) -> None:
-        """A call to the eval actor failed because its process died. Calls fail until Ray has it
-        running again: the death is counted once, and the pid it answers next is not a second one."""
+    def _lost(self, cause: str, evaluating: bool, hung: bool = False) -> None:
+        """A call to the eval actor failed because its process died (or hung, and is being killed).
+        Calls fail until Ray has it running again: the failure is counted once, and the pid it answers
+        next is not a second one."""
         if not self.down:
-            self.recovery.evaluator(cause, self.env_steps(), evaluating)
+            self.recovery.evaluator(cause, self.env_steps(), evaluating, hung)
             self.down, self.down_since, self.pid = True, self.clock(), None
         elif self.clock() - self.down_since > RESTART_TIMEOUT:
             raise FleetError(f"eval actor did not come back within {RESTART_TIMEOUT:g} s")

@@ -143,10 +143,12 @@ class Fleet:
         wait_started([self.learner], "learner", self.echo)
         if learner_state is not None:  # by a call: a constructor argument this large would stay in the object store
             ray.get(self.learner.restore.remote(learner_state))
-        self.actors = EnvActorPool(self.new_env_actor, self.stream, cfg.actors.max_restarts, self.echo)
+        self.actors = EnvActorPool(self.new_env_actor, self.stream, cfg.actors.max_restarts, self.echo,
+                                   hang_timeout=cfg.train.hang_timeout_s)
         slots = self.actors.create(range(cfg.actors.num))
+        # Two threads: its pid is asked while it evaluates, so that one that hangs mid-evaluation is noticed.
         eval_cls = ray.remote(parts.evaluator).options(num_cpus=res.eval_cpus, max_restarts=restarts,
-                                                 **strategy(where("eval")), **QUIET)
+                                                 max_concurrency=2, **strategy(where("eval")), **QUIET)
         self.evaluator = self._keep(eval_cls.remote(cfg, env_info, {"learner": names["learner"]}))
         wait_started([slot.handle for slot in slots] + [self.evaluator], "env or eval actor", self.echo)
         self.device = ray.get(self.learner.start.remote())

@@ -31,6 +31,7 @@ class Recovery:
     lost_transitions: int = 0
     lost_updates: int = 0
     incident: int = 0  # failures of one incident (a lost node takes several processes) share it
+    hung: bool = False  # it did not answer (and was killed) rather than died
 
 
 class FleetRecovery:
@@ -55,12 +56,15 @@ class FleetRecovery:
     def totals(self) -> dict:
         events = self.earlier + [asdict(event) for event in self.events]
         return {"failures": self.failures, "recoveries": len(events), "max_failures": self.cfg.train.max_failures,
+                "hung": sum(bool(e.get("hung")) for e in events),
                 "lost_transitions": sum(e["lost_transitions"] for e in events),
                 "lost_updates": sum(e["lost_updates"] for e in events), "events": events}
 
-    def shard(self, index: int, cause: str, last_inserts: int, env_steps: int) -> tuple[Recovery, dict] | None:
-        """Recover shard `index`, last seen holding `last_inserts`; returns (what happened, its new
-        statistics), or None when the process turns out not to have restarted (a passing error)."""
+    def shard(self, index: int, cause: str, last_inserts: int, env_steps: int,
+              hung: bool = False) -> tuple[Recovery, dict] | None:
+        """Recover shard `index`, last seen holding `last_inserts` (and killed for a restart when it
+        `hung`); returns (what happened, its new statistics), or None when the process turns out not to
+        have restarted (a passing error)."""
         what, handle = f"replay shard {index}", self.fleet.shards[index]
         t0 = self.clock()
         self._count(what, cause)
@@ -70,18 +74,18 @@ class FleetRecovery:
         entry = self.checkpointer.writer.entries[index]
         source = (f"from its snapshot of {entry['inserts']:,} inserts" if entry else "empty (no snapshot yet)"
                   if self.cfg.checkpoint.replay else "empty (checkpoint.replay=false keeps no snapshots)")
-        self.echo(f"{what} failed ({cause}); recovering it ({self._budget()}) {source}")
+        self.echo(f"{what} {_failed(cause, hung)}; recovering it ({self._budget()}) {source}")
         stats = self.checkpointer.restore_shard(index, handle, echo=self.echo)
         event = Recovery(what, cause, env_steps, self.clock() - t0,
-                         lost_transitions=max(0, last_inserts - stats["inserts"]), incident=self.incidents)
+                         lost_transitions=max(0, last_inserts - stats["inserts"]), incident=self.incidents, hung=hung)
         self._record(event)
         self.echo(f"{what} recovered in {event.seconds:.1f}s holding {stats['size']:,} transitions; lost "
                   f"{event.lost_transitions:,} inserted after its last snapshot")
         return event, stats
 
-    def learner(self, cause: str, last_updates: int, env_steps: int) -> tuple[Recovery, int] | None:
-        """Recover the learner from the newest checkpoint; returns (what happened, its update count),
-        or None when the process turns out not to have restarted."""
+    def learner(self, cause: str, last_updates: int, env_steps: int, hung: bool = False) -> tuple[Recovery, int] | None:
+        """Recover the learner (killed for a restart when it `hung`) from the newest checkpoint; returns
+        (what happened, its update count), or None when the process turns out not to have restarted."""
         learner = self.fleet.learner
         t0 = self.clock()
         self._count("learner", cause)
@@ -91,27 +95,27 @@ class FleetRecovery:
         state = self.checkpointer.learner_state
         source = (f"from the checkpoint at {int(state['updates']):,} updates" if state
                   else "from its initial networks (no checkpoint yet)")
-        self.echo(f"learner failed ({cause}); recovering it ({self._budget()}) {source}")
+        self.echo(f"learner {_failed(cause, hung)}; recovering it ({self._budget()}) {source}")
         try:
             updates = ray.get(learner.restore.remote(state), timeout=RESTART_TIMEOUT)
             ray.get(learner.start.remote(), timeout=RESTART_TIMEOUT)
         except (RayActorError, GetTimeoutError) as exc:
             raise FleetError(f"the restarted learner failed while restoring: {ray_cause(exc)}") from None
         event = Recovery("learner", cause, env_steps, self.clock() - t0,
-                         lost_updates=max(0, last_updates - updates), incident=self.incidents)
+                         lost_updates=max(0, last_updates - updates), incident=self.incidents, hung=hung)
         self._record(event)
         self.echo(f"learner recovered in {event.seconds:.1f}s at {updates:,} updates; lost "
                   f"{event.lost_updates:,} updates made after the last checkpoint")
         return event, updates
 
-    def evaluator(self, cause: str, env_steps: int, evaluating: bool = True) -> None:
-        """The eval actor died (it holds no state): Ray restarts it, and an evaluation it was running
-        is asked again."""
+    def evaluator(self, cause: str, env_steps: int, evaluating: bool = True, hung: bool = False) -> None:
+        """The eval actor died, or hung and was killed (it holds no state): Ray restarts it, and an
+        evaluation it was running is asked again."""
         self._count("eval actor", cause)
-        self._record(Recovery("eval actor", cause, env_steps, 0.0, incident=self.incidents))
+        self._record(Recovery("eval actor", cause, env_steps, 0.0, incident=self.incidents, hung=hung))
         then = ("Ray restarts it and the evaluation runs again" if evaluating
                 else "it was between evaluations: Ray restarted it and nothing was lost")
-        self.echo(f"eval actor failed ({cause}); {then} ({self._budget()})")
+        self.echo(f"eval actor {_failed(cause, hung)}; {then} ({self._budget()})")
 
     def _count(self, what: str, cause: str) -> None:
         """Open a new incident unless this failure belongs to the current one; past the limit, stop."""
@@ -151,3 +155,7 @@ class FleetRecovery:
             except GetTimeoutError:
                 break
         raise FleetError(f"{what} failed ({cause}) and did not come back within {RESTART_TIMEOUT:g} s")
+
+
+def _failed(cause: str, hung: bool) -> str:
+    return f"hung ({cause.removeprefix('hung: ')}; killed it)" if hung else f"failed ({cause})"

@@ -10,7 +10,7 @@ from typing import Callable
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from sacfleet.driver.calls import CALL_TIMEOUT, Lost, PendingCalls
+from sacfleet.driver.calls import CALL_TIMEOUT, Hung, Lost, PendingCalls, kill_for_restart
 from sacfleet.driver.errors import FleetDiverged, FleetError, ray_cause
 from sacfleet.driver.evaluations import Evaluations
 from sacfleet.driver.report import replay_ratio
@@ -25,7 +25,7 @@ class FleetSupervisor:
                  clock: Callable[[], float] = time.monotonic):
         self.fleet, self.echo, self.episodes, self.recovery, self.env_steps = fleet, echo, episodes, recovery, env_steps
         self.actors = fleet.actors
-        self.calls = PendingCalls(clock=clock)
+        self.calls = PendingCalls(fleet.cfg.train.hang_timeout_s, clock)
         self.evaluations = Evaluations(fleet.evaluator, self.calls, recovery, env_steps, clock)
         self._shard_stats: dict[int, dict] = {}
         self.lost_inserts = 0  # transitions the recovered shards had after their last snapshot
@@ -85,23 +85,23 @@ class FleetSupervisor:
         """Refresh the learner's status and the shards' statistics, and look after the env actors and
         evaluations. Without `wait`, a component slow to answer keeps its last known values (so that the
         health checks still see the rest of the fleet, e.g. actors held back by a stuck learner) until it
-        has been silent for CALL_TIMEOUT. `read_metrics` waits for a fresh status with the metrics.
-        A learner or shard whose process died is recovered here (see recovery.py)."""
+        has been silent for train.hang_timeout_s. `read_metrics` waits for a fresh status with the
+        metrics. A learner or shard whose process died, or that hangs (then it is killed first), is
+        recovered here (see recovery.py)."""
         fleet, calls = self.fleet, self.calls
         if read_metrics and "learner" in calls:  # an answer without metrics is in flight: drain it
-            calls.answer("learner", "learner", lambda: None, wait=True)
-        status = calls.answer("learner", "learner", lambda: fleet.learner.status.remote(read_metrics),
-                              wait=wait or read_metrics)
-        if isinstance(status, Lost) or (status is not None and status["awaiting_restore"]):
-            self._recover_learner(status.cause if isinstance(status, Lost) else "process died: Ray restarted it")
+            calls.answer("learner", lambda: None, wait=True)
+        status = calls.answer("learner", lambda: fleet.learner.status.remote(read_metrics), wait=wait or read_metrics)
+        if isinstance(status, (Lost, Hung)) or (status is not None and status["awaiting_restore"]):
+            self._recover_learner(*_failure(status, fleet.learner))
         elif status is not None:
             self.learner_status = status
             self._raise_learner_error(status)
         for i, shard in enumerate(fleet.shards):
-            stats = calls.answer(f"shard{i}", f"replay shard {i}", shard.stats.remote,
+            stats = calls.answer(f"shard{i}", shard.stats.remote,
                                  wait=wait or read_metrics or i not in self._shard_stats)
-            if isinstance(stats, Lost) or (stats is not None and stats["awaiting_restore"]):
-                self._recover_shard(i, stats.cause if isinstance(stats, Lost) else "process died: Ray restarted it")
+            if isinstance(stats, (Lost, Hung)) or (stats is not None and stats["awaiting_restore"]):
+                self._recover_shard(i, *_failure(stats, shard))
             elif stats is not None:
                 self._shard_stats[i] = stats
         if not self.stopping:
@@ -110,18 +110,18 @@ class FleetSupervisor:
         self.actors.collect()
         self.episodes.extend(self.actors.take_episodes())
 
-    def _recover_learner(self, cause: str) -> None:
+    def _recover_learner(self, cause: str, hung: bool) -> None:
         self.calls.drop("learner")
-        done = self.recovery.learner(cause, self.updates, self.env_steps())
+        done = self.recovery.learner(cause, self.updates, self.env_steps(), hung)
         if done is not None:
             event, updates = done
             self.lost_updates += event.lost_updates
             self.learner_status = {**self.learner_status, "updates": updates}
 
-    def _recover_shard(self, i: int, cause: str) -> None:
+    def _recover_shard(self, i: int, cause: str, hung: bool) -> None:
         self.calls.drop(f"shard{i}")
         last = self._shard_stats.get(i, {}).get("inserts", 0)
-        done = self.recovery.shard(i, cause, last, self.env_steps())
+        done = self.recovery.shard(i, cause, last, self.env_steps(), hung)
         if done is not None:
             event, stats = done
             self.lost_inserts += event.lost_transitions
@@ -148,3 +148,12 @@ class FleetSupervisor:
             raise FleetError(f"learner died or hangs while stopping: {ray_cause(exc)}") from None
         self._raise_learner_error(status)
         return status
+
+
+def _failure(answer, handle) -> tuple[str, bool]:
+    """(the cause, whether it hung) of a failed component: a hung one is killed here (Ray restarts it,
+    as it does a dead one; SIGKILL ends even a stopped process); a restarted one says so."""
+    if isinstance(answer, Hung):
+        kill_for_restart(handle)
+        return answer.cause, True
+    return (answer.cause if isinstance(answer, Lost) else "process died: Ray restarted it"), False

@@ -153,7 +153,8 @@ class FleetRun:
         their last snapshots."""
         fleet = self.fleet
         state, inserts = (self.checkpointer.take(fleet.learner, fleet.shards, SAVE_ON_FAILURE_TIMEOUT, True)
-                          if on_failure else self.checkpointer.take(fleet.learner, fleet.shards))
+                          if on_failure else self.checkpointer.take(fleet.learner, fleet.shards,
+                                                                    self.cfg.train.hang_timeout_s))
         self.checkpointer.commit(state, {
             "env_steps": self.steps_for(sum(inserts)), "config": to_dict(self.cfg),
             "env_info": self.env_info.to_dict(), "fleet": self.fleet_totals()})
@@ -323,7 +324,7 @@ def _finish(run: FleetRun, stop_reason: str, restored: int) -> dict:
         "policy_lag": {"mean": sum(lags) / len(lags) if lags else None, "last": lags[-1] if lags else None,
                        "unit": "learner updates between the policy that acted and the learner's current one"},
         "actors": {"num": len(fleet.actors), "initial": cfg.actors.num, "envs_per_actor": cfg.actors.envs_per_actor,
-                   "restarts": fleet.actors.restarts, "scaling": run.scaler.changes},
+                   "restarts": fleet.actors.restarts, "hung": fleet.actors.hung, "scaling": run.scaler.changes},
         "recovery": run.recovery.totals(),
         "resources": asdict(run.res),
         "placement": run.placement,

@@ -174,9 +174,9 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
                        "seconds_eval": round(timers.eval, 2)},
         "replay": replay_section([t.stats() for t in tables], cfg.replay.samples_per_insert),
     }
+    stages = {"env": timers.env, "replay and update": timers.update, "eval": timers.eval}
     summary = reporter.finish(mode="inline", stop_reason=stop_reason, now=point(), final=final, sections=sections,
-                              best=best, failed=failed is not None,
-                              stage_seconds={"env": timers.env, "replay and update": timers.update, "eval": timers.eval})
+                              best=best, failed=failed is not None, stage_seconds=stages)
     if failed:
         raise RunStopped(f"{failed}; {kept_checkpoint_note(run_dir / 'checkpoints')}")
     return summary
