@@ -218,6 +218,53 @@ def test_env_actor_killed_with_sigkill_is_counted_and_reported(tmp_path):
     assert wait_for_released_resources()
 
 
+def stuck_env_actor(actor: int, at_step: int) -> FleetParts:
+    """Fleet parts whose env actor `actor` blocks forever in its env step `at_step` (first process only)
+    while its process goes on answering calls: an env stuck in a call that never returns."""
+
+    class StuckEnvActor(EnvActor):
+        def rollout(self, stream):
+            rollout = super().rollout(stream)
+            if (self.actor_index, stream) == (actor, actor):
+                step = rollout.step
+
+                def stuck(random_actions):
+                    while rollout.steps == at_step:
+                        time.sleep(1.0)
+                    return step(random_actions)
+
+                rollout.step = stuck
+            return rollout
+
+    return FleetParts(env_actor=StuckEnvActor)
+
+
+@pytest.mark.parametrize("how", ["stopped", "stuck"])
+def test_a_hung_env_actor_is_killed_restarted_and_counted(tmp_path, how):
+    """SIGSTOP (its statistics go unanswered) or an env step that never returns (it answers, but its
+    steps stand still while replay does not hold it back): restarted after train.hang_timeout_s."""
+    lines = []
+    cfg = load_config("pointmass", [*SHORT, "actors.num=2", "train.total_env_steps=4000", "train.hang_timeout_s=5"])
+    parts, stopped = FleetParts(), []
+    if how == "stopped":
+        thread, stopped = kill_when("EnvActor", lambda: any(
+            line.startswith("steps") and "updates         0" not in line for line in lines[1:]), how=signal.SIGSTOP)
+    else:
+        parts = stuck_env_actor(actor=1, at_step=600)
+    summary = train_fleet(cfg, tmp_path / "run", echo=lines.append, parts=parts)
+    if how == "stopped":
+        thread.join()
+        assert stopped, "no env actor process was found to stop"
+        assert stopped[0] not in _ray_worker_pids("EnvActor")  # killed, not left behind stopped
+    said = ("no answer to a statistics call within 5 s" if how == "stopped"
+            else "no env step for 5 s while not held back by replay")
+    assert summary["actors"]["restarts"] == 1 and summary["actors"]["hung"] == 1, lines
+    assert summary["recovery"]["failures"] == 0 and summary["env_steps"] >= 4000
+    assert [line for line in lines if line.startswith("env actor") and f"hung ({said}; killed it); restarting it "
+                                                                       f"(1/3)" in line], lines
+    assert wait_for_released_resources()
+
+
 def kill_when(name: str, ready, timeout: float = 120.0, how: int = signal.SIGKILL) -> tuple[threading.Thread, list[int]]:
     """A thread that SIGKILLs (or stops, with `how`=SIGSTOP) one `ray::<name>` process once `ready()`;
     the pid signalled lands in the list."""

@@ -133,7 +133,8 @@ class EnvActor(ProcessIdentity):
         client, adder = self.client, self.adder
         return {"steps": self.steps, "episodes": finished, "policy_version": self.policy_version, "pid": os.getpid(),
                 "seconds": {**self.seconds, "insert_wait": adder.seconds_inserting if adder is not None else 0.0},
-                "insert_blocked_seconds": client.oldest_pending_seconds() if client is not None else 0.0}
+                "insert_blocked_seconds": client.oldest_pending_seconds() if client is not None else 0.0,
+                "held_back": client.waiting() if client is not None else False}
 
 
 class EvalActor(ProcessIdentity):

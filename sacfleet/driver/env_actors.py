@@ -204,7 +204,7 @@ class EnvActorPool:
                     self._take_stats(slot, stats)
                     slot.pid = stats.get("pid")
                     slot.insert_blocked_seconds = stats["insert_blocked_seconds"]
-                    if stats["steps"] != slot.steps or stats["insert_blocked_seconds"] > 0:
+                    if stats["steps"] != slot.steps or stats.get("held_back"):
                         slot.steps, slot.stepped_at = stats["steps"], self.clock()
                     elif (not self.stopping and slot.stepped_at is not None
                           and self.clock() - slot.stepped_at > self.hang_timeout):

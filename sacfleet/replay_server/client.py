@@ -45,10 +45,16 @@ class InsertClient:
         self.pending: deque[_Pending] = deque()
         self.inserted = 0
         self.seconds_blocked = 0.0  # time spent waiting for acknowledgements: back-pressure
+        self.waiting_since: float | None = None  # the caller is held in insert() since then
 
     def insert(self, payload: bytes) -> None:
-        while len(self.pending) >= self.max_in_flight and not self.should_stop():
-            self._settle_oldest()
+        if len(self.pending) >= self.max_in_flight:
+            self.waiting_since = time.monotonic()
+        try:
+            while len(self.pending) >= self.max_in_flight and not self.should_stop():
+                self._settle_oldest()
+        finally:
+            self.waiting_since = None
         shard = self.next_shard
         if self.rotate:
             self.next_shard = (shard + 1) % len(self.shards)
@@ -61,6 +67,10 @@ class InsertClient:
             return time.monotonic() - self.pending[0].since
         except IndexError:
             return 0.0
+
+    def waiting(self) -> bool:
+        """Whether the caller is held in insert() by back-pressure now (read from another thread)."""
+        return self.waiting_since is not None
 
     def flush(self) -> None:
         """Wait for every chunk in flight; once `should_stop` is true, refused chunks are dropped."""
