@@ -340,10 +340,13 @@ def test_a_killed_or_hung_shard_or_learner_is_recovered_in_place_and_the_run_fin
     assert wait_for_released_resources()
 
 
-@pytest.mark.parametrize("moment", ["between evaluations", "during an evaluation"])
-def test_a_killed_eval_actor_is_counted_once(tmp_path, moment):
+@pytest.mark.parametrize("moment, how", [("between evaluations", signal.SIGKILL),
+                                         ("during an evaluation", signal.SIGKILL),
+                                         ("during an evaluation", signal.SIGSTOP)], ids=["idle", "evaluating", "hung"])
+def test_a_killed_or_hung_eval_actor_is_counted_once(tmp_path, moment, how):
     """Ray restarts a killed eval actor silently, and calls fail while it restarts: one death, one
-    count, whether it was idle (eval.interval=0) or evaluating (an evaluation every 1,000 steps)."""
+    count, whether it was idle (eval.interval=0) or evaluating (an evaluation every 1,000 steps). One
+    stopped mid-evaluation is found silent after train.hang_timeout_s and killed: one count too."""
     lines = []
     if moment == "between evaluations":
         cfg = load_config("pointmass", [*SHORT, "actors.num=2", "train.total_env_steps=4000", "eval.final_episodes=20"])
@@ -351,17 +354,19 @@ def test_a_killed_eval_actor_is_counted_once(tmp_path, moment):
             line.startswith("steps") and "updates         0" not in line for line in lines[1:]))
     else:
         cfg = load_config("pointmass", [*SHORT, "actors.num=2", "train.total_env_steps=4000", "eval.interval=1000",
-                                        "eval.episodes=100", "eval.final_episodes=20"])
-        thread, killed = kill_when("EvalActor", lambda: _ray_worker_pids("EvalActor", running="evaluate"))
+                                        "eval.episodes=100", "eval.final_episodes=20", "train.hang_timeout_s=5"])
+        thread, killed = kill_when("EvalActor", lambda: _ray_worker_pids("EvalActor", running="evaluate"), how=how)
     summary = train_fleet(cfg, tmp_path / "run", echo=lines.append)
     thread.join()
     assert killed, "no EvalActor process was found to kill"
     recovery = summary["recovery"]
     assert recovery["failures"] == 1 and summary["actors"]["restarts"] == 0, lines
     [event] = recovery["events"]
-    assert event["component"] == "eval actor" and "process died" in event["cause"], event
+    cause = "hung: no answer to a status call within 5 s" if how == signal.SIGSTOP else "process died"
+    assert event["component"] == "eval actor" and cause in event["cause"] and event["hung"] == (how == signal.SIGSTOP)
     said = "nothing was lost" if moment == "between evaluations" else "the evaluation runs again"
-    assert [line for line in lines if line.startswith("eval actor failed") and said in line], lines
+    start = "eval actor hung (no answer" if how == signal.SIGSTOP else "eval actor failed"
+    assert [line for line in lines if line.startswith(start) and said in line], lines
     # The restarted process ran the whole final evaluation.
     assert summary["eval"]["episodes"] == 20 and np.isfinite(summary["eval"]["return_mean"])
     assert killed[0] not in _ray_worker_pids("EvalActor")

@@ -37,6 +37,9 @@ class Evaluations:
         second thread). A death during an evaluation is handled by result()."""
         answer = self.calls.answer("evaluator", self.evaluator.pid.remote)
         if isinstance(answer, Hung):
+            if self.down:  # restarting after a death: Ray holds calls until the new process serves
+                self._lost(answer.cause, evaluating=self.ref is not None)  # past RESTART_TIMEOUT, stops the run
+                return
             self._lost(answer.cause, evaluating=self.ref is not None, hung=True)
             kill_for_restart(self.evaluator)
         elif isinstance(answer, Lost):
