@@ -70,13 +70,16 @@ def _parser() -> argparse.ArgumentParser:
                           help="override a config key of every run, e.g. learner.critic_hidden_sizes=[2048,2048]")
     learning.add_argument("--inline", action="store_true", help="train in process, without Ray (deterministic)")
 
-    chaos = sub.add_parser("chaos", help="a run during which a random fleet process is SIGKILLed every N seconds; "
-                                         "checks that it finishes and counts every failure")
+    chaos = sub.add_parser("chaos", help="a run during which a random fleet process is SIGKILLed (or SIGSTOPped, "
+                                         "--hang) every N seconds; checks that it finishes and counts every failure")
     chaos.add_argument("--every", type=float, default=15.0, help="seconds between kills (default 15)")
     chaos.add_argument("--targets", type=lambda s: s.split(","),
                        default=["EnvActor", "ReplayShard", "LearnerService", "EvalActor"], metavar="CLASS,...",
                        help="Ray actor classes to kill (default all: EnvActor,ReplayShard,LearnerService,EvalActor)")
     chaos.add_argument("--seed", type=int, default=0, help="picks the victims (default 0)")
+    chaos.add_argument("--hang", type=float, nargs="?", const=0.5, default=0.0, metavar="FRACTION",
+                       help="stop this fraction of the victims with SIGSTOP instead of killing them, as a hung "
+                            "process (a stuck syscall, a deadlock) would look; --hang alone: half (default 0)")
     soak = sub.add_parser("soak", help="a long run at full load sampling the memory of every process")
     soak.add_argument("--minutes", type=float, default=60.0, help="run length (default 60)")
     soak.add_argument("--warmup-minutes", type=float, default=10.0, help="growth is measured after this (default 10)")
@@ -298,10 +301,13 @@ def _drill(args) -> int:
         unknown = sorted(set(args.targets) - set(TARGETS))
         if unknown:
             return _usage(f"--targets: unknown {unknown}; choose from {', '.join(TARGETS)}", "chaos")
-        report = chaos(train_args, run_dir, args.every, args.targets, args.seed, echo)
-        print(f"chaos: {len(report['kills'])} processes killed every {args.every:g}s; run "
+        if not 0.0 <= args.hang <= 1.0:
+            return _usage(f"--hang: a fraction from 0 to 1, not {args.hang:g}", "chaos")
+        report = chaos(train_args, run_dir, args.every, args.targets, args.seed, echo, args.hang)
+        print(f"chaos: {len(report['kills'])} processes killed or stopped every {args.every:g}s; run "
               f"{'finished' if report['finished'] else 'FAILED (exit ' + str(report['exit_code']) + ')'}"
-              + (f"; killed {report['killed']}, counted {report['counted']} "
+              + (f"; killed {report['killed']}, counted {report['counted']}; stopped {report['stopped']}, counted "
+                 f"hung {report['counted_hung']}; left behind {len(report['left_behind'])} "
                  f"({'exact' if report['exact'] else 'MISMATCH'});"
                  f" eval return {report['eval_return']:.1f}; lost {report['lost_transitions']:,} transitions, "
                  f"{report['lost_updates']:,} updates" if "killed" in report else "")

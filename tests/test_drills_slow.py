@@ -29,6 +29,25 @@ def test_chaos_run_finishes_learns_and_counts_every_kill(tmp_path):
     assert report["eval_return"] >= -100, report
 
 
+@pytest.mark.parametrize("targets, hang", [("ReplayShard,LearnerService", "1"),
+                                           ("EnvActor,ReplayShard,LearnerService,EvalActor", "0.5")],
+                         ids=["shard-and-learner-stopped", "mixed"])
+def test_chaos_with_hangs_finishes_learns_and_counts_every_fault_as_it_was(tmp_path, targets, hang):
+    """SIGSTOP in place of SIGKILL: every stopped shard and learner (first case), or half the faults
+    of every kind (second), found silent after train.hang_timeout_s=10, killed and recovered. The run
+    on the point-mass preset finishes with exit 0 and learns; nothing stopped is left behind."""
+    run_dir = tmp_path / "chaos"
+    done = drill("chaos", "--every", "8", "--seed", "0", "--targets", targets, "--hang", hang,
+                 "--set", "checkpoint.interval_s=10", "--set", "train.hang_timeout_s=10",
+                 "--run-dir", str(run_dir), timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((run_dir / "chaos.json").read_text())
+    assert report["finished"] and report["exact"] and report["stopped"] >= 1 and not report["left_behind"], report
+    assert all(kill["reported"] for kill in report["kills"]), report
+    assert all(kill["hung_reported"] == (kill["signal"] == "SIGSTOP") for kill in report["kills"]), report
+    assert report["eval_return"] >= -100, report
+
+
 def test_one_hour_soak_at_full_load_grows_no_process_by_more_than_5_percent(tmp_path):
     run_dir = tmp_path / "soak"
     done = drill("soak", "--minutes", "60", "--run-dir", str(run_dir), timeout=4500)

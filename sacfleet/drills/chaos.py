@@ -1,5 +1,7 @@
-"""`sacfleet chaos`: a run during which a random fleet process is SIGKILLed every N seconds, each once the
-run has reported the previous failure; checks that the run finishes and counts every failure."""
+"""`sacfleet chaos`: a run during which a random fleet process is SIGKILLed (or, with --hang, stopped with
+SIGSTOP as a hung process would be) every N seconds, each once the run has reported the previous
+failure; checks that the run finishes, counts every failure (the hung ones as hung) and leaves no
+stopped process behind."""
 
 from __future__ import annotations
 
@@ -19,10 +21,12 @@ TARGETS = {"EnvActor": "env actor", "ReplayShard": "replay shard", "LearnerServi
 
 
 def chaos(train_args: list[str], run_dir: Path, every: float, targets: list[str], seed: int,
-          echo: Callable[[str], None]) -> dict:
+          echo: Callable[[str], None], hang: float = 0.0) -> dict:
     """Kill one random fleet process (of `targets`, Ray class names) every `every` seconds once the
-    run learns, each only after the run has reported the previous failure; returns the report, also
-    written to run_dir/chaos.json. Counters are exact when the run's failure counts equal the kills."""
+    run learns, each only after the run has reported the previous failure; a fraction `hang` of the
+    faults are SIGSTOPs instead (the run must find the process silent, kill it and recover). Returns the
+    report, also written to run_dir/chaos.json. Counters are exact when the run's failure counts equal
+    the faults, its hung counts equal the stops, and no stopped process is left."""
     rng = random.Random(seed)
     child = ChildRun([*train_args, "--run-dir", str(run_dir), "--set", "train.max_failures=1000",
                       "--set", "actors.max_restarts=1000"], echo)
@@ -40,21 +44,23 @@ def chaos(train_args: list[str], run_dir: Path, every: float, targets: list[str]
                 continue
             victim = rng.choice(candidates)
             kind = victim.kind.removeprefix("ray::")
+            how = signal.SIGSTOP if rng.random() < hang else signal.SIGKILL
             t0 = time.monotonic()
             try:
-                os.kill(victim.pid, signal.SIGKILL)
+                os.kill(victim.pid, how)
             except ProcessLookupError:
                 continue
             what = TARGETS[kind]
-            echo(f"chaos: SIGKILL {victim.kind} pid {victim.pid} at {t0 - start:.0f}s")
+            echo(f"chaos: {how.name} {victim.kind} pid {victim.pid} at {t0 - start:.0f}s")
             # Wait until the run says it has it back (env actors: the restart line; others: recovered).
             said = child.wait_for(lambda line: line.startswith(what) and (
                 "restarting it" in line or "recovered in" in line or "runs again" in line
                 or "nothing was lost" in line or "not restarted" in line), timeout=300)
             back = child.wait_for(learning, timeout=300) if said else None
-            kills.append({"process": kind, "pid": victim.pid, "at_s": round(t0 - start, 1),
-                          "reported": said is not None,
-                          "seconds_tolearning_again": round(time.monotonic() - t0, 1) if back else None})
+            kills.append({"process": kind, "pid": victim.pid, "signal": how.name, "at_s": round(t0 - start, 1),
+                          "reported": said is not None, "hung_reported": said is not None and " hung (" in said,
+                          "seconds_tolearning_again": round(time.monotonic() - t0, 1) if back else None,
+                          "gone": _gone(victim.pid)})
     except BaseException:  # Ctrl-C of the drill stops the run too
         child.stop(interrupt=True)
         raise
@@ -69,10 +75,23 @@ def chaos(train_args: list[str], run_dir: Path, every: float, targets: list[str]
         counted = {"EnvActor": summary["actors"]["restarts"],
                    **{kind: sum(e["component"].startswith(TARGETS[kind]) for e in events)
                       for kind in ("ReplayShard", "LearnerService", "EvalActor")}}
-        report.update({"killed": killed, "counted": counted, "exact": killed == counted,
+        stopped = sum(k["signal"] == "SIGSTOP" for k in kills)
+        counted_hung = summary["recovery"].get("hung", 0) + summary["actors"].get("hung", 0)
+        left = [k["pid"] for k in kills if not k["gone"]]
+        report.update({"killed": killed, "counted": counted, "stopped": stopped, "counted_hung": counted_hung,
+                       "left_behind": left, "exact": killed == counted and stopped == counted_hung and not left,
                        "eval_return": summary["eval"]["return_mean"], "env_steps": summary["env_steps"],
                        "lost_transitions": summary["recovery"]["lost_transitions"],
                        "lost_updates": summary["recovery"]["lost_updates"]})
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     (Path(run_dir) / "chaos.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting for its parent counts as gone: it holds nothing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
