@@ -45,7 +45,7 @@ def chaos(train_args: list[str], run_dir: Path, every: float, targets: list[str]
             victim = rng.choice(candidates)
             kind = victim.kind.removeprefix("ray::")
             how = signal.SIGSTOP if rng.random() < hang else signal.SIGKILL
-            t0 = time.monotonic()
+            t0, seen = time.monotonic(), len(child.lines)
             try:
                 os.kill(victim.pid, how)
             except ProcessLookupError:
@@ -58,7 +58,9 @@ def chaos(train_args: list[str], run_dir: Path, every: float, targets: list[str]
                 or "nothing was lost" in line or "not restarted" in line), timeout=300)
             back = child.wait_for(learning, timeout=300) if said else None
             kills.append({"process": kind, "pid": victim.pid, "signal": how.name, "at_s": round(t0 - start, 1),
-                          "reported": said is not None, "hung_reported": said is not None and " hung (" in said,
+                          "reported": said is not None,
+                          "hung_reported": any(line.startswith(what) and " hung (" in line
+                                               for line in child.lines[seen:]),
                           "seconds_tolearning_again": round(time.monotonic() - t0, 1) if back else None,
                           "gone": _gone(victim.pid)})
     except BaseException:  # Ctrl-C of the drill stops the run too
