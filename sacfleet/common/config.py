@@ -153,8 +153,9 @@ class TrainConfig:
                              "actors.max_restarts")
     hang_timeout_s: float = _key(30.0, ge=5, doc="seconds a fleet process may leave a status call unanswered (or an "
                                  "env actor go without stepping while not held back) before it counts as hung: it "
-                                 "is killed and recovered like a dead one. Status calls are answered on a thread of "
-                                 "their own, so long work (a snapshot, a first compile) does not delay them")
+                                 "is killed and recovered like a dead one. The learner and actors answer status calls "
+                                 "on a thread of their own and a shard between calls of milliseconds, so long work "
+                                 "(a snapshot, a first compile) does not delay them")
 
 
 @dataclass
