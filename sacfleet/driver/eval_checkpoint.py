@@ -8,7 +8,7 @@ import torch
 
 from sacfleet.actors.evaluate import evaluate
 from sacfleet.common.config import from_dict
-from sacfleet.driver.checkpoint_files import BEST_FILE, CheckpointError, load_checkpoint
+from sacfleet.driver.checkpoint_files import BEST_FILE, CheckpointError, load_checkpoint, newest_checkpoint
 from sacfleet.driver.report import success_note
 from sacfleet.learner.networks import PolicyNetwork
 
@@ -18,7 +18,8 @@ def evaluate_checkpoint(path: Path, episodes: int, seed: int | None = None, best
     directory; with `best`, the best-evaluated policy such a directory keeps) for `episodes` episodes
     seeded by `seed` (default: the run's eval.seed); returns the line that says how it did. Raises
     CheckpointError for what is not a readable checkpoint."""
-    state = load_checkpoint(best_policy_path(path) if best else path)
+    found = None if best or Path(path).is_file() else newest_checkpoint(path)
+    state = found.state if found else load_checkpoint(best_policy_path(path) if best else path)
     cfg, info = from_dict(state["config"]), state["env_info"]
     policy = PolicyNetwork.for_config(cfg.learner, info["obs_dim"], info["act_dim"], info["action_low"],
                                       info["action_high"])
@@ -29,8 +30,9 @@ def evaluate_checkpoint(path: Path, episodes: int, seed: int | None = None, best
     source = (f"best policy, evaluated {kept['return_mean']:.2f} at {state['env_steps']:,} env steps, "
               f"{state['learner']['updates']:,} updates" if kept else
               f"checkpoint at {state['env_steps']:,} env steps, {state['learner']['updates']:,} updates")
+    skipped = f"; {found.note()}" if found and found.skipped else ""
     return (f"{cfg.env.id}: eval return {returns.mean():.2f} +- {returns.std():.2f} over {returns.size} episodes"
-            f"{success_note(success_rate)} ({source})")
+            f"{success_note(success_rate)} ({source}{skipped})")
 
 
 def best_policy_path(path: Path) -> Path:
