@@ -4,6 +4,7 @@ that take the newest set that reads back whole (a file cut short, a flipped bit,
 import numpy as np
 import pytest
 
+from sacfleet.cli import main
 from sacfleet.common.config import load_config
 from sacfleet.common.envs import describe_env
 from sacfleet.common.transitions import TransitionSpec
@@ -95,7 +96,7 @@ def test_a_set_whose_replay_file_is_gone_is_skipped_by_a_reader_that_needs_the_r
     assert newest_checkpoint(tmp_path).path.name == "checkpoint.pt"  # the learner's state alone is whole
 
 
-def test_a_resume_falls_back_to_the_previous_set_and_then_sets_the_damaged_one_aside(tmp_path):
+def test_a_resume_falls_back_to_the_previous_set_and_then_sets_the_damaged_one_aside(tmp_path, capsys):
     from sacfleet.driver.train_inline import train_inline
 
     short = ["train.total_env_steps=1200", "train.learning_starts=400", "learner.hidden_sizes=[32, 32]",
@@ -107,6 +108,9 @@ def test_a_resume_falls_back_to_the_previous_set_and_then_sets_the_damaged_one_a
     newest, previous = [load_checkpoint(p)["env_steps"] for p in kept_files(checkpoints)]
     assert newest == 1200 and 800 < previous < 1200  # at 500 updates, one per env step after 400
     cut_in_half(checkpoints / "checkpoint.pt")
+    assert main(["eval", "--checkpoint", str(run_dir), "--episodes", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint at {previous:,} env steps" in out and "skipped 1 newer checkpoint set" in out, out
 
     cfg = load_config("pointmass", [*short, "train.total_env_steps=2000"])
     point = load_resume(run_dir, cfg, describe_env(cfg.env))
