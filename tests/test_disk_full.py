@@ -2,8 +2,6 @@
 be written are reported and retried, the run stops in order past checkpoint.max_write_failures, and
 the last set written before the disk filled still resumes."""
 
-import subprocess
-
 import pytest
 
 from sacfleet.common.config import load_config
@@ -19,36 +17,14 @@ SHORT = ["train.total_env_steps=1600", "train.learning_starts=400", "train.log_i
          "checkpoint.interval_s=0", "checkpoint.max_write_failures=2"]
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 16 MiB tmpfs, unmounted afterwards."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
-def fill(directory) -> None:
-    """Write until the filesystem refuses: what a disk filled by something else looks like."""
-    with open(directory / "filler", "wb", buffering=0) as handle:
-        try:
-            while True:
-                handle.write(b"\0" * (1 << 16))
-        except OSError:
-            pass
-
-
 def test_an_inline_run_on_a_disk_that_fills_stops_in_order_and_its_last_set_resumes(small_disk):
-    run_dir = small_disk / "run"
+    run_dir = small_disk.path / "run"
     lines = []
 
     def echo(line: str) -> None:
         lines.append(line)
         if line.startswith("steps") and " 800/" in line.replace(",", ""):  # after the set at 300 updates
-            fill(small_disk)
+            small_disk.fill()
 
     with pytest.raises(RunStopped) as stopped:
         train_inline(load_config("pointmass", SHORT), run_dir, echo=echo)
@@ -71,9 +47,10 @@ def test_an_inline_run_on_a_disk_that_fills_stops_in_order_and_its_last_set_resu
     assert len(done) == 1 and done[0].startswith("done (checkpoints could not be written 2 times in a row: "), done
     assert "summary NOT written (cannot write" in done[0]
     assert "checkpoints could not be written 2 times in a row" in str(stopped.value)
-    assert not list(small_disk.rglob("*.tmp")) and not list(small_disk.rglob(".*.staged"))  # no partial files
+    # No partial files left behind.
+    assert not list(small_disk.path.rglob("*.tmp")) and not list(small_disk.path.rglob(".*.staged"))
 
-    (small_disk / "filler").unlink()
+    small_disk.free()
     assert [path.name for path in kept_files(run_dir / "checkpoints")] == ["checkpoint.pt"]
     cfg = load_config("pointmass", [*SHORT, "train.total_env_steps=3000"])
     point = load_resume(run_dir, cfg, describe_env(cfg.env))

@@ -22,6 +22,7 @@ from sacfleet.common.transitions import TransitionSpec
 from sacfleet.drills.child_run import actor_title
 from sacfleet.driver.checkpoint_files import load_checkpoint
 from sacfleet.driver.fleet import FleetParts
+from sacfleet.driver.errors import RunStopped
 from sacfleet.driver.train_fleet import FleetError, train_fleet
 from sacfleet.driver.train_inline import seed_everything
 from sacfleet.learner.sac import SACLearner
@@ -370,6 +371,37 @@ def test_a_killed_or_hung_eval_actor_is_counted_once(tmp_path, moment, how):
     # The restarted process ran the whole final evaluation.
     assert summary["eval"]["episodes"] == 20 and np.isfinite(summary["eval"]["return_mean"])
     assert killed[0] not in _ray_worker_pids("EvalActor")
+    assert wait_for_released_resources()
+
+
+def test_a_fleet_run_on_a_disk_that_fills_stops_in_order_and_its_last_set_resumes(small_disk):
+    """The run directory's filesystem fills once the first set is written: two sets in a row cannot
+    be written (their replay segments, streamed through the driver), the run stops in order, and
+    after the disk is freed the set written before resumes."""
+    lines, run_dir = [], small_disk.path / "run"
+
+    def echo(line: str) -> None:
+        lines.append(line)
+        if (len(lines) > 1 and line.startswith("steps") and (run_dir / "checkpoints" / "checkpoint.pt").exists()
+                and not (small_disk.path / "filler").exists()):
+            small_disk.fill()
+
+    overrides = [*SHORT, "actors.num=2", "train.total_env_steps=100000", "checkpoint.interval=150",
+                 "checkpoint.interval_s=0", "checkpoint.max_write_failures=2"]
+    with pytest.raises(RunStopped, match="checkpoints could not be written 2 times in a row: cannot write"):
+        train_fleet(load_config("pointmass", overrides), run_dir, echo=echo)
+    failures = [line for line in lines if line.startswith("checkpoint not written (")]
+    assert len(failures) == 2 and "No space left on device" in failures[1], lines
+    [done] = [line for line in lines if line.startswith("done (")]
+    assert done.startswith("done (checkpoints could not be written 2 times in a row: cannot write ") and (
+        "summary NOT written (cannot write" in done), done
+
+    small_disk.free()
+    kept = load_checkpoint(run_dir)
+    more = load_config("pointmass", [*overrides, f"train.total_env_steps={kept['env_steps'] + 1000}"])
+    summary = train_fleet(more, run_dir, resume=True, echo=lines.append)
+    assert summary["env_steps"] >= kept["env_steps"] + 1000 and not summary["failed"]
+    assert summary["replay"]["restored_size"] == kept["env_steps"]
     assert wait_for_released_resources()
 
 
