@@ -110,10 +110,13 @@ class Reporter:
         if record.get("fleet/actors", self.cfg.actors.num) != self.cfg.actors.num:
             parts.append(f"actors {record['fleet/actors']:.0f}")
         if record.get("actors/restarts"):
-            parts.append(f"restarts {record['actors/restarts']:.0f}")
+            hung = f" ({record['actors/hung']:.0f} hung)" if record.get("actors/hung") else ""
+            parts.append(f"restarts {record['actors/restarts']:.0f}{hung}")
         if record.get("fleet/recoveries"):
-            parts.append(f"recovered {record['fleet/recoveries']:.0f} (lost {record['fleet/lost_transitions']:,.0f} "
-                         f"transitions, {record['fleet/lost_updates']:,.0f} updates)")
+            hung = f"{record['fleet/hung']:.0f} hung; " if record.get("fleet/hung") else ""
+            parts.append(f"recovered {record['fleet/recoveries']:.0f} ({hung}lost "
+                         f"{record['fleet/lost_transitions']:,.0f} transitions, {record['fleet/lost_updates']:,.0f} "
+                         f"updates)")
         parts.append(f"eta {(total - now.env_steps) / fps:5.0f}s" if fps > 0 else "eta     ?")
         active = self.health.active()
         if active:
@@ -222,6 +225,8 @@ def done_line(summary: Mapping, path: Path, plots: Sequence[Path]) -> str:
     recovered = (f"; recovered {recovery['recoveries']} processes from {recovery['failures']} failures"
                  if recovery["recoveries"] != recovery["failures"] else
                  f"; recovered from {recovery['failures']} failures" if recovery["failures"] else "")
+    if recovery.get("hung"):
+        recovered += f" ({recovery['hung']} hung)"
     where = (f"summary NOT written ({summary['summary_not_written']})" if "summary_not_written" in summary
              else f"summary {path}")
     below = ""

@@ -110,8 +110,9 @@ class FleetRun:
         values = {**sup.learner_status.get("metrics", {}),
                   "replay/size": sup.replay_size,
                   "replay/samples_per_insert": sup.replay_ratio(), "learner/policy_lag": lag,
-                  "actors/restarts": self.fleet.actors.restarts, "fleet/actors": len(self.fleet.actors),
-                  "fleet/recoveries": recovery["recoveries"],
+                  "actors/restarts": self.fleet.actors.restarts, "actors/hung": self.fleet.actors.hung,
+                  "fleet/actors": len(self.fleet.actors), "fleet/recoveries": recovery["recoveries"],
+                  "fleet/hung": recovery["hung"],
                   "fleet/lost_transitions": recovery["lost_transitions"],
                   "fleet/lost_updates": recovery["lost_updates"], **sup.stall_values(), **her_values(sup.shard_stats),
                   **({"replay/samples_per_insert_recent": recent} if recent is not None else {})}
