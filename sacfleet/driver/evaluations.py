@@ -15,6 +15,7 @@ from sacfleet.driver.calls import RESTART_TIMEOUT, Hung, Lost, PendingCalls, kil
 from sacfleet.driver.errors import FleetError, ray_cause
 
 EVAL_TIMEOUT = 1800.0  # longest wait for an evaluation (Humanoid's 100 final episodes fit)
+WATCH_EVERY_S = 1.0  # while waiting for one, the actor is watched (for a hang) this often
 
 
 class Evaluations:
@@ -73,12 +74,16 @@ class Evaluations:
     def result(self, wait: bool = False) -> dict | None:
         """The running evaluation's result ({"version", "returns", "success_rate", "seconds", and "weights"
         when asked for}) once it is done; waiting at most EVAL_TIMEOUT."""
+        deadline = self.clock() + EVAL_TIMEOUT
         while self.ref is not None:
-            ready, _ = ray.wait([self.ref], timeout=EVAL_TIMEOUT if wait else 0)
+            ready, _ = ray.wait([self.ref], timeout=WATCH_EVERY_S if wait else 0)
             if not ready:
-                if wait:
+                if not wait:
+                    return None
+                if self.clock() > deadline:
                     raise FleetError(f"eval actor hangs: an evaluation did not finish within {EVAL_TIMEOUT:g} s")
-                return None
+                self.watch()  # one that hangs is killed: its evaluation then fails below and runs again
+                continue
             ref, self.ref = self.ref, None
             try:
                 result = ray.get(ref)
