@@ -56,12 +56,14 @@ def chaos(train_args: list[str], run_dir: Path, every: float, targets: list[str]
             said = child.wait_for(lambda line: line.startswith(what) and (
                 "restarting it" in line or "recovered in" in line or "runs again" in line
                 or "nothing was lost" in line or "not restarted" in line), timeout=300)
+            said_at = time.monotonic()
             back = child.wait_for(learning, timeout=300) if said else None
             kills.append({"process": kind, "pid": victim.pid, "signal": how.name, "at_s": round(t0 - start, 1),
                           "reported": said is not None,
                           "hung_reported": any(line.startswith(what) and " hung (" in line
                                                for line in child.lines[seen:]),
-                          "seconds_tolearning_again": round(time.monotonic() - t0, 1) if back else None,
+                          "seconds_to_reported_back": round(said_at - t0, 1) if said else None,
+                          "seconds_to_learning_again": round(time.monotonic() - t0, 1) if back else None,
                           "gone": _gone(victim.pid)})
     except BaseException:  # Ctrl-C of the drill stops the run too
         child.stop(interrupt=True)
