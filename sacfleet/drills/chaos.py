@@ -24,9 +24,9 @@ def chaos(train_args: list[str], run_dir: Path, every: float, targets: list[str]
           echo: Callable[[str], None], hang: float = 0.0) -> dict:
     """Kill one random fleet process (of `targets`, Ray class names) every `every` seconds once the
     run learns, each only after the run has reported the previous failure; a fraction `hang` of the
-    faults are SIGSTOPs instead (the run must find the process silent, kill it and recover). Returns the
+    victims are SIGSTOPped instead (the run must find the process silent, kill it and recover). Returns the
     report, also written to run_dir/chaos.json. Counters are exact when the run's failure counts equal
-    the faults, its hung counts equal the stops, and no stopped process is left."""
+    the signals sent, its hung counts equal the stops, and no stopped process is left."""
     rng = random.Random(seed)
     child = ChildRun([*train_args, "--run-dir", str(run_dir), "--set", "train.max_failures=1000",
                       "--set", "actors.max_restarts=1000"], echo)
