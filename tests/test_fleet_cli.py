@@ -68,7 +68,7 @@ def listening_addresses(pids: list[int]) -> list[tuple[str, int]]:
 
 def is_loopback(address: str) -> bool:
     ip = ipaddress.ip_address(address)
-    return (ip.ipv4_mapped or ip).is_loopback
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback  # an IPv6 socket may carry an IPv4 one
 
 
 class Lines:
