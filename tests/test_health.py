@@ -134,6 +134,15 @@ def test_replay_ratio_drift_warns_once_the_error_buffer_cannot_explain_it():
     assert warning.check == "replay_ratio_drift" and "150 against its target 256 (41% off)" in warning.symptom
 
 
+def test_replay_ratio_drift_is_not_judged_over_the_few_inserts_of_a_shard_restored_from_an_early_snapshot():
+    # Late in a run, a shard restored from a snapshot of 60 inserts has counted 10 inserts past its
+    # warm-up, and the samples its limiter allowed ahead (its error buffer) dwarf them (seen in a chaos run).
+    restored = {**HEALTHY, "replay/samples_per_insert": 716.8, "replay/ratio_inserts": 10}
+    assert feed(monitor(), [restored] * 4, start=12000) == []
+    drifted = {**restored, "replay/ratio_inserts": 20000}
+    assert [w.check for w in feed(monitor(), [drifted] * 2, start=12000)] == ["replay_ratio_drift"]
+
+
 def test_policy_lag_far_beyond_what_the_settings_imply_warns_in_the_fleet_only():
     cfg = load_config("pointmass")
     # 10 (publish) + 1 update per transition x 2 actors x (10 sync + 10 x (1 + 2) chunk and in flight)

@@ -359,8 +359,10 @@ class ReplayRatioDrift(Check):
 
     def read(self, env_steps, values):
         f = self.facts
-        # Early on the limiter's error buffer is large against the few samples taken.
-        if not _have(values, "replay/samples_per_insert") or env_steps < f.learning_starts + 5 * f.log_interval:
+        # Over few inserts the limiter's error buffer is large against the samples taken: early on, and
+        # after a shard is restored from an early snapshot (its counters start from that snapshot's).
+        inserts = values.get("replay/ratio_inserts", env_steps - f.learning_starts)
+        if not _have(values, "replay/samples_per_insert") or inserts < 5 * f.log_interval:
             return None
         measured = values["replay/samples_per_insert"]
         drift = abs(measured / f.samples_per_insert - 1.0)

@@ -38,6 +38,12 @@ def replay_ratio(stats: Sequence[Mapping]) -> float:
     return sum(s["samples"] for s in stats) / effective if effective > 0 else float("nan")
 
 
+def ratio_inserts(stats: Sequence[Mapping]) -> int:
+    """The inserts `replay_ratio` divides by: a shard restored from an early snapshot counts from its
+    snapshot again, so this can fall while env steps grow."""
+    return sum(s["inserts"] - s["min_size_to_sample"] for s in stats)
+
+
 def replay_section(stats: Sequence[Mapping], target: float) -> dict:
     """The replay's part of summary.json, from the `stats()` of its tables or shards."""
     return {"size": sum(s["size"] for s in stats), "samples_per_insert": replay_ratio(stats),

@@ -31,7 +31,7 @@ from sacfleet.driver.errors import FleetDiverged, FleetError, RunRefused, RunSto
 from sacfleet.driver.fleet import Fleet, FleetParts, connect
 from sacfleet.driver.placement import Resources, cluster_nodes, describe, plan_fleet
 from sacfleet.driver.recovery import FleetRecovery
-from sacfleet.driver.report import INTERRUPTED, Point, Reporter, her_values, replay_section
+from sacfleet.driver.report import INTERRUPTED, Point, Reporter, her_values, ratio_inserts, replay_section
 from sacfleet.driver.resume import ResumePoint, load_resume
 from sacfleet.driver.run_dir import check_run_dir, echo_flush
 from sacfleet.driver.scaling import Scaler
@@ -109,7 +109,8 @@ class FleetRun:
         recent = self.recent_ratio(self.reporter.last, now)
         values = {**sup.learner_status.get("metrics", {}),
                   "replay/size": sup.replay_size,
-                  "replay/samples_per_insert": sup.replay_ratio(), "learner/policy_lag": lag,
+                  "replay/samples_per_insert": sup.replay_ratio(),
+                  "replay/ratio_inserts": ratio_inserts(sup.shard_stats), "learner/policy_lag": lag,
                   "actors/restarts": self.fleet.actors.restarts, "actors/hung": self.fleet.actors.hung,
                   "fleet/actors": len(self.fleet.actors), "fleet/recoveries": recovery["recoveries"],
                   "fleet/hung": recovery["hung"],

@@ -26,7 +26,7 @@ from sacfleet.common.envs import EnvInfo, check_env_config, describe_env
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.driver.checkpoint_files import BestPolicy, CheckpointSets, WriteFailures, kept_checkpoint_note
 from sacfleet.driver.errors import RunFailed, RunRefused, RunStopped
-from sacfleet.driver.report import INTERRUPTED, Point, Reporter, her_values, replay_ratio, replay_section
+from sacfleet.driver.report import INTERRUPTED, Point, Reporter, her_values, ratio_inserts, replay_ratio, replay_section
 from sacfleet.driver.run_dir import check_run_dir, echo_flush
 from sacfleet.driver.schedule import RunSchedule
 from sacfleet.learner.batch import Batch
@@ -149,7 +149,8 @@ def train_inline(cfg: Config, run_dir: Path, echo: Callable[[str], None] | None 
                 learner.check_finite()
                 stats = [t.stats() for t in tables]
                 reporter.progress(point(), {**learner.metrics.read(), "replay/size": sum(s["size"] for s in stats),
-                                            "replay/samples_per_insert": replay_ratio(stats), **her_values(stats)})
+                                            "replay/samples_per_insert": replay_ratio(stats),
+                                            "replay/ratio_inserts": ratio_inserts(stats), **her_values(stats)})
             if schedule.checkpoint(learner.updates, timers.wall) and (failed := write_failures.attempt(save)):
                 stop_reason = failed
                 break
