@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -310,8 +311,10 @@ def test_a_killed_or_hung_shard_or_learner_is_recovered_in_place_and_the_run_fin
     [event] = recovery["events"]
     if how == signal.SIGSTOP:
         assert event["component"] == component and event["hung"] and recovery["hung"] == 1, event
-        assert event["cause"] == "hung: no answer to a status call within 5 s"
-        assert [line for line in lines if line.startswith(f"{component} hung (no answer to a status call within "
+        # Found by its status call, or by a checkpoint's call when one falls due in the silence.
+        call = re.fullmatch(r"hung: no answer to a (status|checkpoint) call within 5 s", event["cause"])
+        assert call, event
+        assert [line for line in lines if line.startswith(f"{component} hung (no answer to a {call[1]} call within "
                                                           f"5 s; killed it); recovering it")], lines
     else:
         assert event["component"] == component and "process died" in event["cause"] and not event["hung"]
@@ -339,6 +342,33 @@ def test_a_killed_or_hung_shard_or_learner_is_recovered_in_place_and_the_run_fin
         1, recovery["lost_transitions"], recovery["lost_updates"])
     said = "recovered 1 (1 hung; lost" if how == signal.SIGSTOP else "recovered 1 (lost"
     assert any(line.startswith("steps") and said in line for line in lines), lines
+    assert wait_for_released_resources()
+
+
+@pytest.mark.parametrize("component, process", [("learner", "LearnerService"), ("replay shard 0", "ReplayShard")])
+def test_a_component_silent_in_a_checkpoint_call_is_recovered_at_once(tmp_path, component, process):
+    """A checkpoint is due while the learner (or a shard) is stopped: its call goes unanswered for
+    train.hang_timeout_s, and that is the hang, recovered then and there. (A chaos run had waited a
+    second full timeout on its status, and after that a second checkpoint's.)"""
+    lines = []
+    run_dir = tmp_path / "run"
+    cfg = load_config("pointmass", [*SHORT, "actors.num=2", "train.total_env_steps=3000", "checkpoint.interval_s=1",
+                                    "train.hang_timeout_s=5", "train.log_interval=100000"])
+    # No progress lines to wait for (a log would wait on the learner's status): two sets committed will do.
+    thread, stopped = kill_when(process, lambda: (run_dir / "checkpoints" / "checkpoint.1.pt").exists(),
+                                how=signal.SIGSTOP)
+    summary = train_fleet(cfg, run_dir, echo=lines.append)
+    thread.join()
+    assert stopped, f"no {process} process was found to stop"
+    [event] = summary["recovery"]["events"] or [lines]
+    assert event["component"] == component and event["hung"], event
+    assert event["cause"] == "hung: no answer to a checkpoint call within 5 s", event
+    who = "the learner" if component == "learner" else component
+    skipped = [i for i, line in enumerate(lines) if line == f"checkpoint skipped: {who} did not answer within 5 s"]
+    assert len(skipped) == 1 and lines[skipped[0] + 1].startswith(f"{component} hung (no answer to a checkpoint "
+                                                                  "call within 5 s; killed it); recovering it"), lines
+    assert stopped[0] not in _ray_worker_pids(process)
+    assert summary["env_steps"] >= 3000 and not summary["failed"]
     assert wait_for_released_resources()
 
 

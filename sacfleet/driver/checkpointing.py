@@ -20,7 +20,12 @@ from sacfleet.replay_server.snapshot_files import SnapshotFileError, SnapshotWri
 
 class CheckpointSkipped(FleetError):
     """A component died or did not answer while its state was taken; the last committed set stays
-    whole, and the supervisor recovers the component."""
+    whole, and the supervisor recovers the component. `silent`: the one that did not answer within
+    the call's timeout ("learner", "shard2"), when known."""
+
+    def __init__(self, message: str, silent: str | None = None):
+        super().__init__(message)
+        self.silent = silent
 
 
 class FleetCheckpointer:
@@ -44,13 +49,16 @@ class FleetCheckpointer:
         """(the learner's state, each shard's inserts as its snapshot holds them). The counters saved
         with the set come from these, so a resume counts exactly what the snapshots hold. With
         `keep_dead_shards` (a run stopping on a failure) a shard that is gone keeps its last snapshot."""
+        calling: str | None = "learner"
         try:
             state = ray.get(learner.state.remote(), timeout=timeout)
+            calling = None
             if not self.cfg.checkpoint.replay:
                 return state, [s["inserts"] for s in ray.get([h.stats.remote() for h in shards], timeout=timeout)]
             self.writer.next_generation()
             inserts = []
             for i, handle in enumerate(shards):
+                calling = f"shard{i}"
                 try:
                     inserts.append(self.snapshot_shard(i, handle, timeout))
                 except (RayActorError, GetTimeoutError):
@@ -63,8 +71,12 @@ class FleetCheckpointer:
             if isinstance(exc.cause, LearnerDiverged):
                 raise FleetDiverged(exc.cause.update, exc.cause.what, str(exc.cause)) from None
             raise FleetError(f"checkpoint failed: {ray_cause(exc)}") from None
-        except (RayActorError, GetTimeoutError) as exc:
-            raise CheckpointSkipped(f"checkpoint skipped, a component is gone or hangs: {ray_cause(exc)}") from None
+        except RayActorError as exc:
+            raise CheckpointSkipped(f"checkpoint skipped, a component is gone: {ray_cause(exc)}") from None
+        except GetTimeoutError:
+            who = {None: "a shard", "learner": "the learner"}.get(calling, f"replay shard {calling[5:]}")
+            raise CheckpointSkipped(f"checkpoint skipped: {who} did not answer within {timeout:g} s",
+                                    calling) from None
 
     def snapshot_shard(self, index: int, handle, timeout: float = CALL_TIMEOUT) -> int:
         """Write shard `index`'s changed segments and header (part of the generation begun by

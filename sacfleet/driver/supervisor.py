@@ -110,6 +110,17 @@ class FleetSupervisor:
         self.actors.collect()
         self.episodes.extend(self.actors.take_episodes())
 
+    def hung(self, name: str, call: str) -> None:
+        """`name` ("learner", "shard2") left a call of the driver's own (`call`, e.g. a checkpoint's)
+        unanswered for train.hang_timeout_s: it hangs, and is killed and recovered now rather than
+        after another full wait on its status."""
+        answer = Hung(f"hung: no answer to {call} within {self.calls.timeout:g} s")
+        if name == "learner":
+            self._recover_learner(*_failure(answer, self.fleet.learner))
+        else:
+            i = int(name.removeprefix("shard"))
+            self._recover_shard(i, *_failure(answer, self.fleet.shards[i]))
+
     def _recover_learner(self, cause: str, hung: bool) -> None:
         self.calls.drop("learner")
         done = self.recovery.learner(cause, self.updates, self.env_steps(), hung)

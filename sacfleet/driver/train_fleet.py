@@ -275,8 +275,10 @@ def _supervise(run: FleetRun) -> dict:
             if schedule.checkpoint(sup.updates, run.wall):
                 try:
                     cause = run.write_failures.attempt(run.checkpoint)
-                except CheckpointSkipped as exc:  # the next poll recovers the component
+                except CheckpointSkipped as exc:  # a dead component: the next poll recovers it
                     run.echo(str(exc))
+                    if exc.silent:
+                        sup.hung(exc.silent, "a checkpoint call")
                 else:
                     if cause:
                         stop_reason = run.failed = cause
