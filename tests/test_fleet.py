@@ -597,6 +597,35 @@ def test_a_failed_priority_update_surfaces_in_the_learner_instead_of_vanishing()
         ray.kill(shard)
 
 
+def test_a_fresh_status_waited_for_behind_an_unanswered_one_is_hung_after_one_timeout():
+    """A progress record waits for a fresh status with the metrics. When the status call in flight is
+    the one left unanswered, that is the answer: a chaos run had sent a second call and waited a
+    second full timeout (60 s in all) before it recovered a stopped learner."""
+    from sacfleet.driver.calls import Hung, PendingCalls
+
+    class Silent:  # defined here: Ray workers cannot import a test module
+        def __init__(self):
+            self.calls = 0
+
+        def status(self):
+            self.calls += 1
+            threading.Event().wait()  # never answers, as a stopped or deadlocked process
+
+        def count(self) -> int:
+            return self.calls
+
+    silent = ray.remote(Silent).options(num_cpus=0.01, max_concurrency=4).remote()
+    try:
+        assert ray.get(silent.count.remote(), timeout=60) == 0  # started
+        calls = PendingCalls(timeout=1.0)
+        assert calls.answer("learner", silent.status.remote) is None  # in flight, not waited for
+        hung = calls.fresh("learner", silent.status.remote)
+        assert isinstance(hung, Hung) and "learner" not in calls
+        assert ray.get(silent.count.remote(), timeout=10) == 1
+    finally:
+        ray.kill(silent)
+
+
 def test_env_actors_ask_for_weights_at_most_every_20_ms(monkeypatch):
     from sacfleet.actors import env_actor
 

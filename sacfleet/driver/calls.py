@@ -50,19 +50,28 @@ class PendingCalls:
         """Forget the call in flight (its answer may predate a restart of the component)."""
         self.sent.pop(name, None)
 
+    def fresh(self, name: str, send: Callable[[], object]):
+        """The answer to a call sent now, waited for: a call still in flight is answered first, and
+        when that shows the component lost or hung, so does this (no second wait for a second call)."""
+        if name in self.sent:
+            earlier = self.answer(name, send, wait=True)
+            if isinstance(earlier, (Lost, Hung)):
+                return earlier
+        return self.answer(name, send, wait=True)
+
     def answer(self, name: str, send: Callable[[], object], wait: bool = False):
         """The answer to `name` once it has come (sending the call first if none is in flight), Lost
         if the component's process died, Hung if it has not answered within `timeout`, else None."""
         if name not in self.sent:
             self.sent[name] = (send(), self.clock())
         ref, sent = self.sent[name]
-        timeout = max(0.0, self.timeout - (self.clock() - sent)) if wait else 0.0
-        ready, _ = ray.wait([ref], timeout=timeout)
-        if not ready:
+        # A loop: ray.wait can return a hair before its timeout, and a caller that waits waits it out.
+        while not ray.wait([ref], timeout=max(0.0, sent + self.timeout - self.clock()) if wait else 0.0)[0]:
             if self.clock() - sent >= self.timeout:
                 del self.sent[name]
                 return Hung(f"hung: no answer to a status call within {self.timeout:g} s")
-            return None
+            if not wait:
+                return None
         del self.sent[name]
         try:
             return ray.get(ref)

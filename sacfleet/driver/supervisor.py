@@ -4,6 +4,7 @@ what the fleet has done so far, for progress records and the summary."""
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable
 
@@ -89,9 +90,9 @@ class FleetSupervisor:
         metrics. A learner or shard whose process died, or that hangs (then it is killed first), is
         recovered here (see recovery.py)."""
         fleet, calls = self.fleet, self.calls
-        if read_metrics and "learner" in calls:  # an answer without metrics is in flight: drain it
-            calls.answer("learner", lambda: None, wait=True)
-        status = calls.answer("learner", lambda: fleet.learner.status.remote(read_metrics), wait=wait or read_metrics)
+        send = functools.partial(fleet.learner.status.remote, read_metrics)
+        # With read_metrics, an answer in flight has none: a fresh one is waited for.
+        status = calls.fresh("learner", send) if read_metrics else calls.answer("learner", send, wait=wait)
         if isinstance(status, (Lost, Hung)) or (status is not None and status["awaiting_restore"]):
             self._recover_learner(*_failure(status, fleet.learner))
         elif status is not None:
