@@ -155,7 +155,8 @@ class TrainConfig:
                                  "env actor go without stepping while not held back) before it counts as hung: it "
                                  "is killed and recovered like a dead one. The learner and actors answer status calls "
                                  "on a thread of their own and a shard between calls of milliseconds, so long work "
-                                 "(a snapshot, a first compile) does not delay them")
+                                 "(a snapshot, a first compile) does not delay them; a checkpoint call unanswered this "
+                                 "long counts only when a status call then goes unanswered too")
 
 
 @dataclass

@@ -17,6 +17,9 @@ from sacfleet.driver.evaluations import Evaluations
 from sacfleet.driver.report import replay_ratio
 
 
+PROBE_S = 5.0  # a live component answers a status call in milliseconds, however busy
+
+
 class FleetSupervisor:
     """`fleet` holds the Ray handles (learner, shards, evaluator) and the env actor pool; `episodes`
     receives finished episodes; `recovery` (recovery.FleetRecovery) brings back a dead learner or shard;
@@ -90,7 +93,7 @@ class FleetSupervisor:
         metrics. A learner or shard whose process died, or that hangs (then it is killed first), is
         recovered here (see recovery.py)."""
         fleet, calls = self.fleet, self.calls
-        send = functools.partial(fleet.learner.status.remote, read_metrics)
+        send = functools.partial(fleet.learner.status.remote, read_metrics, self.calls.timeout / 3)
         # With read_metrics, an answer in flight has none: a fresh one is waited for.
         status = calls.fresh("learner", send) if read_metrics else calls.answer("learner", send, wait=wait)
         if isinstance(status, (Lost, Hung)) or (status is not None and status["awaiting_restore"]):
@@ -111,16 +114,23 @@ class FleetSupervisor:
         self.actors.collect()
         self.episodes.extend(self.actors.take_episodes())
 
-    def hung(self, name: str, call: str) -> None:
-        """`name` ("learner", "shard2") left a call of the driver's own (`call`, e.g. a checkpoint's)
-        unanswered for train.hang_timeout_s: it hangs, and is killed and recovered now rather than
-        after another full wait on its status."""
-        answer = Hung(f"hung: no answer to {call} within {self.calls.timeout:g} s")
-        if name == "learner":
-            self._recover_learner(*_failure(answer, self.fleet.learner))
+    def silent(self, name: str, call: str) -> None:
+        """`name` ("learner", "shard2") left `call` (e.g. a checkpoint's) unanswered for
+        train.hang_timeout_s. Unless it answers a status call within PROBE_S (the learner answers those
+        on a thread of their own, even while a first compile holds its update lock), it hangs: it is
+        killed and recovered now, rather than after another full wait on its status."""
+        learner = name == "learner"
+        handle = self.fleet.learner if learner else self.fleet.shards[int(name.removeprefix("shard"))]
+        self.calls.drop(name)
+        probe = handle.status.remote() if learner else handle.stats.remote()
+        if ray.wait([probe], timeout=PROBE_S)[0]:
+            return  # alive, only busy; or dead, which the next poll finds
+        answer = Hung(f"hung: no answer to {call} within {self.calls.timeout:g} s, nor to a status call within "
+                      f"{PROBE_S:g} s")
+        if learner:
+            self._recover_learner(*_failure(answer, handle))
         else:
-            i = int(name.removeprefix("shard"))
-            self._recover_shard(i, *_failure(answer, self.fleet.shards[i]))
+            self._recover_shard(int(name.removeprefix("shard")), *_failure(answer, handle))
 
     def _recover_learner(self, cause: str, hung: bool) -> None:
         self.calls.drop("learner")

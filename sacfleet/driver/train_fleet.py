@@ -278,7 +278,7 @@ def _supervise(run: FleetRun) -> dict:
                 except CheckpointSkipped as exc:  # a dead component: the next poll recovers it
                     run.echo(str(exc))
                     if exc.silent:
-                        sup.hung(exc.silent, "a checkpoint call")
+                        sup.silent(exc.silent, "a checkpoint call")
                 else:
                     if cause:
                         stop_reason = run.failed = cause

@@ -123,7 +123,10 @@ class LearnerService(ProcessIdentity):
         # borrow it) grew the learner by 3 to 7 MB a minute at one publish per 10 updates.
         return self.publisher.latest(have_version)
 
-    def status(self, read_metrics: bool = False) -> dict:
+    def status(self, read_metrics: bool = False, metrics_wait_s: float = 5.0) -> dict:
+        """Counters and timings, answered on a thread of its own; with `read_metrics` also the metrics
+        since the last read, when the update lock comes within `metrics_wait_s` (a first compile or
+        CUDA graph capture holds it far longer, and the driver must not take a busy learner for a hung one)."""
         starved_since = self.sampler.starved_since
         status = {"updates": self.learner.updates, "error": self.error, "diverged": self.diverged,
                   "awaiting_restore": self.awaiting_restore,
@@ -135,9 +138,11 @@ class LearnerService(ProcessIdentity):
                   "seconds_sampling": self.prefetcher.seconds_sampling,
                   "starved_reason": self.sampler.last_reason if self.sampler.waiting_since is not None else "",
                   "starved_seconds": time.monotonic() - starved_since if starved_since is not None else 0.0}
-        if read_metrics and self.diverged is None:
-            with self.lock:
+        if read_metrics and self.diverged is None and self.lock.acquire(timeout=metrics_wait_s):
+            try:
                 status["metrics"] = self.learner.metrics.read()
+            finally:
+                self.lock.release()
         return status
 
     def state(self) -> dict:
