@@ -114,23 +114,24 @@ class FleetSupervisor:
         self.actors.collect()
         self.episodes.extend(self.actors.take_episodes())
 
-    def silent(self, name: str, call: str) -> None:
+    def silent(self, name: str, call: str) -> bool:
         """`name` ("learner", "shard2") left `call` (e.g. a checkpoint's) unanswered for
         train.hang_timeout_s. Unless it answers a status call within PROBE_S (the learner answers those
         on a thread of their own, even while a first compile holds its update lock), it hangs: it is
-        killed and recovered now, rather than after another full wait on its status."""
+        killed and recovered now, rather than after another full wait on its status. Returns whether it hung."""
         learner = name == "learner"
         handle = self.fleet.learner if learner else self.fleet.shards[int(name.removeprefix("shard"))]
         self.calls.drop(name)
         probe = handle.status.remote() if learner else handle.stats.remote()
         if ray.wait([probe], timeout=PROBE_S)[0]:
-            return  # alive, only busy; or dead, which the next poll finds
+            return False  # alive, only busy; or dead, which the next poll finds
         answer = Hung(f"hung: no answer to {call} within {self.calls.timeout:g} s, nor to a status call within "
                       f"{PROBE_S:g} s")
         if learner:
             self._recover_learner(*_failure(answer, handle))
         else:
             self._recover_shard(int(name.removeprefix("shard")), *_failure(answer, handle))
+        return True
 
     def _recover_learner(self, cause: str, hung: bool) -> None:
         self.calls.drop("learner")

@@ -277,8 +277,9 @@ def _supervise(run: FleetRun) -> dict:
                     cause = run.write_failures.attempt(run.checkpoint)
                 except CheckpointSkipped as exc:  # a dead component: the next poll recovers it
                     run.echo(str(exc))
-                    if exc.silent:
-                        sup.silent(exc.silent, "a checkpoint call")
+                    if exc.silent and not sup.silent(exc.silent, "a checkpoint call"):
+                        run.echo("  it answers status calls, so it is busy (a first compile?), not hung; "
+                                 "the next checkpoint tries again")
                 else:
                     if cause:
                         stop_reason = run.failed = cause
