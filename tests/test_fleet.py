@@ -287,6 +287,29 @@ def test_a_hung_env_actor_is_killed_restarted_and_counted(tmp_path, how):
     assert wait_for_released_resources()
 
 
+def test_an_env_actor_that_hangs_as_the_run_stops_is_killed_and_counted(tmp_path):
+    """Stopped (SIGSTOP) just as the run stops, before train.hang_timeout_s could find it silent: it does
+    not stop either, so it is killed and counted as hung then (a chaos run had left such a one uncounted)."""
+    lines, stopped = [], []
+
+    def echo(line: str) -> None:
+        lines.append(line)
+        if line.startswith("stopping ("):  # the driver stops the actors right after saying so
+            stopped.append(_ray_worker_pids("EnvActor")[0])
+            os.kill(stopped[0], signal.SIGSTOP)
+
+    cfg = load_config("pointmass", [*SHORT, "actors.num=2", "train.hang_timeout_s=5"])
+    summary = train_fleet(cfg, tmp_path / "run", echo=echo)
+    assert summary["actors"]["restarts"] == 1 and summary["actors"]["hung"] == 1, lines
+    assert [line for line in lines if line.startswith("env actor") and line.endswith(
+        "hung (did not stop within 5 s; killed it) as the fleet stopped; not restarted (1/3)")], lines
+    assert not summary["failed"] and wait_for_released_resources()
+    deadline = time.monotonic() + 30
+    while stopped[0] in _ray_worker_pids("EnvActor") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert stopped[0] not in _ray_worker_pids("EnvActor")  # killed, not left behind stopped
+
+
 def kill_when(name: str, ready, timeout: float = 120.0, how: int = signal.SIGKILL) -> tuple[threading.Thread, list[int]]:
     """A thread that SIGKILLs (or stops, with `how`=SIGSTOP) one `ray::<name>` process once `ready()`;
     the pid signalled lands in the list."""

@@ -15,6 +15,8 @@ from typing import Callable
 
 from sacfleet.drills.child_run import ChildRun, learning
 
+# A killed process goes at once; a hung one that is reported as it is killed (the eval actor) a moment later.
+GONE_WITHIN_S = 30.0
 # Fleet processes chaos kills, by Ray's process title, and the line the run prints for each failure.
 TARGETS = {"EnvActor": "env actor", "ReplayShard": "replay shard", "LearnerService": "learner",
            "EvalActor": "eval actor"}
@@ -64,7 +66,7 @@ def chaos(train_args: list[str], run_dir: Path, every: float, targets: list[str]
                                                for line in child.lines[seen:]),
                           "seconds_to_reported_back": round(said_at - t0, 1) if said else None,
                           "seconds_to_learning_again": round(time.monotonic() - t0, 1) if back else None,
-                          "gone": _gone(victim.pid)})
+                          "gone": _gone(victim.pid, within=GONE_WITHIN_S)})
     except BaseException:  # Ctrl-C of the drill stops the run too
         child.stop(interrupt=True)
         raise
@@ -92,10 +94,17 @@ def chaos(train_args: list[str], run_dir: Path, every: float, targets: list[str]
     return report
 
 
-def _gone(pid: int) -> bool:
-    """The process has exited (a zombie waiting for its parent counts as gone: it holds nothing)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
+def _gone(pid: int, within: float = 0.0) -> bool:
+    """The process has exited, or does so `within` seconds (a zombie waiting for its parent counts as
+    gone: it holds nothing)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                if handle.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return True
+        except OSError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)

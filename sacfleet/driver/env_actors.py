@@ -243,16 +243,25 @@ class EnvActorPool:
         return total
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Ask every actor to stop after what it holds, wait for them, and count one that died as the
-        fleet stopped (it is not restarted)."""
+        """Ask every actor to stop after what it holds, wait for them (at most `timeout`, and at most
+        train.hang_timeout_s), and count one that died as the fleet stopped, or that hung: silent for
+        train.hang_timeout_s, it is killed (a shorter `timeout`, a failing run's, judges nobody). Neither
+        is restarted."""
         self.stopping = True
         for slot in self.slots:
             slot.handle.stop.remote()
-        ray.wait([slot.run_ref for slot in self.slots], num_returns=len(self.slots), timeout=timeout)
+        ray.wait([slot.run_ref for slot in self.slots], num_returns=len(self.slots),
+                 timeout=min(timeout, self.hang_timeout))
         for slot in self.slots:
             if slot.restarting_since is not None:
                 continue  # its failure was counted when it happened
             ready, _ = ray.wait([slot.run_ref], timeout=0)
+            if not ready and timeout >= self.hang_timeout:
+                ray.kill(slot.handle, no_restart=True)
+                slot.restarts += 1
+                slot.hung += 1
+                self.echo(f"env actor {slot.index} hung (did not stop within {self.hang_timeout:g} s; killed it) "
+                          f"as the fleet stopped; not restarted ({slot.restarts}/{self.max_restarts})")
             if not ready:
                 continue
             try:
