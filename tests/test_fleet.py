@@ -657,6 +657,60 @@ def test_a_failed_priority_update_surfaces_in_the_learner_instead_of_vanishing()
         ray.kill(shard)
 
 
+def test_an_evaluation_failing_after_its_hung_actor_was_replaced_is_not_a_second_failure(monkeypatch):
+    """The order a slow-chaos run met: the eval actor hangs mid-evaluation and is killed (counted), its
+    new process answers its pid, and only then does the killed evaluation's failure come back. That
+    failure was counted a second time; now the evaluation just runs again."""
+    from ray.exceptions import RayActorError
+
+    from sacfleet.driver import evaluations as module
+
+    class Answers:  # the pid calls: silent past the timeout, then the new process's pid
+        def __init__(self):
+            self.script = [module.Hung("hung: no answer to a status call within 10 s"), 222]
+
+        def answer(self, name, send, wait=False):
+            return self.script.pop(0) if self.script else 222
+
+        def drop(self, name):
+            pass
+
+    class Evaluator:
+        class pid:
+            remote = None  # what Answers stands in for
+
+        class evaluate:
+            started = []
+
+            @classmethod
+            def remote(cls, episodes, weights_above):
+                cls.started.append(episodes)
+                return f"evaluation {len(cls.started)}"
+
+    class Recovery:
+        events = []
+
+        def evaluator(self, cause, env_steps, evaluating=True, hung=False):
+            self.events.append((cause, evaluating, hung))
+
+    def get(ref):
+        raise RayActorError()  # the first evaluation's process was killed
+
+    monkeypatch.setattr(module, "kill_for_restart", lambda handle: None)
+    monkeypatch.setattr(module.ray, "wait", lambda refs, timeout=0: (refs, []))
+    monkeypatch.setattr(module.ray, "get", get)
+    monkeypatch.setattr(module.time, "sleep", lambda s: None)
+    recovery = Recovery()
+    evals = module.Evaluations(Evaluator(), Answers(), recovery, env_steps=lambda: 1000)
+    evals.pid = 111
+    assert evals.start(10)
+    evals.watch()  # no answer in time: counted as hung, killed
+    evals.watch()  # the new process answers
+    assert evals.result() is None  # the killed evaluation failed: it runs again, not counted again
+    assert recovery.events == [("hung: no answer to a status call within 10 s", True, True)]
+    assert Evaluator.evaluate.started == [10, 10] and evals.ref == "evaluation 2"
+
+
 def test_a_fresh_status_waited_for_behind_an_unanswered_one_is_hung_after_one_timeout():
     """A progress record waits for a fresh status with the metrics. When the status call in flight is
     the one left unanswered, that is the answer: a chaos run had sent a second call and waited a

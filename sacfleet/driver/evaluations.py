@@ -31,6 +31,9 @@ class Evaluations:
         self.pid: int | None = None  # of the eval actor's process, to notice one that died idle
         self.down = False  # its death was counted; calls fail until Ray has restarted it
         self.down_since = 0.0
+        # The evaluation that was running when a death or hang was counted: its failure, which may come
+        # after the new process has answered, is not a second one.
+        self.counted_ref = None
 
     def watch(self) -> None:
         """Count an eval actor that died between evaluations (Ray restarts it without a word, so the
@@ -49,6 +52,7 @@ class Evaluations:
         elif answer is not None:
             if not self.down and self.pid is not None and answer != self.pid:
                 self.recovery.evaluator("process died: Ray restarted it", self.env_steps(), evaluating=False)
+                self.counted_ref = self.ref
             self.pid, self.down = answer, False
 
     def _lost(self, cause: str, evaluating: bool, hung: bool = False) -> None:
@@ -57,7 +61,7 @@ class Evaluations:
         next is not a second one."""
         if not self.down:
             self.recovery.evaluator(cause, self.env_steps(), evaluating, hung)
-            self.down, self.down_since, self.pid = True, self.clock(), None
+            self.down, self.down_since, self.pid, self.counted_ref = True, self.clock(), None, self.ref
         elif self.clock() - self.down_since > RESTART_TIMEOUT:
             raise FleetError(f"eval actor did not come back within {RESTART_TIMEOUT:g} s")
 
@@ -91,7 +95,9 @@ class Evaluations:
                 return result
             except RayActorError as exc:
                 # Its process died: Ray restarts it (it holds nothing to restore) and the evaluation runs again.
-                self._lost(ray_cause(exc), evaluating=True)
+                if ref is not self.counted_ref:
+                    self._lost(ray_cause(exc), evaluating=True)
+                self.counted_ref = None
                 time.sleep(0.2)  # calls fail at once while it restarts
                 self.start(self.episodes, self.weights_above)
                 if not wait:
