@@ -657,17 +657,19 @@ def test_a_failed_priority_update_surfaces_in_the_learner_instead_of_vanishing()
         ray.kill(shard)
 
 
-def test_an_evaluation_failing_after_its_hung_actor_was_replaced_is_not_a_second_failure(monkeypatch):
+@pytest.mark.parametrize("how", ["hung", "died"])
+def test_an_evaluation_failing_after_its_hung_actor_was_replaced_is_not_a_second_failure(monkeypatch, how):
     """The order a slow-chaos run met: the eval actor hangs mid-evaluation and is killed (counted), its
     new process answers its pid, and only then does the killed evaluation's failure come back. That
-    failure was counted a second time; now the evaluation just runs again."""
+    failure was counted a second time; now the evaluation just runs again. The same when it died and
+    the new process's pid is the first sign."""
     from ray.exceptions import RayActorError
 
     from sacfleet.driver import evaluations as module
 
     class Answers:  # the pid calls: silent past the timeout, then the new process's pid
         def __init__(self):
-            self.script = [module.Hung("hung: no answer to a status call within 10 s"), 222]
+            self.script = [module.Hung("hung: no answer to a status call within 10 s"), 222] if how == "hung" else [222]
 
         def answer(self, name, send, wait=False):
             return self.script.pop(0) if self.script else 222
@@ -703,11 +705,13 @@ def test_an_evaluation_failing_after_its_hung_actor_was_replaced_is_not_a_second
     recovery = Recovery()
     evals = module.Evaluations(Evaluator(), Answers(), recovery, env_steps=lambda: 1000)
     evals.pid = 111
+    Evaluator.evaluate.started.clear()
     assert evals.start(10)
-    evals.watch()  # no answer in time: counted as hung, killed
+    evals.watch()  # hung: no answer in time, counted, killed; died: the new process answers, counted
     evals.watch()  # the new process answers
     assert evals.result() is None  # the killed evaluation failed: it runs again, not counted again
-    assert recovery.events == [("hung: no answer to a status call within 10 s", True, True)]
+    assert recovery.events == ([("hung: no answer to a status call within 10 s", True, True)] if how == "hung"
+                               else [("process died: Ray restarted it", True, False)])
     assert Evaluator.evaluate.started == [10, 10] and evals.ref == "evaluation 2"
 
 

@@ -51,7 +51,8 @@ class Evaluations:
                 self._lost(answer.cause, evaluating=False)
         elif answer is not None:
             if not self.down and self.pid is not None and answer != self.pid:
-                self.recovery.evaluator("process died: Ray restarted it", self.env_steps(), evaluating=False)
+                self.recovery.evaluator("process died: Ray restarted it", self.env_steps(),
+                                        evaluating=self.ref is not None)
                 self.counted_ref = self.ref
             self.pid, self.down = answer, False
 
