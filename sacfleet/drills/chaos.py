@@ -15,6 +15,9 @@ from typing import Callable
 
 from sacfleet.drills.child_run import ChildRun, learning
 
+# Victims are processes up this long: a run reports a hung eval actor as it kills it, and a process
+# stopped while Ray still restarts it never serves (the run then stops, after 120 s, as documented).
+MIN_AGE_S = 20.0
 # A killed process goes at once; a hung one that is reported as it is killed (the eval actor) a moment later.
 GONE_WITHIN_S = 30.0
 # Fleet processes chaos kills, by Ray's process title, and the line the run prints for each failure.
@@ -41,7 +44,8 @@ def chaos(train_args: list[str], run_dir: Path, every: float, targets: list[str]
             time.sleep(every)
             if any(line.startswith("stopping (") for line in child.lines):
                 break
-            candidates = [p for p in child.processes() if p.kind.removeprefix("ray::") in targets]
+            candidates = [p for p in child.processes() if p.kind.removeprefix("ray::") in targets
+                          and _age_s(p.pid) >= MIN_AGE_S]
             if not candidates:
                 continue
             victim = rng.choice(candidates)
@@ -92,6 +96,17 @@ def chaos(train_args: list[str], run_dir: Path, every: float, targets: list[str]
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     (Path(run_dir) / "chaos.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _age_s(pid: int) -> float:
+    """Seconds since the process started (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            started = int(handle.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime") as handle:
+            return float(handle.read().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _gone(pid: int, within: float = 0.0) -> bool:
