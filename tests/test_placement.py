@@ -99,3 +99,26 @@ def test_the_table_shows_a_part_on_a_node_that_was_not_planned_for():
     placement.parts["actor 1"] = "ff" * 28  # Ray put it on a node that joined after planning
     rows = {row["node"]: row["parts"] for row in placement.table()}
     assert rows["ff" * 28] == ["actor 1"] and "actor 1" not in rows[placement.nodes[0].id]
+
+
+def test_a_reserved_bundle_is_the_one_node_and_every_part_runs_in_it():
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+    from sacfleet.driver.placement import Reservation
+
+    group = "ab" * 18
+    reservation = Reservation.parse(f"{group}:1")
+    assert (reservation.group, reservation.bundle, str(reservation)) == (group, 1, f"{group}:1")
+    for bad in ("", "xyz:1", f"{group}", f"{group}:-1", f"{group}:a"):
+        with pytest.raises(ValueError, match="PLACEMENT_GROUP_ID:BUNDLE_INDEX"):
+            Reservation.parse(bad)
+    # Planned on the bundle's 1.9 CPUs as on a node of that size: what the bundle holds is all it uses.
+    res, placement = plan_fleet(load_config("pointmass"), nodes(1.9), reservation)
+    assert sum(used_per_node(res, placement).values()) <= 1.9 + 1e-6
+    for part in ("learner", "eval", "shard 0", "actor 0", "actor 1"):
+        chosen = placement.strategy(part)["scheduling_strategy"]
+        assert isinstance(chosen, PlacementGroupSchedulingStrategy) and chosen.placement_group_bundle_index == 1
+        assert chosen.placement_group.id.hex() == group
+    # Without a reservation a part is pinned (softly) to its planned node.
+    _, pinned = plan_fleet(load_config("pointmass"), nodes(2, 2))
+    assert isinstance(pinned.strategy("learner")["scheduling_strategy"], NodeAffinitySchedulingStrategy)

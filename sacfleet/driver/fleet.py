@@ -25,7 +25,7 @@ from sacfleet.common.transitions import TransitionSpec
 from sacfleet.driver.checkpointing import FleetCheckpointer
 from sacfleet.driver.env_actors import EnvActorPool
 from sacfleet.driver.errors import FleetError, ray_cause
-from sacfleet.driver.placement import Placement, Resources, placement_table, strategy
+from sacfleet.driver.placement import Placement, Resources, placement_table
 from sacfleet.learner.service import LearnerService
 from sacfleet.replay_server.shard import ReplayShard
 
@@ -125,9 +125,9 @@ class Fleet:
         run_id = uuid.uuid4().hex[:12]
         self.names = names = {"shards": [f"sacfleet-{run_id}-shard{i}" for i in range(cfg.replay.num_shards)],
                               "learner": f"sacfleet-{run_id}-learner"}
-        where = placement.parts.get
+        where = placement.strategy
         self.shards = [self._keep(ray.remote(parts.shard).options(
-            name=name, num_cpus=res.shard_cpus, max_restarts=restarts, **strategy(where(f"shard {i}")), **QUIET
+            name=name, num_cpus=res.shard_cpus, max_restarts=restarts, **where(f"shard {i}"), **QUIET
         ).remote(cfg, TransitionSpec.for_env(env_info), i)) for i, name in enumerate(names["shards"])]
         wait_started(self.shards, "replay shard", self.echo)
         # Counters at the start of this session: the restored contents are not this session's work.
@@ -137,7 +137,7 @@ class Fleet:
         self.updates_at_start = int(learner_state["updates"]) if learner_state else 0
         learner_cls = ray.remote(parts.learner).options(
             name=names["learner"], num_cpus=res.learner_cpus, num_gpus=res.learner_gpus, max_restarts=restarts,
-            max_concurrency=4, **strategy(where("learner")), **QUIET)
+            max_concurrency=4, **where("learner"), **QUIET)
         self.learner = self._keep(learner_cls.remote(
             cfg, env_info, {"shards": names["shards"]}, res.learner_threads, session))
         wait_started([self.learner], "learner", self.echo)
@@ -148,18 +148,17 @@ class Fleet:
         slots = self.actors.create(range(cfg.actors.num))
         # Two threads: its pid is asked while it evaluates, so that one that hangs mid-evaluation is noticed.
         eval_cls = ray.remote(parts.evaluator).options(num_cpus=res.eval_cpus, max_restarts=restarts,
-                                                 max_concurrency=2, **strategy(where("eval")), **QUIET)
+                                                 max_concurrency=2, **where("eval"), **QUIET)
         self.evaluator = self._keep(eval_cls.remote(cfg, env_info, {"learner": names["learner"]}))
         wait_started([slot.handle for slot in slots] + [self.evaluator], "env or eval actor", self.echo)
         self.device = ray.get(self.learner.start.remote())
         self.actors.launch(slots)
 
     def new_env_actor(self, index: int):
-        """The Ray actor of env actor `index`, on its planned node (placement.place it first)."""
-        node = self.placement.parts.get(f"actor {index}")
+        """The Ray actor of env actor `index`, where it is planned (placement.place it first)."""
         return self._keep(ray.remote(self.parts.env_actor).options(
             num_cpus=self.res.actor_cpus, max_restarts=self.cfg.actors.max_restarts, max_concurrency=2,
-            **strategy(node), **QUIET).remote(self.cfg, self.env_info, index, self.names))
+            **self.placement.strategy(f"actor {index}"), **QUIET).remote(self.cfg, self.env_info, index, self.names))
 
     def where(self) -> list[dict]:
         """The placement as it is: each node and the parts running there (asked of the parts themselves,

@@ -1,6 +1,7 @@
 """Where each part of a fleet runs: the CPUs and GPUs it gets, planned per node of the Ray cluster (what
 each node can hold, not the cluster's total), and the node it is pinned to. Pins are soft, so that the
-parts of a lost node are restarted on the nodes left."""
+parts of a lost node are restarted on the nodes left. A fleet given a reservation (a placement-group
+bundle, as `sacfleet sweep` reserves one per fleet trial through Tune) plans within it and runs in it."""
 
 from __future__ import annotations
 
@@ -47,14 +48,46 @@ class Resources:
     learner_threads: int
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """Bundle `bundle` of placement group `group` (hex id): resources held for one fleet, which it is
+    planned within and runs in (`sacfleet train --placement-group GROUP:BUNDLE`)."""
+
+    group: str
+    bundle: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Reservation":
+        group, _, bundle = text.partition(":")
+        try:
+            bytes.fromhex(group)
+            index = int(bundle)
+        except ValueError:
+            index = -1
+        if not group or index < 0:
+            raise ValueError(f"expected PLACEMENT_GROUP_ID:BUNDLE_INDEX (hex id, index >= 0), got {text!r}")
+        return cls(group, index)
+
+    def __str__(self) -> str:
+        return f"{self.group}:{self.bundle}"
+
+    def handle(self):
+        from ray._raylet import PlacementGroupID
+        from ray.util.placement_group import PlacementGroup
+
+        return PlacementGroup(PlacementGroupID(bytes.fromhex(self.group)))
+
+
 @dataclass
 class Placement:
     """The node of each part and what is left free on each node; `place` finds room for one more part
-    (the fleet asks it again when the actor count changes)."""
+    (the fleet asks it again when the actor count changes). With a reservation, its bundle is the one
+    node, and every part runs in the bundle."""
 
     nodes: list[Node]
     free: dict[str, float] = field(default_factory=dict)
     parts: dict[str, str] = field(default_factory=dict)  # part ("learner", "shard 0", "actor 3") -> node id
+    reservation: Reservation | None = None
 
     def __post_init__(self):
         self.free = self.free or {n.id: n.cpus for n in self.nodes}
@@ -93,6 +126,15 @@ class Placement:
 
     def table(self) -> list[dict]:
         return placement_table(self.nodes, self.parts)
+
+    def strategy(self, part: str) -> dict:
+        """Ray scheduling options for `part`: in the reservation's bundle, else pinned to its node."""
+        if self.reservation is None:
+            return strategy(self.parts.get(part))
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            self.reservation.handle(), placement_group_bundle_index=self.reservation.bundle)}
 
 
 def placement_table(nodes: list[Node], parts: dict[str, str]) -> list[dict]:
@@ -134,7 +176,26 @@ def cluster_nodes() -> list[Node]:
             for n in ray.nodes() if n.get("Alive")]
 
 
-def plan_fleet(cfg: Config, nodes: list[Node]) -> tuple[Resources, Placement]:
+def reserved_nodes(reservation: Reservation) -> list[Node]:
+    """The reservation's bundle as the one node a fleet is planned on: its CPUs and GPUs, on the node
+    Ray placed it."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    table = placement_group_table(reservation.handle())
+    if not table or table.get("state") != "CREATED":
+        raise FleetError(f"placement group {reservation.group} is {table.get('state', 'unknown') if table else 'unknown'}"
+                         f", not created: was it removed, or is it still waiting for resources?")
+    bundle = table["bundles"].get(reservation.bundle)
+    if bundle is None:
+        raise FleetError(f"placement group {reservation.group} has bundles {sorted(table['bundles'])}, not "
+                         f"{reservation.bundle}")
+    node_id = table["bundles_to_node_id"].get(reservation.bundle, "")
+    address = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), "?")
+    return [Node(node_id, address, float(bundle.get("CPU", 0)), float(bundle.get("GPU", 0)))]
+
+
+def plan_fleet(cfg: Config, nodes: list[Node], reservation: Reservation | None = None) -> tuple[Resources, Placement]:
     """Size every part and pick its node. The learner goes to a GPU node when it uses a GPU, else to the
     node with most CPUs (not the driver's when another is as large); it gets learner.num_cpus, at most
     its node's CPUs and half the cluster's. Shards and the eval actor take small shares; env actors split
@@ -148,7 +209,7 @@ def plan_fleet(cfg: Config, nodes: list[Node]) -> tuple[Resources, Placement]:
     candidates = [n for n in nodes if n.gpus >= 1] if use_gpu else nodes
     learner_node = max(candidates, key=lambda n: (n.cpus, not n.driver))
     learner_cpus = round(min(cfg.learner.num_cpus, learner_node.cpus, cpus / 2), 4)
-    placement = Placement(nodes)
+    placement = Placement(nodes, reservation=reservation)
     placement.take("learner", learner_node, learner_cpus)
 
     shards = cfg.replay.num_shards

@@ -29,7 +29,7 @@ from sacfleet.driver.checkpointing import CheckpointSkipped, FleetCheckpointer
 from sacfleet.common.transitions import TransitionSpec
 from sacfleet.driver.errors import FleetDiverged, FleetError, RunRefused, RunStopped
 from sacfleet.driver.fleet import Fleet, FleetParts, connect
-from sacfleet.driver.placement import Resources, cluster_nodes, describe, plan_fleet
+from sacfleet.driver.placement import Reservation, Resources, cluster_nodes, describe, plan_fleet, reserved_nodes
 from sacfleet.driver.recovery import FleetRecovery
 from sacfleet.driver.report import INTERRUPTED, Point, Reporter, her_values, ratio_inserts, replay_section
 from sacfleet.driver.resume import ResumePoint, load_resume
@@ -185,12 +185,14 @@ class FleetRun:
 
 def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resume: bool = False,
                 num_cpus: int | None = None, dashboard: bool = False, reachable: bool = False,
-                echo: Callable[[str], None] | None = None, parts: FleetParts = FleetParts()) -> dict:
+                echo: Callable[[str], None] | None = None, parts: FleetParts = FleetParts(),
+                reservation: Reservation | None = None) -> dict:
     """Train with the Ray fleet; returns the summary (also written to run_dir/summary.json). Raises
     FleetError naming the failed component, after saving the learner's state when it is alive
     (FleetDiverged when the learner diverged: then summary.json says so and the last good checkpoint
     is kept). `reachable`: an embedded Ray listens on the network, not only on loopback. `parts`: the
-    classes the fleet's Ray actors run (fleet.FleetParts)."""
+    classes the fleet's Ray actors run (fleet.FleetParts). `reservation`: a placement-group bundle the whole
+    fleet is planned within and runs in (a sweep's fleet trial)."""
     start = time.monotonic()
     echo = echo or echo_flush
     run_dir = Path(run_dir)
@@ -212,12 +214,14 @@ def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resum
     started_ray = connect(address, num_cpus, dashboard, reachable)
     fleet = run = None
     try:
-        res, placement = plan_fleet(cfg, cluster_nodes())
+        nodes = reserved_nodes(reservation) if reservation else cluster_nodes()
+        res, placement = plan_fleet(cfg, nodes, reservation)
         echo(f"sacfleet: {cfg.env.id} obs_dim={env_info.obs_dim} act_dim={env_info.act_dim} | "
              f"{cfg.actors.num} actors x {cfg.actors.envs_per_actor} envs ({res.actor_cpus:g} CPU each), "
              f"{cfg.replay.num_shards} shards, learner {res.learner_cpus:g} CPU"
-             f"{' + 1 GPU' if res.learner_gpus else ''}, cluster {res.cluster_cpus:g} CPUs"
-             f"{' (joined ' + address + ')' if address else ''} | steps {cfg.train.total_env_steps:,} | "
+             f"{' + 1 GPU' if res.learner_gpus else ''}, {'reserved' if reservation else 'cluster'} "
+             f"{res.cluster_cpus:g} CPUs{' (joined ' + address + ')' if address else ''}"
+             f"{' in placement group ' + str(reservation) if reservation else ''} | steps {cfg.train.total_env_steps:,} | "
              f"run_dir {run_dir}")
         if point:
             echo(f"resuming at {point.env_steps:,} env steps, {point.learner_state['updates']:,} updates"
