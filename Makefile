@@ -13,7 +13,7 @@ RUN_DIR ?= runs/pointmass-$(shell date +%Y%m%d-%H%M%S)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c constraints.txt torch
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,robotics]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,robotics,sweep]'
 	touch $(STAMP)
 
 # The embedded fleet: a local Ray started in-process, sized to this machine (`make run SEED=1`).

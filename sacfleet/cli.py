@@ -1,4 +1,4 @@
-"""Command line: `sacfleet train`, `eval`, `bench`, `scale` (a live run's actor count), `chaos` and `soak`."""
+"""Command line: `sacfleet train`, `eval`, `sweep`, `bench`, `scale` (a live run's actor count), `chaos` and `soak`."""
 
 from __future__ import annotations
 
@@ -33,11 +33,41 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", type=Path, metavar="DIR",
                        help="continue the run in DIR from its last checkpoint (--set may change keys, "
                             "e.g. raise train.total_env_steps)")
+    train.add_argument("--placement-group", dest="reservation", metavar="ID:BUNDLE",
+                       help="run the whole fleet in bundle BUNDLE of the existing placement group ID, planned "
+                            "within what it holds (how `sacfleet sweep --fleet` gives each trial the resources Tune "
+                            "reserved for it); needs --address")
     train.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray; default all of this machine's")
     train.add_argument("--dashboard", action="store_true", help="start the Ray dashboard with the embedded Ray")
     train.add_argument("--reachable", action="store_true",
                        help="let the embedded Ray (and its dashboard) listen on this machine's network address, "
                             "as Ray does by default; without it every port is on 127.0.0.1 only")
+
+    sweep = sub.add_parser("sweep", help="many runs on Ray Tune: each seed (x each grid point) a trial; the final "
+                                         "evals' mean, median and IQM with 95%% intervals, a table and plots")
+    sweep.add_argument("--config", default="pointmass", help="preset or YAML file, as for train (default pointmass)")
+    sweep.add_argument("--seeds", default="0-9", help="seeds: 0-9, 0,3,5 or 0-4,7 (default 0-9)")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="a config key and the values to try, e.g. learner.actor_lr=0.001,0.0003 (repeatable: "
+                            "every combination is a grid point)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key of every trial (repeatable)")
+    sweep.add_argument("--fleet", action="store_true",
+                       help="each trial a fleet (env actors, shards, learner) in a placement group Tune reserves; "
+                            "default: each trial an in-process run (train --inline)")
+    sweep.add_argument("--cpus-per-trial", type=float, help="CPUs Tune reserves per trial (default 1; with --fleet 2)")
+    sweep.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs Tune reserves per trial (default 0)")
+    sweep.add_argument("--concurrent", type=int, metavar="N",
+                       help="run at most N trials at once (default: as many as the cluster's free resources hold)")
+    sweep.add_argument("--threshold", type=float,
+                       help="also report the fraction of seeds whose final eval ends above this return")
+    sweep.add_argument("--address", help="run the trials on an existing Ray cluster (auto or HOST:PORT); default: "
+                                         "an embedded Ray sized to this machine. The run directory must be on a "
+                                         "filesystem every node sees")
+    sweep.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray; default all of this machine's")
+    sweep.add_argument("--run-dir", type=Path, help="the sweep's directory; default runs/sweep-<config>-<time>; "
+                                                    "an existing one is continued (its unfinished trials run)")
+    sweep.add_argument("--retry-failed", action="store_true", help="run the trials that failed before again")
 
     bench = sub.add_parser("bench", help=f"throughput benchmarks: {', '.join(SUITES)}")
     bench.add_argument("suites", nargs="*", metavar="SUITE", help=f"suites to run (default: all): {', '.join(SUITES)}")
@@ -226,8 +256,19 @@ def _train(args) -> int:
         if args.inline:
             if args.address or args.reachable:
                 return _usage("--inline runs without Ray; it cannot be combined with --address or --reachable")
+            signal.signal(signal.SIGTERM, _terminate_gracefully)
             train_inline(cfg, run_dir)
             return 0
+        reservation = None
+        if args.reservation:
+            from sacfleet.driver.placement import Reservation
+
+            if not args.address:
+                return _usage("--placement-group names a placement group of a running Ray cluster; give its --address")
+            try:
+                reservation = Reservation.parse(args.reservation)
+            except ValueError as exc:
+                return _usage(f"--placement-group: {exc}")
         if args.address:
             if args.reachable:
                 return _usage("--reachable is for the embedded Ray; a cluster joined with --address keeps its own "
@@ -237,7 +278,8 @@ def _train(args) -> int:
 
         signal.signal(signal.SIGTERM, _terminate_gracefully)
         train_fleet(cfg, run_dir, address=args.address, resume=args.resume is not None,
-                    num_cpus=args.num_cpus, dashboard=args.dashboard, reachable=args.reachable)
+                    num_cpus=args.num_cpus, dashboard=args.dashboard, reachable=args.reachable,
+                    reservation=reservation)
     except RunFailed as exc:
         print(f"sacfleet train: the run failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -322,8 +364,50 @@ def _drill(args) -> int:
     return 0 if report["exit_code"] == 0 and report["within_5_percent"] else EXIT_FAILED
 
 
+def _sweep(args) -> int:
+    import importlib
+
+    try:
+        for module in ("ray.tune", "rliable.library"):
+            importlib.import_module(module)
+    except ImportError as exc:
+        return _usage(f"needs Ray Tune and rliable, the `sweep` extra: pip install 'sacfleet[sweep]' ({exc})", "sweep")
+    from sacfleet.common.config import ConfigError
+    from sacfleet.sweep.run import sweep
+    from sacfleet.sweep.spec import SweepRefused, SweepSpec, parse_grid, parse_seeds
+
+    try:
+        cpus = args.cpus_per_trial if args.cpus_per_trial is not None else (2.0 if args.fleet else 1.0)
+        if cpus <= 0 or args.gpus_per_trial < 0:
+            raise SweepRefused("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+        if args.fleet and cpus < 0.5:
+            raise SweepRefused(f"--cpus-per-trial {cpus:g}: a fleet trial needs at least 0.5 CPU")
+        if args.concurrent is not None and args.concurrent < 1:
+            raise SweepRefused("--concurrent must be >= 1")
+        grid = [parse_grid(g) for g in args.grid]
+        keys = [k for k, _ in grid]
+        if len(set(keys)) != len(keys):
+            raise SweepRefused(f"--grid: a key given twice ({', '.join(sorted({k for k in keys if keys.count(k) > 1}))})")
+        if "train.seed" in keys or any(o.split("=")[0].strip() == "train.seed" for o in args.overrides):
+            raise SweepRefused("train.seed is what --seeds sets; give the seeds there")
+        spec = SweepSpec(args.config, parse_seeds(args.seeds), grid, tuple(args.overrides), args.fleet, cpus,
+                         args.gpus_per_trial)
+        if args.address:
+            _prefer_token_auth()
+        run_dir = args.run_dir or Path("runs") / f"sweep-{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        report = sweep(spec, run_dir, address=args.address, concurrent=args.concurrent, threshold=args.threshold,
+                       num_cpus=args.num_cpus, retry_failed=args.retry_failed,
+                       echo=lambda line: print(line, flush=True))
+    except (SweepRefused, ConfigError) as exc:
+        print(f"sacfleet sweep: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0 if report["complete"] else EXIT_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "sweep":
+        return _sweep(args)
     if args.command == "bench":
         return _bench(args)
     if args.command in ("chaos", "soak"):

@@ -230,3 +230,43 @@ def test_a_lost_worker_node_is_recovered_on_the_others_and_the_run_finishes(tmp_
         assert summary["recovery"]["failures"] == (len(events) > 0) and summary["recovery"]["recoveries"] == len(events)
     finally:
         cluster("stop", port=port)
+
+
+@pytest.mark.slow
+def test_a_fleet_sweep_places_each_trial_in_its_tune_reservation_on_a_two_node_cluster(tmp_path):
+    port = cluster_port(workers=1)
+    # Two nodes of 2 CPUs: room for two fleet trials of 2 CPUs at once, one per node.
+    started = cluster("start", "--workers", "1", "--cpus-per-node", "2", "--head-cpus", "2", port=port)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        address = f"127.0.0.1:{port}"
+        run_dir = tmp_path / "sweep"
+        proc = subprocess.run(
+            [sys.executable, "-m", "sacfleet", "sweep", "--fleet", "--seeds", "0-1", "--address", address,
+             "--run-dir", str(run_dir), "--set", "train.total_env_steps=1500", "--set", "train.learning_starts=400",
+             "--set", "learner.hidden_sizes=[32, 32]", "--set", "learner.batch_size=64",
+             "--set", "replay.samples_per_insert=64", "--set", "eval.interval=0", "--set", "eval.final_episodes=2"],
+            capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        report = json.loads((run_dir / "sweep.json").read_text())
+        assert report["complete"] and report["points"][0]["finished"] == 2
+        nodes = set()
+        for seed in (0, 1):
+            log = (run_dir / "trials" / "base" / f"s{seed}.log").read_text()
+            assert f"(joined {address}) in placement group" in log and "reserved 1.9 CPUs" in log, log
+            placement = next(line for line in log.splitlines() if line.startswith("placement: "))
+            assert placement.count(" CPU") == 1 and "(1.9 CPU): learner, eval, shard 0, actors 0,1" in placement
+            nodes.add(placement.split()[1])
+        # Ray's own record of the fleets' actors: each in a placement group, one group per trial.
+        probe = ("import json, ray; from ray.util.state import list_actors; ray.init(address='%s'); print(json.dumps("
+                 "[(a.class_name, a.placement_group_id) for a in list_actors(limit=1000, detail=True)]))" % address)
+        listed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        actors = json.loads(listed.stdout.strip().splitlines()[-1])
+        fleet = [(cls, group) for cls, group in actors
+                 if cls in ("LearnerService", "ReplayShard", "EnvActor", "EvalActor")]
+        assert len(fleet) == 2 * 5 and all(group for _, group in fleet), actors
+        groups = {group for _, group in fleet}
+        assert len(groups) == 2 and all(sum(g == group for _, g in fleet) == 5 for group in groups), fleet
+        assert len(nodes) == 2  # each trial holds 2 of a node's 2 CPUs: the two ran on different nodes
+    finally:
+        cluster("stop", port=port)

@@ -36,7 +36,7 @@ assert learner.updates == 1
 
 
 # The package's parts from the top down (docs/architecture.md): each imports only parts below it.
-LAYERS = ["__main__", "cli", "bench", "drills", "driver", "actors", "learner", "replay_server", "common"]
+LAYERS = ["__main__", "cli", "sweep", "bench", "drills", "driver", "actors", "learner", "replay_server", "common"]
 PACKAGE = Path(__file__).resolve().parent.parent / "sacfleet"
 
 
