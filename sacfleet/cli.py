@@ -367,6 +367,8 @@ def _drill(args) -> int:
 def _sweep(args) -> int:
     import importlib
 
+    if args.address:
+        _prefer_token_auth()  # before anything imports Ray
     try:
         for module in ("ray.tune", "rliable.library"):
             importlib.import_module(module)
@@ -392,8 +394,6 @@ def _sweep(args) -> int:
             raise SweepRefused("train.seed is what --seeds sets; give the seeds there")
         spec = SweepSpec(args.config, parse_seeds(args.seeds), grid, tuple(args.overrides), args.fleet, cpus,
                          args.gpus_per_trial)
-        if args.address:
-            _prefer_token_auth()
         run_dir = args.run_dir or Path("runs") / f"sweep-{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
         report = sweep(spec, run_dir, address=args.address, concurrent=args.concurrent, threshold=args.threshold,
                        num_cpus=args.num_cpus, retry_failed=args.retry_failed,

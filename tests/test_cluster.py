@@ -257,16 +257,15 @@ def test_a_fleet_sweep_places_each_trial_in_its_tune_reservation_on_a_two_node_c
             placement = next(line for line in log.splitlines() if line.startswith("placement: "))
             assert placement.count(" CPU") == 1 and "(1.9 CPU): learner, eval, shard 0, actors 0,1" in placement
             nodes.add(placement.split()[1])
-        # Ray's own record of the fleets' actors: each in a placement group, one group per trial.
-        probe = ("import json, ray; from ray.util.state import list_actors; ray.init(address='%s'); print(json.dumps("
-                 "[(a.class_name, a.placement_group_id) for a in list_actors(limit=1000, detail=True)]))" % address)
-        listed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-        actors = json.loads(listed.stdout.strip().splitlines()[-1])
-        fleet = [(cls, group) for cls, group in actors
-                 if cls in ("LearnerService", "ReplayShard", "EnvActor", "EvalActor")]
-        assert len(fleet) == 2 * 5 and all(group for _, group in fleet), actors
-        groups = {group for _, group in fleet}
-        assert len(groups) == 2 and all(sum(g == group for _, g in fleet) == 5 for group in groups), fleet
+        # Each part of each fleet, asked where it runs, is in its trial's placement group; one group per trial.
+        groups = set()
+        for seed in (0, 1):
+            summary = json.loads((run_dir / "trials" / "base" / f"s{seed}" / "summary.json").read_text())
+            reservation = summary["reservation"]
+            assert set(reservation["parts"].values()) == {reservation["placement_group"]}, reservation
+            assert len(reservation["parts"]) == 5
+            groups.add(reservation["placement_group"])
+        assert len(groups) == 2
         assert len(nodes) == 2  # each trial holds 2 of a node's 2 CPUs: the two ran on different nodes
     finally:
         cluster("stop", port=port)

@@ -227,25 +227,43 @@ def test_failed_trials_are_reported_with_their_cause_and_the_others_finish(tmp_p
 
 def test_an_interrupted_sweep_stops_its_trials_in_order_and_a_rerun_runs_only_the_rest(tmp_path):
     run_dir = tmp_path / "sweep"
-    command = sweep_command(run_dir, "--seeds", "0-3",
-                            overrides=[o for o in TINY if "total_env_steps" not in o] + ["train.total_env_steps=5000"])
+    command = sweep_command(run_dir, "--seeds", "0-3", overrides=TINY + ["train.total_env_steps=5000",
+                                                                       "replay.samples_per_insert=64"])
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     outcomes = run_dir / "trials" / "base"
+
+    def early_in_a_run() -> Path | None:
+        """A trial without an outcome that has logged a record before half its steps."""
+        for trial in outcomes.glob("s?"):
+            try:
+                lines = (trial / "metrics.jsonl").read_text().splitlines()
+                if not trial.with_suffix(".json").exists() and lines and json.loads(lines[-1])["env_steps"] <= 2500:
+                    return trial
+            except (OSError, ValueError):
+                continue
+        return None
+
     deadline = time.monotonic() + 300
-    while not list(outcomes.glob("s*.json")) and time.monotonic() < deadline and proc.poll() is None:
+    learning = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(outcomes.glob("s*.json")) and (learning := early_in_a_run()):
+            break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C, once the first trial has finished
+    proc.send_signal(signal.SIGINT)  # Ctrl-C, once a trial has finished and another has far to go
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, out
     assert "SIGINT: stopping" in out and "rerun the same command to continue them" in out
     assert not left_behind(run_dir)
     finished = {p.stem for p in outcomes.glob("s*.json")}
     assert finished and len(finished) < 4, out
+    # The trial that was learning was stopped as Ctrl-C stops a run: checkpoint and summary (one that
+    # had only just started may have had nothing to save).
+    assert learning is not None and learning.name not in finished, out
+    assert json.loads((learning / "summary.json").read_text())["interrupted"] is True, out
+    assert (learning / "checkpoints" / "checkpoint.pt").is_file()
     for seed in {"s0", "s1", "s2", "s3"} - finished:
-        summary = outcomes / seed / "summary.json"
-        if summary.exists():  # a trial that was running: stopped as Ctrl-C stops a run
-            assert json.loads(summary.read_text())["interrupted"] is True, (seed, out)
-            assert (outcomes / seed / "checkpoints" / "checkpoint.pt").is_file()
+        if (outcomes / seed).exists():
+            assert f"base {seed}: stopped; rerunning the sweep continues it" in out
     mtimes = {seed: (outcomes / f"{seed}.json").stat().st_mtime_ns for seed in finished}
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -269,6 +287,12 @@ def test_a_fleet_trial_runs_in_the_placement_group_tune_reserved(tmp_path):
     assert "placement: 127.0.0.1/" in log and "(1.9 CPU): learner, eval, shard 0, actors 0,1" in log, log
     summary = json.loads((run_dir / "trials" / "base" / "s0" / "summary.json").read_text())
     assert summary["mode"] == "fleet" and summary["resources"]["cluster_cpus"] == pytest.approx(1.9)
+    # Each part, asked where it runs, is in the trial's placement group.
+    reservation = summary["reservation"]
+    assert reservation["bundle"] == 1 and f"--placement-group {reservation['placement_group']}:1" in log
+    assert reservation["parts"] == {part: reservation["placement_group"]
+                                    for part in ("learner", "eval", "shard 0", "actor 0", "actor 1")}
+    assert "reservation: every part runs in placement group" in log
     assert not left_behind(run_dir)
 
 

@@ -39,14 +39,20 @@ def this_node() -> str:
 
 class ProcessIdentity:
     """The calls the driver makes of every part of the fleet: whether it is up (ping, answered once its
-    constructor has run), which node it runs on (placement) and which process it is (a restart
-    shows as another pid)."""
+    constructor has run), which node and placement group it runs in (placement) and which process it
+    is (a restart shows as another pid)."""
 
     def ping(self) -> bool:
         return True
 
     def node(self) -> str:
         return this_node()
+
+    def placement_group(self) -> str | None:
+        """The hex id of the placement group this process runs in, if any (a reserved fleet's)."""
+        import ray
+
+        return ray.get_runtime_context().get_placement_group_id()
 
     def pid(self) -> int:
         return os.getpid()

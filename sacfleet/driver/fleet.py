@@ -38,20 +38,22 @@ START_TIMEOUT_S = 600.0  # a part not started by then fails the run
 WAIT_NOTE_S = 30.0  # how often a start that waits on Ray's placement says so
 
 
-def connect(address: str | None, num_cpus: int | None, dashboard: bool, reachable: bool = False) -> bool:
+def connect(address: str | None, num_cpus: int | None, dashboard: bool, reachable: bool = False,
+            log_to_driver: bool = True) -> bool:
     """Start an embedded Ray sized to the machine, or join `address`. Returns whether this process
     must call ray.shutdown() (False when Ray was already initialised by the caller, e.g. tests).
     An embedded Ray is watched by a reaper, so none of its processes outlives this one, and it listens
-    on loopback only unless `reachable`: a run on one machine needs no port open to the network."""
+    on loopback only unless `reachable`: a run on one machine needs no port open to the network.
+    `log_to_driver`: print the output of Ray's workers here (a sweep's trials log to files instead)."""
     if ray.is_initialized():
         return False
     on_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
-        ray.init(address=address, include_dashboard=None if dashboard else False)
+        ray.init(address=address, include_dashboard=None if dashboard else False, log_to_driver=log_to_driver)
     else:
         start_reaper()
         with _loopback_only(not reachable):
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard,
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, log_to_driver=log_to_driver,
                      **({"dashboard_host": "0.0.0.0"} if reachable else {}))
     if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
         # Ray's core worker replaces the process's SIGTERM handler with one that logs and exits; the
@@ -163,11 +165,19 @@ class Fleet:
     def where(self) -> list[dict]:
         """The placement as it is: each node and the parts running there (asked of the parts themselves,
         as Ray may have placed one elsewhere than planned)."""
-        parts = {"learner": self.learner, "eval": self.evaluator,
-                 **{f"shard {i}": shard for i, shard in enumerate(self.shards)},
-                 **{f"actor {slot.index}": slot.handle for slot in self.actors}}
+        parts = self._parts()
         nodes = ray.get([handle.node.remote() for handle in parts.values()], timeout=60)
         return placement_table(self.placement.nodes, dict(zip(parts, nodes)))
+
+    def placement_groups(self) -> dict[str, str | None]:
+        """Each part and the placement group it runs in, as the part itself says."""
+        parts = self._parts()
+        return dict(zip(parts, ray.get([handle.placement_group.remote() for handle in parts.values()], timeout=60)))
+
+    def _parts(self) -> dict:
+        return {"learner": self.learner, "eval": self.evaluator,
+                **{f"shard {i}": shard for i, shard in enumerate(self.shards)},
+                **{f"actor {slot.index}": slot.handle for slot in self.actors}}
 
     def _keep(self, handle):
         self.handles.append(handle)

@@ -72,6 +72,7 @@ class FleetRun:
         self.eval_at: tuple[int, float] | None = None
         self.best = BestPolicy(cfg, Path(run_dir) / "checkpoints", env_info.to_dict())
         self.placement: list[dict] = []  # each node and the parts running there, as the fleet started
+        self.reservation: dict | None = None  # the placement group each part runs in, for a reserved fleet
         self.reported_lost_updates = 0
         self.write_failures = WriteFailures(cfg.checkpoint.max_write_failures, Path(run_dir) / "checkpoints", echo)
         self.failed: str | None = None  # why the run stopped early, in order
@@ -238,6 +239,12 @@ def train_fleet(cfg: Config, run_dir: Path, *, address: str | None = None, resum
         run = FleetRun(cfg, run_dir, fleet, env_info, res, point, checkpointer, echo, start)
         run.placement = fleet.where()
         echo(f"placement: {describe(run.placement)}")
+        if reservation:
+            run.reservation = {"placement_group": reservation.group, "bundle": reservation.bundle,
+                               "parts": fleet.placement_groups()}
+            outside = [part for part, group in run.reservation["parts"].items() if group != reservation.group]
+            echo(f"reservation: {'every part runs' if not outside else 'NOT every part runs'} in placement group "
+                 f"{reservation}" + (f" ({', '.join(outside)} outside it)" if outside else ""))
         try:
             summary = _supervise(run)
         except FleetDiverged as exc:
@@ -337,6 +344,7 @@ def _finish(run: FleetRun, stop_reason: str, restored: int) -> dict:
         "recovery": run.recovery.totals(),
         "resources": asdict(run.res),
         "placement": run.placement,
+        **({"reservation": run.reservation} if run.reservation else {}),
         "learner_device": fleet.device,
         "learner_matmul_precision": final_status["matmul_precision"],
         "ray": ray.__version__,

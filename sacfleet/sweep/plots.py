@@ -98,6 +98,8 @@ def plot_compare(report: dict, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     rows = [p for p in report["points"] if p["finished"]]
     if not rows:
         return False
@@ -110,9 +112,12 @@ def plot_compare(report: dict, path: Path) -> bool:
         value, (low, high) = p["iqm"]["value"], p["iqm"]["ci"]
         ax.barh(i, high - low, left=low, height=0.6, color=colours[i % len(colours)], alpha=0.6)
         ax.plot([value, value], [i - 0.3, i + 0.3], color="black", linewidth=2)
+        seeds = list(p["finals"].values())
+        ax.scatter(seeds, np.full(len(seeds), i), color="black", s=9, alpha=0.6, zorder=3)
     ax.set_yticks(range(len(rows)), [f"{p['point']} ({p['finished']} seeds)" for p in rows], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("IQM of final eval return (bar: 95% CI)")
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.set_xlabel("final eval return: IQM (line), its 95% CI (bar), seeds (dots)")
     ax.grid(axis="x", alpha=0.3)
     if pairs:
         from rliable import plot_utils

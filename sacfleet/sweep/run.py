@@ -87,7 +87,8 @@ def sweep(spec: SweepSpec, sweep_dir: Path, *, address: str | None = None, concu
     unfinished = sum(r.status == "unfinished" for r in results)
     failed = sum(r.status == FAILED for r in results)
     echo(f"sweep: {len(results) - unfinished - failed} of {len(results)} trials finished, {failed} failed, "
-         f"{unfinished} unfinished{' (rerun the same command to continue them)' if unfinished else ''}; wrote "
+         f"{unfinished} unfinished{' (rerun the same command to continue them)' if unfinished else ''} "
+         f"({report['session_wall_seconds']:.0f} s); wrote "
          f"{', '.join(str(p) for p in written)}")
     return report
 
@@ -122,7 +123,8 @@ def _run_on_tune(spec: SweepSpec, sweep_dir: Path, pending: list[Trial], address
     # Tune logs each failed trial's trace, and notes on its experiment state; the progress view says what
     # became of each trial, and the trace stays in the trial's error.txt under tune/.
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
-    started_ray = connect(address, num_cpus, dashboard=False)
+    # The trials' runs log to their own files; what Ray's workers print besides is their shutdown noise.
+    started_ray = connect(address, num_cpus, dashboard=False, log_to_driver=False)
     stop = threading.Event()
     def recorded(config: dict) -> str | None:
         return (TrialFiles(trial_dir(sweep_dir, Trial(config["point"], (), config["seed"]))).read_outcome()

@@ -127,7 +127,8 @@ def trial_rows(results: list[TrialResult]) -> list[dict]:
         out.append({"point": r.point, "seed": r.seed, "status": r.status, "final_eval": r.final,
                     "cause": o.get("cause"), "wall_seconds": o.get("wall_seconds"),
                     "updates_per_s": o.get("updates_per_s"), "env_steps": o.get("env_steps"),
-                    "health": o.get("health"), "run_dir": o.get("run_dir"), "curve": o.get("curve") or []})
+                    "health": o.get("health"), "node": o.get("node"), "run_dir": o.get("run_dir"),
+                    "curve": o.get("curve") or []})
     return out
 
 
@@ -141,12 +142,15 @@ def _num(value, spec: str) -> str:
 
 def markdown(report: dict) -> str:
     """sweep.md: a row per trial, a row per grid point (with intervals), and the comparisons."""
-    lines = ["| point | seed | status | final eval | wall s | updates/s | health |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    # The node column only where the trials ran on more than one node (the start of each node's id).
+    nodes = len({t.get("node") for t in report["trials"] if t.get("node")}) > 1
+    lines = ["| point | seed | status | final eval | wall s | updates/s | health |" + (" node |" if nodes else ""),
+             "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if nodes else "")]
     for t in report["trials"]:
         status = t["status"] if t["status"] != "failed" else f"FAILED: {t['cause']}"
         lines.append(f"| {t['point']} | {t['seed']} | {status} | {_num(t['final_eval'], '.2f')} | "
-                     f"{_num(t['wall_seconds'], '.0f')} | {_num(t['updates_per_s'], '.0f')} | {t['health'] or ''} |")
+                     f"{_num(t['wall_seconds'], '.0f')} | {_num(t['updates_per_s'], '.0f')} | {t['health'] or ''} |"
+                     + (f" {(t.get('node') or '')[:6]} |" if nodes else ""))
     threshold = report.get("threshold")
     head = "| point | seeds | mean [95% CI] | median [95% CI] | IQM [95% CI] |"
     rule = "| --- | --- | --- | --- | --- |"

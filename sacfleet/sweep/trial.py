@@ -121,9 +121,15 @@ def run_trial(config: dict, *, spec: dict, sweep_dir: str, control, address: str
     code = _watch(child, files.run_dir, control, tune.report)
     summary = _read_json(files.run_dir / "summary.json") if files.run_dir.exists() else None
     outcome = outcome_of(summary, code, _tail(files.log))
-    if outcome["status"] == "interrupted" or (code != 0 and _stopping(control)):
+    # A run the sweep's stop cut short before it wrote its summary is unfinished, not failed.
+    cut_short = outcome["status"] == FAILED and summary is None and code != 0 and _stopping(control)
+    if outcome["status"] == "interrupted" or cut_short:
         raise TrialInterrupted("the sweep was stopped; rerun it to continue this trial")
-    files.write_outcome({"point": trial.point, "seed": trial.seed, "run_dir": str(files.run_dir), **outcome})
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    files.write_outcome({"point": trial.point, "seed": trial.seed, "run_dir": str(files.run_dir),
+                         "node": node, **outcome})
     if outcome["status"] == FAILED:
         raise TrialFailed(outcome["cause"])
     tune.report({"status": FINISHED, **_result(outcome)})
@@ -135,6 +141,15 @@ def _command(sweep: SweepSpec, trial: Trial, run_dir: Path, address: str | None)
         if run_dir.exists():  # an in-process run cannot resume: it starts again
             shutil.rmtree(run_dir)
         overrides = sweep.trial_overrides(trial)
+        from sacfleet.common.config import ConfigError, load_config
+
+        try:
+            threads = load_config(sweep.config, overrides).learner.num_threads
+        except ConfigError:  # the run refuses its config and says why, as the trial's cause
+            threads = 1
+        if not threads:
+            # torch's default takes every core of the node, which the trials beside this one share.
+            overrides.append(f"learner.num_threads={max(1, int(sweep.cpus_per_trial))}")
         return [*base, "--inline", "--config", sweep.config, "--run-dir", str(run_dir),
                 *[a for o in overrides for a in ("--set", o)]]
     import ray
