@@ -321,3 +321,11 @@ def test_bad_sweep_and_reservation_input_is_refused_before_anything_starts(tmp_p
     assert "PLACEMENT_GROUP_ID:BUNDLE_INDEX" in refused("train", "--placement-group", "zz", "--address", "127.0.0.1:1",
                                                         "--run-dir", str(tmp_path / "b"))
     assert not (tmp_path / "b").exists()
+
+
+def test_trials_no_node_can_hold_are_refused_instead_of_waiting_forever(tmp_path):
+    proc = subprocess.run(sweep_command(tmp_path / "sweep", "--seeds", "0", "--cpus-per-trial", "64"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--cpus-per-trial 64" in proc.stderr and "the largest node has" in proc.stderr
+    assert not list((tmp_path / "sweep").glob("trials/*/*")) and not left_behind(tmp_path / "sweep")

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
-from sacfleet.sweep.spec import SweepSpec, Trial, open_sweep_dir, trial_dir
+from sacfleet.sweep.spec import SweepRefused, SweepSpec, Trial, open_sweep_dir, trial_dir
 from sacfleet.sweep.stats import TrialResult, aggregate, markdown, trial_rows, write_report
 from sacfleet.sweep.trial import FAILED, FINISHED, TrialFiles
 
@@ -52,7 +52,7 @@ def sweep(spec: SweepSpec, sweep_dir: Path, *, address: str | None = None, concu
           echo: Callable[[str], None] = print, out: TextIO | None = None) -> dict:
     """Run the sweep's trials not done yet, then write sweep.json, sweep.md, curves.png and compare.png
     under `sweep_dir`; returns the report. Raises ConfigError / SweepRefused on bad input, before any
-    trial starts or anything in `sweep_dir` changes."""
+    trial starts (and, but for trials that fit no node, before anything in `sweep_dir` changes)."""
     out = out or sys.stdout
     sweep_dir = Path(sweep_dir)
     refused = spec.check()
@@ -91,6 +91,21 @@ def sweep(spec: SweepSpec, sweep_dir: Path, *, address: str | None = None, concu
          f"({report['session_wall_seconds']:.0f} s); wrote "
          f"{', '.join(str(p) for p in written)}")
     return report
+
+
+def check_fits(spec: SweepSpec) -> None:
+    """Refuse trials no node of the connected cluster can hold: Tune would wait for them forever."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    biggest = {key: max((n.get(key, 0.0) for n in nodes), default=0.0) for key in ("CPU", "GPU")}
+    cpus = spec.cpus_per_trial - (DRIVER_CPUS if spec.fleet else 0.0)
+    if cpus > biggest["CPU"] + 1e-6 or spec.gpus_per_trial > biggest["GPU"] + 1e-6:
+        raise SweepRefused(f"--cpus-per-trial {spec.cpus_per_trial:g} / --gpus-per-trial {spec.gpus_per_trial:g}: "
+                           f"{'a fleet trial holds its fleet in one bundle of ' if spec.fleet else 'a trial needs '}"
+                           f"{cpus:g} CPU{' and %g GPU' % spec.gpus_per_trial if spec.gpus_per_trial else ''} on one "
+                           f"node, and the largest node has {biggest['CPU']:g} CPU, {biggest['GPU']:g} GPU; "
+                           f"lower them or add a larger node")
 
 
 def _plots(report: dict, spec: SweepSpec, sweep_dir: Path, echo) -> list[Path]:
@@ -141,6 +156,7 @@ def _run_on_tune(spec: SweepSpec, sweep_dir: Path, pending: list[Trial], address
                      f"checkpoints and writes its summary (Ctrl-C again to stop at once)")
 
     try:
+        check_fits(spec)
         control = ray.remote(SweepControl).options(num_cpus=0).remote()
         StopStarting, StopWhenDrained = _stopping_classes()
 
