@@ -16,6 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+from sacfleet.common.config import ConfigError, load_config
 from sacfleet.sweep.spec import SweepSpec, Trial, trial_dir
 
 POLL_S = 1.0
@@ -98,6 +101,7 @@ def failure_cause(summary: dict | None, code: int, log_tail: list[str]) -> str:
 
 def run_trial(config: dict, *, spec: dict, sweep_dir: str, control, address: str | None) -> None:
     """The Tune trainable: `config["trial"]` holds the trial's point, overrides and seed."""
+    import ray
     from ray import tune
 
     sweep = SweepSpec.from_dict(spec)
@@ -125,11 +129,8 @@ def run_trial(config: dict, *, spec: dict, sweep_dir: str, control, address: str
     cut_short = outcome["status"] == FAILED and summary is None and code != 0 and _stopping(control)
     if outcome["status"] == "interrupted" or cut_short:
         raise TrialInterrupted("the sweep was stopped; rerun it to continue this trial")
-    import ray
-
-    node = ray.get_runtime_context().get_node_id()
     files.write_outcome({"point": trial.point, "seed": trial.seed, "run_dir": str(files.run_dir),
-                         "node": node, **outcome})
+                         "node": ray.get_runtime_context().get_node_id(), **outcome})
     if outcome["status"] == FAILED:
         raise TrialFailed(outcome["cause"])
     tune.report({"status": FINISHED, **_result(outcome)})
@@ -141,8 +142,6 @@ def _command(sweep: SweepSpec, trial: Trial, run_dir: Path, address: str | None)
         if run_dir.exists():  # an in-process run cannot resume: it starts again
             shutil.rmtree(run_dir)
         overrides = sweep.trial_overrides(trial)
-        from sacfleet.common.config import ConfigError, load_config
-
         try:
             threads = load_config(sweep.config, overrides).learner.num_threads
         except ConfigError:  # the run refuses its config and says why, as the trial's cause
@@ -231,8 +230,6 @@ def _read_records(path: Path, offset: int) -> tuple[int, list[dict]]:
 
 def _total_steps(run_dir: Path) -> int | None:
     try:
-        import yaml
-
         return int(yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["total_env_steps"])
     except (OSError, KeyError, TypeError, ValueError):
         return None
