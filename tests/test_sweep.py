@@ -33,6 +33,22 @@ def sweep_command(run_dir: Path, *args: str, overrides=TINY) -> list[str]:
             *[a for o in overrides for a in ("--set", o)]]
 
 
+def run_sweep(run_dir: Path, *args: str, code: int, overrides=TINY) -> tuple[subprocess.CompletedProcess, dict]:
+    """`sacfleet sweep` to its end, which must exit with `code`; its output and sweep.json."""
+    proc = subprocess.run(sweep_command(run_dir, *args, overrides=overrides), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    return proc, json.loads((run_dir / "sweep.json").read_text())
+
+
+def assert_statistics_of(row: dict, x: np.ndarray, threshold: float) -> None:
+    """A point's statistics equal numpy's and scipy's on its finals `x`."""
+    assert row["mean"]["value"] == pytest.approx(x.mean())
+    assert row["median"]["value"] == pytest.approx(np.median(x))
+    assert row["iqm"]["value"] == pytest.approx(scipy_stats.trim_mean(x, 0.25))
+    assert row["above_threshold"]["fraction"] == pytest.approx(np.mean(x > threshold))
+
+
 def left_behind(run_dir: Path) -> list[str]:
     """Command lines of live processes that work in `run_dir` (the trials' `sacfleet train`)."""
     found = []
@@ -105,13 +121,10 @@ def test_statistics_match_a_direct_computation():
     for row in report["points"]:
         x = np.array(finals[row["point"]])
         assert row["finished"] == len(x)
-        assert row["mean"]["value"] == pytest.approx(x.mean())
-        assert row["median"]["value"] == pytest.approx(np.median(x))
-        assert row["iqm"]["value"] == pytest.approx(scipy_stats.trim_mean(x, 0.25))
+        assert_statistics_of(row, x, -6.0)
         for name in ("mean", "median", "iqm"):
             low, high = row[name]["ci"]
             assert x.min() <= low <= row[name]["value"] <= high <= x.max()
-        assert row["above_threshold"]["fraction"] == pytest.approx(np.mean(x > -6.0))
         assert row["wall_seconds"] == pytest.approx(10.0 + (len(x) - 1) / 2)
     b = report["points"][1]
     assert b["failed"] == 1 and b["seeds"] == 9
@@ -175,11 +188,8 @@ def test_progress_lines_plain_and_in_place():
 
 def test_a_sweep_runs_its_trials_on_tune_and_aggregates_them(tmp_path):
     run_dir = tmp_path / "sweep"
-    proc = subprocess.run(sweep_command(run_dir, "--seeds", "0-2", "--grid", "learner.actor_lr=0.001,0.01",
-                                        "--threshold", "-300"),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = json.loads((run_dir / "sweep.json").read_text())
+    proc, report = run_sweep(run_dir, "--seeds", "0-2", "--grid", "learner.actor_lr=0.001,0.01", "--threshold",
+                             "-300", code=0)
     assert report["complete"] and len(report["trials"]) == 6
     finals = {}
     for trial in report["trials"]:
@@ -189,11 +199,7 @@ def test_a_sweep_runs_its_trials_on_tune_and_aggregates_them(tmp_path):
         assert trial["final_eval"] == summary["eval"]["return_mean"]
         finals.setdefault(trial["point"], []).append(trial["final_eval"])
     for row in report["points"]:
-        x = np.array(finals[row["point"]])
-        assert row["mean"]["value"] == pytest.approx(x.mean())
-        assert row["median"]["value"] == pytest.approx(np.median(x))
-        assert row["iqm"]["value"] == pytest.approx(scipy_stats.trim_mean(x, 0.25))
-        assert row["above_threshold"]["fraction"] == pytest.approx(np.mean(x > -300))
+        assert_statistics_of(row, np.array(finals[row["point"]]), -300)
     # Tune ran them: its experiment state, and a trial per (point, seed).
     sessions = list((run_dir / "tune").glob("session-*/experiment_state-*.json"))
     assert len(sessions) == 1
@@ -206,11 +212,8 @@ def test_a_sweep_runs_its_trials_on_tune_and_aggregates_them(tmp_path):
 
 def test_failed_trials_are_reported_with_their_cause_and_the_others_finish(tmp_path):
     run_dir = tmp_path / "sweep"
-    proc = subprocess.run(sweep_command(run_dir, "--seeds", "0", "--grid", "learner.critic_lr=0.001,1e12",
-                                        "--grid", "replay.sampler=uniform,bogus"),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    report = json.loads((run_dir / "sweep.json").read_text())
+    grid = ("--seeds", "0", "--grid", "learner.critic_lr=0.001,1e12", "--grid", "replay.sampler=uniform,bogus")
+    proc, report = run_sweep(run_dir, *grid, code=1)
     status = {t["point"]: t for t in report["trials"]}
     assert status["critic_lr=0.001,sampler=uniform"]["status"] == "finished"
     assert "learner diverged" in status["critic_lr=1e12,sampler=uniform"]["cause"]
@@ -219,10 +222,8 @@ def test_failed_trials_are_reported_with_their_cause_and_the_others_finish(tmp_p
     assert "critic_lr=1e12,sampler=uniform s0: FAILED: learner diverged" in proc.stdout
     assert "1 of 4 trials finished, 3 failed" in proc.stdout
     # A rerun reads the failed trials' causes instead of running them again.
-    again = subprocess.run(sweep_command(run_dir, "--seeds", "0", "--grid", "learner.critic_lr=0.001,1e12",
-                                         "--grid", "replay.sampler=uniform,bogus"),
-                           capture_output=True, text=True, timeout=600)
-    assert again.returncode == 1 and "4 done before, 0 to run" in again.stdout and ": started" not in again.stdout
+    again, _ = run_sweep(run_dir, *grid, code=1)
+    assert "4 done before, 0 to run" in again.stdout and ": started" not in again.stdout
 
 
 def test_an_interrupted_sweep_stops_its_trials_in_order_and_a_rerun_runs_only_the_rest(tmp_path):
@@ -276,10 +277,7 @@ def test_an_interrupted_sweep_stops_its_trials_in_order_and_a_rerun_runs_only_th
 
 def test_a_fleet_trial_runs_in_the_placement_group_tune_reserved(tmp_path):
     run_dir = tmp_path / "sweep"
-    proc = subprocess.run(sweep_command(run_dir, "--fleet", "--seeds", "0",
-                                        overrides=TINY + ["eval.interval=0", "learner.batch_size=64"]),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_sweep(run_dir, "--fleet", "--seeds", "0", code=0, overrides=TINY + ["eval.interval=0", "learner.batch_size=64"])
     log = (run_dir / "trials" / "base" / "s0.log").read_text()
     # The trial's fleet was planned within the reservation's fleet bundle (2 CPUs less the driver's 0.1)
     # and every part was placed in that bundle.

@@ -256,13 +256,13 @@ class EnvActorPool:
             if slot.restarting_since is not None:
                 continue  # its failure was counted when it happened
             ready, _ = ray.wait([slot.run_ref], timeout=0)
-            if not ready and timeout >= self.hang_timeout:
-                ray.kill(slot.handle, no_restart=True)
-                slot.restarts += 1
-                slot.hung += 1
-                self.echo(f"env actor {slot.index} hung (did not stop within {self.hang_timeout:g} s; killed it) "
-                          f"as the fleet stopped; not restarted ({slot.restarts}/{self.max_restarts})")
             if not ready:
+                if timeout >= self.hang_timeout:
+                    ray.kill(slot.handle, no_restart=True)
+                    slot.restarts += 1
+                    slot.hung += 1
+                    self.echo(f"env actor {slot.index} hung (did not stop within {self.hang_timeout:g} s; killed "
+                              f"it) as the fleet stopped; not restarted ({slot.restarts}/{self.max_restarts})")
                 continue
             try:
                 ray.get(slot.run_ref)

@@ -165,19 +165,18 @@ class Fleet:
     def where(self) -> list[dict]:
         """The placement as it is: each node and the parts running there (asked of the parts themselves,
         as Ray may have placed one elsewhere than planned)."""
-        parts = self._parts()
-        nodes = ray.get([handle.node.remote() for handle in parts.values()], timeout=60)
-        return placement_table(self.placement.nodes, dict(zip(parts, nodes)))
+        return placement_table(self.placement.nodes, self.ask("node"))
 
     def placement_groups(self) -> dict[str, str | None]:
         """Each part and the placement group it runs in, as the part itself says."""
-        parts = self._parts()
-        return dict(zip(parts, ray.get([handle.placement_group.remote() for handle in parts.values()], timeout=60)))
+        return self.ask("placement_group")
 
-    def _parts(self) -> dict:
-        return {"learner": self.learner, "eval": self.evaluator,
-                **{f"shard {i}": shard for i, shard in enumerate(self.shards)},
-                **{f"actor {slot.index}": slot.handle for slot in self.actors}}
+    def ask(self, call: str) -> dict:
+        """{part: its answer} to `call`, one of the ProcessIdentity calls every part answers."""
+        parts = {"learner": self.learner, "eval": self.evaluator,
+                 **{f"shard {i}": shard for i, shard in enumerate(self.shards)},
+                 **{f"actor {slot.index}": slot.handle for slot in self.actors}}
+        return dict(zip(parts, ray.get([getattr(h, call).remote() for h in parts.values()], timeout=60)))
 
     def _keep(self, handle):
         self.handles.append(handle)

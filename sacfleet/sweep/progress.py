@@ -54,8 +54,6 @@ class SweepProgress(Callback):
         self.names: dict[str, str] = {}
         self.printed_at: dict[str, float] = {}
         self.drawn = 0  # lines of the live block on screen
-        self.ended: dict[str, str] = {}  # trial id -> "finished" | "failed" | "interrupted"
-        self.started = 0
 
     def __getstate__(self):
         return {}  # Tune pickles its callbacks with the experiment state, which a sweep never restores
@@ -71,7 +69,6 @@ class SweepProgress(Callback):
         self._draw()
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.started += 1
         self.names[trial.trial_id] = self.name(trial)
         self.running[trial.trial_id] = "starting"
         self.say(f"{self.name(trial)}: started")
@@ -91,7 +88,6 @@ class SweepProgress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.running.pop(trial.trial_id, None)
-        self.ended[trial.trial_id] = "finished"
         last = trial.last_result or {}
         self.say(f"{self.name(trial)}: finished, final eval {last.get('eval', float('nan')):.2f} "
                  f"({float(last.get('wall_seconds') or 0):.0f} s, {float(last.get('updates_per_s') or 0):.0f} updates/s)")
@@ -100,10 +96,8 @@ class SweepProgress(Callback):
         self.running.pop(trial.trial_id, None)
         cause = self.recorded(trial.config["trial"])
         if cause is None and self.stopping():
-            self.ended[trial.trial_id] = "interrupted"
             self.say(f"{self.name(trial)}: stopped; rerunning the sweep continues it")
             return
-        self.ended[trial.trial_id] = "failed"
         self.say(f"{self.name(trial)}: FAILED: {cause or error_cause(trial.get_error())}")
 
     def on_experiment_end(self, trials, **info):

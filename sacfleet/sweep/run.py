@@ -17,11 +17,50 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
+import ray
+from ray import tune
+from ray.tune.schedulers import FIFOScheduler
+
+from sacfleet.driver.fleet import connect
+from sacfleet.sweep.progress import SweepProgress
 from sacfleet.sweep.spec import SweepRefused, SweepSpec, Trial, open_sweep_dir, trial_dir
 from sacfleet.sweep.stats import TrialResult, aggregate, markdown, trial_rows, write_report
-from sacfleet.sweep.trial import FAILED, FINISHED, TrialFiles
+from sacfleet.sweep.trial import FAILED, FINISHED, SweepControl, TrialFiles, run_trial
 
 DRIVER_CPUS = 0.1  # a fleet trial's first bundle: the trial's Tune actor and the fleet's driver process
+
+
+class StopStarting(FIFOScheduler):
+    """Tune's first-in first-out order, which starts nothing once the sweep is stopping."""
+
+    def __init__(self, stop: threading.Event):
+        super().__init__()
+        self.stop = stop
+
+    def choose_trial_to_run(self, tune_controller):
+        return None if self.stop.is_set() else super().choose_trial_to_run(tune_controller)
+
+    def __getstate__(self):
+        return {}  # Tune pickles it with its experiment state, which a sweep never restores from
+
+
+class StopWhenDrained(tune.Stopper):
+    """Tells the trials to stop once the sweep is stopping; ends the experiment once none runs."""
+
+    def __init__(self, stop: threading.Event, control, progress: SweepProgress):
+        self.stop, self.control, self.progress, self.told = stop, control, progress, False
+
+    def __call__(self, trial_id, result):
+        return False
+
+    def stop_all(self):
+        if self.stop.is_set() and not self.told:
+            self.control.stop.remote()
+            self.told = True
+        return self.stop.is_set() and self.progress.live == 0
+
+    def __getstate__(self):
+        return {}  # as StopStarting's
 
 
 def results_of(sweep_dir: Path, trials: list[Trial]) -> list[TrialResult]:
@@ -38,8 +77,6 @@ def trial_resources(spec: SweepSpec):
     """What Tune reserves for one trial: an in-process run's CPUs (and GPUs); for a fleet, a placement
     group of two bundles, the driver's and the whole fleet's, so that the fleet is planned within and
     runs in what Tune reserved."""
-    from ray import tune
-
     if not spec.fleet:
         return {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
     fleet = {"CPU": round(spec.cpus_per_trial - DRIVER_CPUS, 4), **({"GPU": spec.gpus_per_trial}
@@ -95,8 +132,6 @@ def sweep(spec: SweepSpec, sweep_dir: Path, *, address: str | None = None, concu
 
 def check_fits(spec: SweepSpec) -> None:
     """Refuse trials no node of the connected cluster can hold: Tune would wait for them forever."""
-    import ray
-
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     biggest = {key: max((n.get(key, 0.0) for n in nodes), default=0.0) for key in ("CPU", "GPU")}
     cpus = spec.cpus_per_trial - (DRIVER_CPUS if spec.fleet else 0.0)
@@ -126,13 +161,6 @@ def _plots(report: dict, spec: SweepSpec, sweep_dir: Path, echo) -> list[Path]:
 def _run_on_tune(spec: SweepSpec, sweep_dir: Path, pending: list[Trial], address: str | None,
                  concurrent: int | None, num_cpus: int | None, echo, out) -> bool:
     """The pending trials as Tune trials; returns whether the sweep was stopped (Ctrl-C, SIGTERM)."""
-    import ray
-    from ray import tune
-
-    from sacfleet.driver.fleet import connect
-    from sacfleet.sweep.progress import SweepProgress
-    from sacfleet.sweep.trial import SweepControl, run_trial
-
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # the sweep stops its trials itself, in order
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Tune logs each failed trial's trace, and notes on its experiment state; the progress view says what
@@ -158,7 +186,6 @@ def _run_on_tune(spec: SweepSpec, sweep_dir: Path, pending: list[Trial], address
     try:
         check_fits(spec)
         control = ray.remote(SweepControl).options(num_cpus=0).remote()
-        StopStarting, StopWhenDrained = _stopping_classes()
 
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -186,43 +213,3 @@ def _run_on_tune(spec: SweepSpec, sweep_dir: Path, pending: list[Trial], address
             ray.shutdown()
     return stop.is_set()
 
-
-def _stopping_classes():
-    """Tune's scheduler and stopper for a sweep that stops in order. Tune pickles both with its
-    experiment state, which the sweep never restores from (its trials' directories are its state):
-    they pickle as nothing."""
-    from ray import tune
-    from ray.tune.schedulers import FIFOScheduler
-
-    class StopStarting(FIFOScheduler):
-        """Tune's first-in first-out order, which starts nothing once the sweep is stopping."""
-
-        def __init__(self, stop: threading.Event):
-            super().__init__()
-            self.stop = stop
-
-        def choose_trial_to_run(self, tune_controller):
-            return None if self.stop.is_set() else super().choose_trial_to_run(tune_controller)
-
-        def __getstate__(self):
-            return {}
-
-    class StopWhenDrained(tune.Stopper):
-        """Tells the trials to stop once the sweep is stopping; ends the experiment once none runs."""
-
-        def __init__(self, stop: threading.Event, control, progress):
-            self.stop, self.control, self.progress, self.told = stop, control, progress, False
-
-        def __call__(self, trial_id, result):
-            return False
-
-        def stop_all(self):
-            if self.stop.is_set() and not self.told:
-                self.control.stop.remote()
-                self.told = True
-            return self.stop.is_set() and self.progress.live == 0
-
-        def __getstate__(self):
-            return {}
-
-    return StopStarting, StopWhenDrained

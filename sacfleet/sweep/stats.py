@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sacfleet.common.io import atomic_write_bytes
+
 REPS = 2000  # bootstrap resamples: intervals stable to about 1% of their width
 CONFIDENCE = 0.95
 PAIR = ";"  # joins the two points of a comparison (a point's label holds commas)
@@ -181,8 +183,6 @@ def write_report(report: dict, sweep_dir: Path) -> list[Path]:
     written = []
     for name, text in (("sweep.json", json.dumps(report, indent=1)), ("sweep.md", markdown(report))):
         path = Path(sweep_dir) / name
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(path)
+        atomic_write_bytes(path, (text + "\n").encode())
         written.append(path)
     return written

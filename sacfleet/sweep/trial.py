@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from sacfleet.common.config import ConfigError, load_config
+from sacfleet.common.io import atomic_write_bytes
 from sacfleet.sweep.spec import SweepSpec, Trial, trial_dir
 
 POLL_S = 1.0
@@ -65,9 +66,7 @@ class TrialFiles:
             return None
 
     def write_outcome(self, outcome: dict) -> None:
-        tmp = self.outcome.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(outcome, indent=1))
-        os.replace(tmp, self.outcome)
+        atomic_write_bytes(self.outcome, json.dumps(outcome, indent=1).encode())
 
 
 def outcome_of(summary: dict | None, code: int, log_tail: list[str]) -> dict:
